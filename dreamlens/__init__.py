@@ -1,0 +1,37 @@
+"""dreamlens: dream fluent prompts that maximally activate a feature of a TransformerLens model.
+
+Names are imported lazily, so `import dreamlens` does no work and loads no model.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "load_model": "models",
+    "bos_token_id": "models",
+    "set_bos_token_id": "models",
+    "ModelLoadError": "models",
+    "encode": "models",
+    "decode": "models",
+}
+_SUBMODULES = {"models", "corpus"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'dreamlens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
+
+
+__all__ = list(_EXPORTS)

