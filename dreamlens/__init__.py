@@ -18,8 +18,18 @@ _EXPORTS: dict[str, str] = {
     "ModelLoadError": "models",
     "encode": "models",
     "decode": "models",
+    "objective": "objectives",
+    "Objective": "objectives",
+    "Neuron": "objectives",
+    "SAELatent": "objectives",
+    "Direction": "objectives",
+    "Logit": "objectives",
+    "LogitDiff": "objectives",
+    "Combination": "objectives",
+    "ObjectiveError": "objectives",
+    "run_objectives": "objectives",
 }
-_SUBMODULES = {"models", "corpus"}
+_SUBMODULES = {"models", "corpus", "objectives"}
 
 
 def __getattr__(name: str) -> Any:
