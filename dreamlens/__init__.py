@@ -28,8 +28,15 @@ _EXPORTS: dict[str, str] = {
     "Combination": "objectives",
     "ObjectiveError": "objectives",
     "run_objectives": "objectives",
+    "scan": "dataset",
+    "ScanResult": "dataset",
+    "compare": "dataset",
+    "epo": "optim.epo",
+    "EPOConfig": "optim.epo",
+    "DreamResult": "results",
+    "DreamError": "optim.core",
 }
-_SUBMODULES = {"models", "corpus", "objectives"}
+_SUBMODULES = {"dataset", "metrics", "models", "corpus", "objectives", "results", "optim"}
 
 
 def __getattr__(name: str) -> Any:

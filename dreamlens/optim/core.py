@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
@@ -143,17 +144,11 @@ def score(
     return torch.cat(vals, dim=1), torch.cat(xes)
 
 
-def token_gradients(
-    model: Any,
-    objective: Objective,
-    span_ids: Int[Tensor, "batch length"],
-    layout: Layout,
-    lam: Float[Tensor, " batch"],
-) -> tuple[Float[Tensor, "batch length d_vocab"], Float[Tensor, " batch"], Float[Tensor, " batch"]]:
-    """Gradient of each row's loss `-f + lam * xe` w.r.t. the one-hot encoding of its span tokens.
-
-    Rows are independent, so one backward of the summed loss gives every row its own gradient under its
-    own penalty. Also returns f and xe of the rows (from the same pass)."""
+def onehot_inputs(
+    model: Any, span_ids: Int[Tensor, "batch length"], layout: Layout
+) -> tuple[Int[Tensor, "batch seq"], Float[Tensor, "batch length d_vocab"], Float[Tensor, "batch seq d_model"]]:
+    """Tokens, a one-hot leaf for the span (requires grad), and the embeddings with `onehot @ W_E`
+    in the span, to be fed through `hook_embed`."""
     tokens = layout.assemble(span_ids)
     W_E = model.embed.W_E
     onehot = F.one_hot(span_ids, W_E.shape[0]).to(W_E.dtype).requires_grad_(True)
@@ -161,8 +156,27 @@ def token_gradients(
         base = model.embed(tokens)
     sp = layout.span
     embeds = torch.cat([base[:, : sp.start], onehot @ W_E, base[:, sp.stop :]], dim=1)
-    values, xe = forward_scores(model, [objective], tokens, layout, embeds=embeds)
-    f = values[0]
+    return tokens, onehot, embeds
+
+
+def token_gradients(
+    model: Any,
+    objectives: Sequence[Objective],
+    span_ids: Int[Tensor, "batch length"],
+    layout: Layout,
+    lam: Float[Tensor, " batch"],
+    *,
+    owner: Int[Tensor, " batch"] | None = None,
+) -> tuple[Float[Tensor, "batch length d_vocab"], Float[Tensor, " batch"], Float[Tensor, " batch"]]:
+    """Gradient of each row's loss `-f + lam * xe` w.r.t. the one-hot encoding of its span tokens,
+    where f is the row's own objective (`objectives[owner[row]]`, default the first).
+
+    Rows are independent, so one backward of the summed loss gives every row its own gradient under its
+    own penalty. Also returns f and xe of the rows (from the same pass)."""
+    tokens, onehot, embeds = onehot_inputs(model, span_ids, layout)
+    values, xe = forward_scores(model, objectives, tokens, layout, embeds=embeds)
+    owner = torch.zeros(span_ids.shape[0], dtype=torch.long) if owner is None else owner
+    f = values[owner.to(values.device), torch.arange(values.shape[1], device=values.device)]
     loss = (-f + lam.to(f) * xe).sum()
     (grad,) = torch.autograd.grad(loss, onehot)
     return grad, f.detach(), xe.detach()
@@ -244,3 +258,137 @@ class ScoreCache:
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._d
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluator: one place that scores candidates, deduplicates, checks re-tokenization, counts
+# compute and records history, for every optimizer.
+
+GRADIENT_COST = 3  # a forward+backward pass costs about three forwards per token
+
+
+class Evaluator:
+    """Scores candidate prompts for K objectives at once and records what each optimizer evaluated.
+
+    Each candidate row has an `owner`: the objective (population) it was proposed for. A prompt is
+    forwarded once; its values for all K objectives are cached, so a prompt proposed again (by any
+    owner) is never recomputed. History rows are kept per owner, once per distinct prompt."""
+
+    def __init__(
+        self,
+        model: Any,
+        objectives: Sequence[Objective],
+        layout: Layout,
+        *,
+        prefix: str = "",
+        suffix: str = "",
+        batch_size: int = 64,
+        cache_size: int = 2_000_000,
+    ):
+        self.model, self.objectives, self.layout = model, list(objectives), layout
+        self.prefix, self.suffix, self.batch_size = prefix, suffix, batch_size
+        self.cache = ScoreCache(cache_size)
+        k = len(self.objectives)
+        self.seen: list[set[bytes]] = [set() for _ in range(k)]
+        self.hist_ids: list[list[Tensor]] = [[] for _ in range(k)]
+        self.hist_vals: list[list[float]] = [[] for _ in range(k)]
+        self.hist_xe: list[list[float]] = [[] for _ in range(k)]
+        self.hist_it: list[list[int]] = [[] for _ in range(k)]
+        self.hist_text: list[list[str]] = [[] for _ in range(k)]
+        self.n_forward = 0
+        self.n_gradient = 0
+        self.token_forwards = 0
+
+    def restore(self, owner: int, ids: Tensor, values: Sequence[float], xe: Sequence[float], iteration: Sequence[int], text: Sequence[str]) -> None:
+        """Load a saved history (for resume): the cache and the seen-set are rebuilt from it."""
+        for row, v, x, it, t in zip(ids, values, xe, iteration, text):
+            key = ScoreCache.key(row)
+            vals = np.full(len(self.objectives), np.nan)
+            vals[owner] = v
+            cached = self.cache.get(key)
+            if cached is not None:
+                vals = np.where(np.isnan(vals), cached[0], vals)
+            self.cache.put(key, (vals, float(x)))
+            self.seen[owner].add(key)
+            self.hist_ids[owner].append(torch.as_tensor(row, dtype=torch.long))
+            self.hist_vals[owner].append(float(v))
+            self.hist_xe[owner].append(float(x))
+            self.hist_it[owner].append(int(it))
+            self.hist_text[owner].append(str(t))
+
+    def evaluate(
+        self, span_ids: Int[Tensor, "n length"], owner: Int[Tensor, " n"], iteration: int
+    ) -> tuple[Float[Tensor, " n"], Float[Tensor, " n"], Bool[Tensor, " n"]]:
+        """f (for each row's own objective), xe, and whether the row is valid (re-tokenizes).
+        Invalid rows get f = -inf and xe = +inf, so no selection ever keeps them."""
+        n = span_ids.shape[0]
+        ok, texts = retokenizes(self.model, span_ids, self.layout, self.prefix, self.suffix)
+        keys = [ScoreCache.key(r) for r in span_ids.cpu()]
+        todo: dict[bytes, int] = {}
+        for i in range(n):
+            if ok[i] and keys[i] not in self.cache and keys[i] not in todo:
+                todo[keys[i]] = i
+        if todo:
+            rows = torch.tensor(list(todo.values()), dtype=torch.long)
+            vals, xe = score(self.model, self.objectives, span_ids[rows], self.layout, batch_size=self.batch_size)
+            self.n_forward += len(rows)
+            self.token_forwards += len(rows) * self.layout.seq_len
+            vals_np, xe_np = vals.T.cpu().double().numpy(), xe.cpu().double().numpy()
+            for j, key in enumerate(todo):
+                self.cache.put(key, (vals_np[j], float(xe_np[j])))
+        f = torch.full((n,), float("-inf"), dtype=torch.float64)
+        x = torch.full((n,), float("inf"), dtype=torch.float64)
+        for i in range(n):
+            if not ok[i]:
+                continue
+            vals_i, xe_i = self.cache.get(keys[i])
+            o = int(owner[i])
+            v = vals_i[o]
+            if np.isnan(v):  # known from a restored history of another owner only: score it now
+                vv, xx = score(self.model, self.objectives, span_ids[i : i + 1], self.layout)
+                self.n_forward += 1
+                self.token_forwards += self.layout.seq_len
+                vals_i = vv[:, 0].double().numpy()
+                self.cache.put(keys[i], (vals_i, float(xx[0])))
+                v = vals_i[o]
+            f[i], x[i] = float(v), float(xe_i)
+            if keys[i] not in self.seen[o]:
+                self.seen[o].add(keys[i])
+                self.hist_ids[o].append(span_ids[i].cpu().clone())  # never a view of a live population
+                self.hist_vals[o].append(float(v))
+                self.hist_xe[o].append(float(xe_i))
+                self.hist_it[o].append(iteration)
+                self.hist_text[o].append(texts[i])
+        return f, x, ok
+
+    def gradients(
+        self, span_ids: Int[Tensor, "n length"], owner: Int[Tensor, " n"], lam: Float[Tensor, " n"]
+    ) -> Float[Tensor, "n length d_vocab"]:
+        """One-hot gradients of each row's `-f_owner + lam * xe`, in one forward/backward."""
+        grad = token_gradients(self.model, self.objectives, span_ids, self.layout, lam, owner=owner)[0]
+        self.n_gradient += span_ids.shape[0]
+        self.token_forwards += GRADIENT_COST * span_ids.shape[0] * self.layout.seq_len
+        return grad
+
+    def history_arrays(self, owner: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+        L = self.layout.length
+        ids = torch.stack(self.hist_ids[owner]).numpy() if self.hist_ids[owner] else np.zeros((0, L), np.int64)
+        return (
+            ids,
+            np.asarray(self.hist_vals[owner], dtype=np.float64),
+            np.asarray(self.hist_xe[owner], dtype=np.float64),
+            np.asarray(self.hist_it[owner], dtype=np.int64),
+            list(self.hist_text[owner]),
+        )
+
+
+def objective_is_constant(
+    model: Any, objective: Objective, span_ids: Int[Tensor, "batch length"], layout: Layout
+) -> bool:
+    """True when the objective's one-hot gradient is exactly zero for every row (nothing to climb)."""
+    tokens, onehot, embeds = onehot_inputs(model, span_ids, layout)
+    values, _ = run_objectives(model, [objective], tokens, embeds=embeds, start=layout.start)
+    if not values.requires_grad:
+        return True
+    (grad,) = torch.autograd.grad(values.sum(), onehot, allow_unused=True)
+    return grad is None or bool((grad == 0).all())

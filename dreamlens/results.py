@@ -1,0 +1,195 @@
+"""DreamResult: every prompt an optimizer evaluated, its Pareto frontier, and saving without pickle.
+
+A result folder holds `result.json` (objective, config, counters, optimizer state for `resume`) and
+`history.parquet` (one row per evaluated prompt: iteration, text, ids, activation, xe).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+FORMAT_VERSION = 1
+
+
+class ResultError(ValueError):
+    """A result folder is missing, unreadable, or from another version."""
+
+
+def pareto_front(activation: np.ndarray, xe: np.ndarray) -> np.ndarray:
+    """Indices of the non-dominated points (higher activation, lower xe), sorted by xe ascending.
+
+    A point is kept when no other point has xe <= its xe and activation >= its activation with one of
+    them strict. This is the true frontier, non-convex parts included."""
+    activation = np.asarray(activation, dtype=np.float64)
+    xe = np.asarray(xe, dtype=np.float64)
+    ok = np.isfinite(activation) & np.isfinite(xe)
+    idx = np.flatnonzero(ok)
+    order = idx[np.lexsort((-activation[idx], xe[idx]))]  # by xe, then highest activation first
+    keep, best = [], -np.inf
+    for i in order:
+        if activation[i] > best:
+            keep.append(i)
+            best = activation[i]
+    return np.asarray(keep, dtype=np.int64)
+
+
+@dataclass
+class DreamResult:
+    """What a dream produced. `history` has every evaluated prompt; `frontier` its Pareto set."""
+
+    objective: str
+    method: str
+    config: dict[str, Any]
+    ids: np.ndarray  # [n, length] int
+    activation: np.ndarray  # [n] float
+    xe: np.ndarray  # [n] float
+    iteration: np.ndarray  # [n] int
+    text: list[str]
+    prefix: str = ""
+    suffix: str = ""
+    bos_token_id: int | None = None
+    model_name: str = ""
+    wall_time: float = 0.0
+    n_forward: int = 0  # prompts scored in batched forward passes
+    n_gradient: int = 0  # prompts passed through forward+backward for one-hot gradients
+    token_forwards: int = 0  # compute spent, in token-forwards (a gradient pass counts 3 per token)
+    iterations: int = 0  # iterations completed
+    stopped: str = "completed"  # completed | callback | interrupted | budget | error: ...
+    state: dict[str, Any] = field(default_factory=dict)  # the optimizer's state, for resume
+
+    # -- views -----------------------------------------------------------------------------------
+    @property
+    def history(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "iteration": self.iteration.astype(np.int64),
+                "text": self.text,
+                "ids": [list(map(int, r)) for r in self.ids],
+                "activation": self.activation.astype(np.float64),
+                "xe": self.xe.astype(np.float64),
+            }
+        )
+
+    def to_dataframe(self) -> pd.DataFrame:
+        return self.history
+
+    @property
+    def frontier(self) -> pd.DataFrame:
+        """The non-dominated prompts (activation high, xe low), sorted by xe."""
+        keep = pareto_front(self.activation, self.xe)
+        return self.history.iloc[keep].reset_index(drop=True)[["text", "ids", "activation", "xe", "iteration"]]
+
+    def best(self, max_xe: float = float("inf")) -> pd.Series:
+        """The prompt with the highest activation among those with xe <= max_xe."""
+        ok = np.flatnonzero(self.xe <= max_xe)
+        if ok.size == 0:
+            lo = float(np.min(self.xe)) if self.xe.size else float("nan")
+            raise ValueError(f"no prompt has xe <= {max_xe}; the lowest xe in this result is {lo:.3f}")
+        i = ok[np.argmax(self.activation[ok])]
+        return self.history.iloc[i][["text", "ids", "activation", "xe", "iteration"]]
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+    def __repr__(self) -> str:
+        best = f"{float(np.max(self.activation)):.3f}" if len(self) else "n/a"
+        return (
+            f"DreamResult({self.method}, {self.objective!r}, {len(self)} prompts, {self.iterations} iterations, "
+            f"best activation {best}, stopped: {self.stopped})"
+        )
+
+    # -- saving ----------------------------------------------------------------------------------
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format": "dreamlens.DreamResult",
+            "version": FORMAT_VERSION,
+            "objective": self.objective,
+            "method": self.method,
+            "config": self.config,
+            "prefix": self.prefix,
+            "suffix": self.suffix,
+            "bos_token_id": self.bos_token_id,
+            "model_name": self.model_name,
+            "wall_time": self.wall_time,
+            "n_forward": self.n_forward,
+            "n_gradient": self.n_gradient,
+            "token_forwards": self.token_forwards,
+            "iterations": self.iterations,
+            "stopped": self.stopped,
+            "state": self.state,
+            "frontier": json.loads(self.frontier.to_json(orient="records")),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the result folder atomically (a crash never leaves a half-written result)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            (tmp / "result.json").write_text(json.dumps(self._meta(), indent=1))
+            hist = self.history
+            hist["ids"] = [np.asarray(r, dtype=np.int32) for r in self.ids]
+            hist.to_parquet(tmp / "history.parquet", index=False)
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> DreamResult:
+        path = Path(path)
+        meta_file = path / "result.json"
+        if not meta_file.is_file():
+            raise ResultError(f"{str(path)!r} is not a dream result folder (no result.json); pass the folder given to --out or save()")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ResultError(f"{meta_file} is not valid JSON ({e}); the result is corrupt") from e
+        if meta.get("format") != "dreamlens.DreamResult" or meta.get("version") != FORMAT_VERSION:
+            raise ResultError(
+                f"{str(path)!r} holds format {meta.get('format')!r} version {meta.get('version')!r}; this dreamlens "
+                f"reads dreamlens.DreamResult version {FORMAT_VERSION}"
+            )
+        try:
+            hist = pd.read_parquet(path / "history.parquet")
+        except Exception as e:
+            raise ResultError(f"cannot read {path / 'history.parquet'}: {e}") from e
+        length = int(meta["config"].get("length", 0))
+        ids = np.stack([np.asarray(r, dtype=np.int64) for r in hist["ids"]]) if len(hist) else np.zeros((0, length), np.int64)
+        return cls(
+            objective=meta["objective"],
+            method=meta["method"],
+            config=meta["config"],
+            ids=ids,
+            activation=hist["activation"].to_numpy(np.float64),
+            xe=hist["xe"].to_numpy(np.float64),
+            iteration=hist["iteration"].to_numpy(np.int64),
+            text=list(hist["text"]),
+            prefix=meta.get("prefix", ""),
+            suffix=meta.get("suffix", ""),
+            bos_token_id=meta.get("bos_token_id"),
+            model_name=meta.get("model_name", ""),
+            wall_time=meta.get("wall_time", 0.0),
+            n_forward=meta.get("n_forward", 0),
+            n_gradient=meta.get("n_gradient", 0),
+            token_forwards=meta.get("token_forwards", 0),
+            iterations=meta.get("iterations", 0),
+            stopped=meta.get("stopped", "completed"),
+            state=meta.get("state", {}),
+        )

@@ -1,0 +1,222 @@
+import numpy as np
+import pytest
+import torch
+
+import dreamlens as dl
+from dreamlens.models import decode, encode
+from dreamlens.optim import core
+from dreamlens.results import pareto_front
+
+OBJ = "blocks.1.mlp.hook_post[3]"
+SMALL = dict(length=6, population=4, children=8, topk=64, iters=6, restart_every=3, seed=0)
+
+
+def run(model, **kw):
+    return dl.epo(model, kw.pop("objective", OBJ), dl.EPOConfig(**{**SMALL, **kw}), progress=False)
+
+
+@pytest.fixture(scope="module")
+def result(tiny_model):
+    return run(tiny_model)
+
+
+def test_gradient_uses_each_rows_own_penalty(tiny_model):
+    layout = core.make_layout(tiny_model, 5)
+    ids = torch.randint(300, 3000, (3, 5), generator=torch.Generator().manual_seed(1))
+    obj = dl.objective(OBJ)
+    lam = torch.tensor([0.1, 1.0, 10.0])
+    g, _, _ = core.token_gradients(tiny_model, [obj], ids, layout, lam)
+    g_f, _, _ = core.token_gradients(tiny_model, [obj], ids, layout, torch.zeros(3))  # -grad f
+    g_1, _, _ = core.token_gradients(tiny_model, [obj], ids, layout, torch.ones(3))  # -grad f + grad xe
+    g_xe = g_1 - g_f
+    for i in range(3):
+        torch.testing.assert_close(g[i], g_f[i] + lam[i] * g_xe[i], atol=1e-4, rtol=1e-3)
+
+
+def test_selection_is_elitist_under_each_members_penalty(tiny_model):
+    cfg = dl.EPOConfig(**{**SMALL, "iters": 8, "restart_every": 0})
+    lams = cfg.penalties()
+    losses = []
+    dl.epo(tiny_model, OBJ, cfg, progress=False,
+           callback=lambda info: losses.append(-np.array(info.activation) + lams * np.array(info.xe)))
+    losses = np.array(losses)
+    assert np.all(np.diff(losses, axis=0) <= 1e-9)  # each slot only improves under its own lam
+    assert len(set(np.round(lams, 6))) == cfg.population and lams[0] == pytest.approx(0.1) and lams[-1] == pytest.approx(10)
+
+
+def test_no_restart_at_iteration_zero_and_restart_collapses(tiny_model):
+    pops = {}
+    dl.epo(tiny_model, OBJ, dl.EPOConfig(**{**SMALL, "iters": 4, "restart_every": 3}), progress=False,
+           callback=lambda info: pops.__setitem__(info.iteration, [encode(tiny_model, t) for t in info.texts]))
+    # A restart at iteration 0 would put every member within one swap of a single prompt after
+    # iteration 1 (pairwise distance <= 2); random members stay far apart.
+    dist = max(sum(a != b for a, b in zip(p, q)) for p in pops[1] for q in pops[1])
+    assert dist > 2
+    # the restart at iteration 3 puts every member on one prompt
+    assert len({tuple(p) for p in pops[3]}) == 1
+
+
+def test_frontier_is_non_dominated_and_complete(result):
+    h = result.history
+    fr = result.frontier
+    assert list(fr.columns[:4]) == ["text", "ids", "activation", "xe"]
+    assert fr["xe"].is_monotonic_increasing and fr["activation"].is_monotonic_increasing
+    a, x = h["activation"].to_numpy(), h["xe"].to_numpy()
+    for _, row in fr.iterrows():  # nothing dominates a frontier point
+        dominated = (a >= row.activation) & (x <= row.xe) & ((a > row.activation) | (x < row.xe))
+        assert not dominated.any()
+    for i in range(len(h)):  # every point off the frontier is dominated by a frontier point
+        if not ((fr.activation == a[i]) & (fr.xe == x[i])).any():
+            assert ((fr.activation >= a[i]) & (fr.xe <= x[i])).any()
+
+
+def test_pareto_front_keeps_non_convex_points():
+    act = np.array([0.0, 1.0, 1.2, 3.0, 0.5])
+    xe = np.array([1.0, 2.0, 5.0, 6.0, 3.0])
+    # (5.0, 1.2) lies under the chord between (2,1) and (6,3): a weighted sum never picks it
+    assert list(pareto_front(act, xe)) == [0, 1, 2, 3]
+
+
+def test_best_respects_threshold(result):
+    row = result.best(max_xe=float(np.median(result.xe)))
+    ok = result.xe <= np.median(result.xe)
+    assert row.activation == pytest.approx(result.activation[ok].max())
+    with pytest.raises(ValueError, match="no prompt has xe <= -1"):
+        result.best(max_xe=-1)
+
+
+def test_history_has_no_duplicates_and_counts_forwards(result):
+    keys = {tuple(r) for r in result.ids}
+    assert len(keys) == len(result)
+    assert result.n_forward == len(result)  # each distinct prompt forwarded exactly once
+
+
+def test_dedup_never_drops_a_distinct_prompt(tiny_model):
+    layout = core.make_layout(tiny_model, 4)
+    ev = core.Evaluator(tiny_model, [dl.objective(OBJ)], layout)
+    a = torch.tensor([[500, 600, 700, 800], [501, 600, 700, 800], [500, 600, 700, 800]])
+    f, x, ok = ev.evaluate(a, torch.zeros(3, dtype=torch.long), 0)
+    assert ev.n_forward == 2 and f[0] == f[2] and f[0] != f[1]
+    f2, _, _ = ev.evaluate(a[:2], torch.zeros(2, dtype=torch.long), 1)
+    assert ev.n_forward == 2 and torch.equal(f2, f[:2])
+    ref, _ = core.score(tiny_model, [dl.objective(OBJ)], a, layout)
+    torch.testing.assert_close(f.float(), ref[0], atol=1e-5, rtol=1e-5)
+
+
+def test_banned_tokens_never_appear(tiny_model):
+    banned = tuple(range(1000, 40000))
+    r = run(tiny_model, banned_tokens=banned, ascii_only=True)
+    mask = core.banned_mask(tiny_model, ascii_only=True, extra=banned)
+    assert not mask[torch.as_tensor(r.ids)].any()
+    assert all(t.isascii() for t in r.text)
+    specials = {0, 1, 2}
+    assert not specials & set(np.unique(r.ids).tolist())
+
+
+def test_frontier_text_round_trips(tiny_model):
+    r = run(tiny_model, prefix="Once upon a time", suffix=" the end")
+    for _, row in r.frontier.iterrows():
+        assert decode(tiny_model, row.ids) == row.text
+        full = encode(tiny_model, "Once upon a time" + row.text + " the end")
+        assert full == encode(tiny_model, "Once upon a time") + list(row.ids) + encode(tiny_model, " the end")
+
+
+def test_reported_scores_equal_reevaluation_of_text(tiny_model, result):
+    layout = core.make_layout(tiny_model, SMALL["length"])
+    fr = result.frontier
+    ids = torch.tensor([encode(tiny_model, t) for t in fr.text])
+    vals, xe = core.score(tiny_model, [dl.objective(OBJ)], ids, layout)
+    np.testing.assert_allclose(vals[0].numpy(), fr.activation, atol=1e-5)
+    np.testing.assert_allclose(xe.numpy(), fr.xe, atol=1e-5)
+
+
+def test_same_seed_same_result(tiny_model, result):
+    again = run(tiny_model)
+    assert np.array_equal(again.ids, result.ids)
+    assert np.array_equal(again.activation, result.activation)
+
+
+def test_resume_continues_identically(tiny_model, result, tmp_path):
+    half = run(tiny_model, iters=3)
+    half.save(tmp_path / "half")
+    cont = dl.epo(tiny_model, OBJ, dl.EPOConfig(**SMALL), resume=tmp_path / "half", progress=False)
+    assert cont.iterations == SMALL["iters"]
+    assert np.array_equal(cont.ids, result.ids)
+    np.testing.assert_array_equal(cont.activation, result.activation)
+    with pytest.raises(core.DreamError, match="population changed"):
+        dl.epo(tiny_model, OBJ, dl.EPOConfig(**{**SMALL, "population": 2}), resume=half, progress=False)
+
+
+def test_ctrl_c_keeps_history(tiny_model):
+    def cb(info):
+        if info.iteration == 3:
+            raise KeyboardInterrupt
+
+    with pytest.warns(UserWarning, match="interrupted"):
+        r = run(tiny_model, callback=cb) if False else dl.epo(tiny_model, OBJ, dl.EPOConfig(**SMALL), callback=cb, progress=False)
+    assert r.stopped == "interrupted"
+    assert r.iterations == 2 and r.iteration.max() == 3
+    assert len(r) > SMALL["population"]
+
+
+def test_callback_can_stop_and_crashing_callback_keeps_work(tiny_model):
+    r = dl.epo(tiny_model, OBJ, dl.EPOConfig(**SMALL), callback=lambda info: info.iteration >= 2, progress=False)
+    assert r.stopped == "callback" and r.iterations == 2
+
+    def bad(info):
+        raise RuntimeError("boom")
+
+    with pytest.warns(UserWarning, match="boom"):
+        r = dl.epo(tiny_model, OBJ, dl.EPOConfig(**SMALL), callback=bad, progress=False)
+    assert r.stopped.startswith("error: RuntimeError: boom") and len(r) > 0
+
+
+def test_budget_stops_the_run(tiny_model):
+    r = run(tiny_model, iters=50, max_token_forwards=2000)
+    assert r.stopped == "budget" and r.token_forwards >= 2000 and r.iterations < 50
+
+
+def test_save_load_round_trip(result, tmp_path):
+    path = result.save(tmp_path / "r")
+    assert not any(p.suffix == ".pkl" for p in path.iterdir())
+    back = dl.DreamResult.load(path)
+    assert back.objective == result.objective and back.config == result.config
+    np.testing.assert_array_equal(back.ids, result.ids)
+    np.testing.assert_array_equal(back.activation, result.activation)
+    assert back.text == result.text
+    assert back.frontier.equals(result.frontier)
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(length=0), "length must be at least 1"),
+        (dict(length=100), "exceeds the model's context of 64"),
+        (dict(population=0), "population must be at least 1"),
+        (dict(lam_min=-1.0), "penalties must be positive"),
+        (dict(lam_min=5.0, lam_max=1.0), "lam_max"),
+        (dict(init_text="hello world"), "has 2 tokens but length is 6"),
+        (dict(banned_tokens=(10**6,)), "outside the vocabulary"),
+    ],
+)
+def test_bad_input_fails_before_compute(tiny_model, kw, msg):
+    with pytest.raises(core.DreamError, match=msg):
+        run(tiny_model, **kw)
+
+
+def test_constant_objective_is_refused(tiny_model):
+    with pytest.raises(core.DreamError, match="constant"):
+        run(tiny_model, objective="blocks.1.hook_resid_post[3]@0", prefix="Hello")  # reads the prefix only
+
+
+def test_unknown_hook_is_refused(tiny_model):
+    with pytest.raises(dl.ObjectiveError, match="did you mean 'blocks.1.mlp.hook_post'"):
+        run(tiny_model, objective="blocks.1.mlp.hook_pots[3]")
+
+
+def test_many_objectives_give_one_result_each(tiny_model):
+    objs = [OBJ, "blocks.0.mlp.hook_post[5]"]
+    rs = dl.epo(tiny_model, objs, dl.EPOConfig(**SMALL), progress=False)
+    assert [r.objective for r in rs] == objs
+    solo = run(tiny_model, objective=objs[1])
+    np.testing.assert_allclose(rs[1].activation.max(), solo.activation.max(), rtol=1e-4)
