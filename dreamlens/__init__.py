@@ -35,8 +35,16 @@ _EXPORTS: dict[str, str] = {
     "EPOConfig": "optim.epo",
     "DreamResult": "results",
     "DreamError": "optim.core",
+    "attribute": "attribution",
+    "attribute_frontier": "attribution",
+    "Attribution": "attribution",
+    "plot_frontier": "viz",
+    "plot_evolution": "viz",
+    "plot_thresholds": "viz",
+    "build_report": "report",
+    "write_report": "report",
 }
-_SUBMODULES = {"dataset", "metrics", "models", "corpus", "objectives", "results", "optim"}
+_SUBMODULES = {"attribution", "viz", "report", "dataset", "metrics", "models", "corpus", "objectives", "results", "optim"}
 
 
 def __getattr__(name: str) -> Any:

@@ -162,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective-index", type=int, default=None, help="the scan's objective (default: the dream's)")
     p.add_argument("--out", default=None, help="folder for comparison.png/.csv/.json (default: DREAM_DIR)")
     p.set_defaults(func=_handler("dataset", "cli_compare"))
+
+    p = sub.add_parser("report", help="one offline HTML page: objective, frontier, plots, attributions, dataset comparison")
+    p.add_argument("result_dir", help="a dream result folder")
+    p.add_argument("--scan", default=None, help="a scan folder (from `dreamlens scan --out`) to compare with")
+    p.add_argument("--objective-index", type=int, default=None, help="the scan's objective (default: the dream's)")
+    p.add_argument("--out", required=True, help="the HTML file to write (PNG plots are written beside it)")
+    p.add_argument("--model", default=None, help="model for token attributions (default: the dream's model)")
+    p.add_argument("--attributions", type=int, default=6, help="frontier prompts to attribute (0: none, no model loaded)")
+    p.set_defaults(func=_handler("report", "cli_report"))
     return parser
 
 
