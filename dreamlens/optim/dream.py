@@ -1,0 +1,65 @@
+"""`dream()`: the one entry point for every optimizer, so notebooks and the CLI switch methods with a word.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..objectives import Objective
+from ..results import DreamResult
+from .adapt import ADAPTConfig, adapt
+from .core import DreamError
+from .epo import EPOConfig, IterationInfo, epo
+from .gcg import GCGConfig, gcg
+
+METHODS: dict[str, tuple[Callable[..., Any], type]] = {
+    "adapt": (adapt, ADAPTConfig),
+    "epo": (epo, EPOConfig),
+    "gcg": (gcg, GCGConfig),
+}
+DEFAULT_METHOD = "adapt"  # beats the paper's EPO at equal compute: see benchmarks/optimizers.py
+
+
+def make_config(method: str = DEFAULT_METHOD, config: Any = None, **options: Any) -> Any:
+    """The config of `method`: `config` (or the defaults) with `options` replaced."""
+    if method not in METHODS:
+        close = difflib.get_close_matches(str(method), list(METHODS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise DreamError(f"unknown method {method!r}{hint} (choose from {', '.join(sorted(METHODS))})")
+    cls = METHODS[method][1]
+    if config is not None and not isinstance(config, cls):
+        raise DreamError(f"method {method!r} takes a {cls.__name__}, got a {type(config).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in options:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            others = [m for m, (_, c) in METHODS.items() if key in {f.name for f in dataclasses.fields(c)}]
+            where = f" ({key!r} is an option of {', '.join(others)})" if others else ""
+            raise DreamError(f"{key!r} is not an option of {method}{hint}{where}")
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    return dataclasses.replace(config or cls(), **options)
+
+
+def dream(
+    model: Any,
+    objective: Objective | str | Sequence[Objective | str],
+    method: str = DEFAULT_METHOD,
+    *,
+    config: Any = None,
+    callback: Callable[[IterationInfo], bool | None] | None = None,
+    resume: DreamResult | str | Path | Sequence[Any] | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> DreamResult | list[DreamResult]:
+    """Dream with `method` ("adapt", the default; "epo"; or "gcg"). `options` are fields of the
+    method's config (`ADAPTConfig`, `EPOConfig`, `GCGConfig`), e.g. `dream(model, obj, "epo", iters=50)`;
+    `config=` starts from a config object instead of the defaults. Every method returns a DreamResult
+    (a list of them for a list of objectives)."""
+    cfg = make_config(method, config, **options)
+    run = METHODS[method][0]
+    return run(model, objective, cfg, callback=callback, resume=resume, progress=progress)
