@@ -59,26 +59,19 @@ def _cmd_dream(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .models import load_model
-    from .optim.epo import EPOConfig
+    from .optim.dream import DEFAULT_METHOD, METHODS, dream, make_config
 
     if args.out:
         _writable_folder(args.out)
-    fields = {f.name for f in dataclasses.fields(EPOConfig)}
+    method = getattr(args, "method", None) or DEFAULT_METHOD
+    fields = {f.name for _, cls in METHODS.values() for f in dataclasses.fields(cls)}
     kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if args.out and args.checkpoint_every:
         kw["checkpoint_dir"] = args.out
-    cfg = EPOConfig(**kw)
+    cfg = make_config(method, None, **kw)  # an option the method does not have fails here, before loading
     cfg.validate()
     model = load_model(args.model)
-    method = getattr(args, "method", "epo") or "epo"
-    if method == "epo":
-        from .optim.epo import epo
-
-        result = epo(model, args.objective, cfg, resume=args.resume)
-    else:
-        from .optim.dream import dream
-
-        result = dream(model, args.objective, method=method, **kw)
+    result = dream(model, args.objective, method, config=cfg, resume=args.resume)
     _print_frontier(result)
     if args.out:
         result.save(args.out)
@@ -127,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dream", help="dream an objective: print the Pareto frontier, save the result")
     p.add_argument("objective", help="e.g. 'blocks.6.mlp.hook_post[123]', 'sae:embedded[42]', 'logit[\" Paris\"]'")
+    p.add_argument("--method", choices=["adapt", "epo", "gcg"], default=None,
+                   help="optimizer (default adapt; epo: the paper's; gcg: one member, fixed penalty)")
     p.add_argument("--model", default=None, help="model name or folder (default: the embedded SmolLM2-135M)")
     p.add_argument("--iters", type=int, default=None, help="iterations (default 300)")
     p.add_argument("--length", type=int, default=None, help="optimized tokens (default 12)")

@@ -134,6 +134,13 @@ def test_budget_counts_the_beam_search_and_stops(tiny_model):
     assert (k_lm, k_grad) < (cfg.beam_lm, cfg.beam_grad) and ad.beam_cost(cfg.beams, k_lm, k_grad, layout) <= 4000
 
 
+def test_penalties_are_scale_free(tiny_model, result):
+    # The objective times 10: the same prompts (penalties are in units of the activation's spread).
+    r10 = dl.adapt(tiny_model, 10 * dl.objective(OBJ), dl.ADAPTConfig(**SMALL), progress=False)
+    assert np.array_equal(r10.ids, result.ids)
+    np.testing.assert_allclose(r10.activation, 10 * result.activation, rtol=1e-4, atol=1e-5)
+
+
 def test_init_text_skips_the_beam_search(tiny_model):
     text = decode(tiny_model, encode(tiny_model, " the cat sat down")[:4])
     r = run(tiny_model, init_text=text, iters=1)

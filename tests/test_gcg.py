@@ -54,3 +54,17 @@ def test_gcg_resume_continues_identically(tiny_model, result, tmp_path):
 def test_gcg_refuses_a_non_positive_penalty(tiny_model):
     with pytest.raises(core.DreamError, match="tiny lam such as 1e-6"):
         run(tiny_model, lam=0.0)
+
+
+def test_cli_dream_routes_every_method_through_dream(tiny_model, monkeypatch, tmp_path, capsys):
+    from dreamlens import cli, models
+
+    monkeypatch.setattr(models, "load_model", lambda name=None: tiny_model)
+    base = ["dream", OBJ, "--length", "4", "--iters", "1", "--seed", "0"]
+    assert cli.main(base + ["--method", "gcg", "--children", "4", "--topk", "16", "--out", str(tmp_path / "g")]) == 0
+    assert dl.DreamResult.load(tmp_path / "g").method == "gcg"
+    assert cli.main(base + ["--method", "epo", "--population", "2", "--children", "2", "--out", str(tmp_path / "e")]) == 0
+    assert dl.DreamResult.load(tmp_path / "e").method == "epo"
+    with pytest.raises(core.DreamError, match="'population' is not an option of gcg"):
+        cli.main(base + ["--method", "gcg", "--population", "2"])
+    assert "Pareto frontier" in capsys.readouterr().out

@@ -3,9 +3,11 @@ grows fluent prompts left to right, then adaptive gradient-guided mutation climb
 
 Beam search: B partial prompts, slot i kept under its own fluency penalty lam_i; each grows by one token
 per step, proposed by the model's own next-token distribution (fluent) and by the gradient (active);
-every candidate is scored by `f - lam_i * xe`. Mutation: the B beams become B members of a population,
-each minimizing `-f + lam_i * xe` by GCG-style swaps whose strength (positions changed, top-k width,
-sampling temperature) rises while the member stalls and falls when it improves.
+every candidate is scored by `f / s - lam_i * xe`, s the spread of f over the step's candidates, so the
+penalties mean the same for a neuron of scale 0.1 and a latent of scale 100. Mutation: the B beams
+become B members of a population, each minimizing `-f / s + lam_i * xe` (s fixed from the full-length
+candidates) by GCG-style swaps whose strength (positions changed, top-k width, sampling temperature)
+rises while the member stalls and falls when it improves.
 """
 
 from __future__ import annotations
@@ -56,8 +58,8 @@ class ADAPTConfig:
 
     length: int = 12  # optimized tokens
     beams: int = 4  # B: partial prompts kept by the beam search, then the members of the mutation phase
-    lam_min: float = 0.3  # penalties of the B slots, log-spaced from lam_min to lam_max
-    lam_max: float = 3.0
+    lam_min: float = 0.3  # penalties of the B slots, log-spaced from lam_min to lam_max, in spreads of
+    lam_max: float = 3.0  # the activation per nat of xe (see the module docstring)
     beam_lm: int = 8  # proposals per beam and step from the model's next-token distribution
     beam_grad: int = 8  # proposals per beam and step from the gradient's top-k
     beam_share: float = 0.5  # with a token budget, the beam search gets at most this share of it
@@ -144,6 +146,14 @@ class MutationStrength:
 
 def _lerp(a: float, b: float, t: float) -> float:
     return a + (b - a) * t
+
+
+def spread(f: Float[Tensor, " n"]) -> float:
+    """The activation's scale among candidates: the standard deviation of the finite values (1.0 when
+    there is no spread to measure), so that penalties are in units of it."""
+    v = f[torch.isfinite(f)].double()
+    s = float(v.std(unbiased=False)) if v.numel() > 1 else 0.0
+    return s if s > 1e-12 else 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,8 +260,9 @@ def beam_search(
     suffix: str = "",
     trace: BeamTrace | None = None,
 ) -> tuple[Int[Tensor, "pool length"], Float[Tensor, " pool"], Float[Tensor, " pool"]]:
-    """Grow B prompts left to right. Returns the last step's scored candidates (full prompts, scored
-    and recorded by `ev`, at iteration 0), from which each member takes its best start.
+    """Grow B prompts left to right, slot i keeping the best candidate under `f / s - lams[i] * xe`
+    (s: the spread of f over the step's candidates). Returns the last step's candidates (full
+    prompts, scored and recorded by `ev` at iteration 0), from which each member takes its start.
 
     Partial prompts are scored with the suffix after them, by Evaluators of their own length whose
     compute is added to `ev`'s counters."""
@@ -289,7 +300,7 @@ def beam_search(
             trace.proposals.append(proposals.clone())
         if readable:
             f, xe, ok = step_ev.evaluate(cand, torch.zeros(len(cand), dtype=torch.long), 0)
-            loss = -f[None, :] + lams[:, None].double() * xe[None, :]  # [B, n*k]
+            loss = -f[None, :] / spread(f) + lams[:, None].double() * xe[None, :]  # [B, n*k]
             cand_nll = torch.zeros(len(cand), dtype=torch.float64)
         else:  # the objective cannot be read yet (a fixed position beyond this step): grow fluently
             ok, _ = retokenizes(model, cand, sub, prefix, suffix)
@@ -398,7 +409,7 @@ def _adapt_one(
     callback: Callable | None, prev: DreamResult | None, progress: bool, index: int, single: bool,
 ) -> DreamResult:
     B, L = cfg.beams, cfg.length
-    lams = torch.tensor(cfg.penalties(), dtype=torch.float64)
+    unit = torch.tensor(cfg.penalties(), dtype=torch.float64)  # penalties per spread of the activation
     owner = torch.zeros(B, dtype=torch.long)
     ev = Evaluator(model, [obj], layout, prefix=cfg.prefix, suffix=cfg.suffix, batch_size=cfg.batch_size)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -415,6 +426,7 @@ def _adapt_one(
         pop_f = torch.tensor(st["pop_f"], dtype=torch.float64)
         pop_xe = torch.tensor(st["pop_xe"], dtype=torch.float64)
         strengths = [MutationStrength(level=a, stall=int(b)) for a, b in st["strength"]]
+        lams = unit * float(st["scale"])
         first_it, wall_prev = prev.iterations + 1, prev.wall_time
     else:
         allowed = allowed_tokens(banned)
@@ -428,11 +440,16 @@ def _adapt_one(
         if init is not None:
             pool = init
             pool_f, pool_xe, _ = ev.evaluate(pool, torch.zeros(1, dtype=torch.long), 0)
+            # The spread of the activation over every single-token change of the initial prompt's
+            # first position would cost a batch; its own magnitude is a cheap, scale-true stand-in.
+            scale = max(abs(float(pool_f[0])), 1e-6) if torch.isfinite(pool_f[0]) else 1.0
         else:
             k_lm, k_grad = beam_sizes(cfg, layout)
             pool, pool_f, pool_xe = beam_search(
-                model, obj, layout, ev, lams, banned, gen, k_lm=k_lm, k_grad=k_grad, prefix=cfg.prefix, suffix=cfg.suffix
+                model, obj, layout, ev, unit, banned, gen, k_lm=k_lm, k_grad=k_grad, prefix=cfg.prefix, suffix=cfg.suffix
             )
+            scale = spread(pool_f)
+        lams = unit * scale  # in activation units per nat, from here on
         best = (-pool_f[None, :] + lams[:, None] * pool_xe[None, :]).argmin(dim=1)
         pop, pop_f, pop_xe = pool[best].clone(), pool_f[best], pool_xe[best]
         first_it = 1
@@ -440,7 +457,7 @@ def _adapt_one(
     def snapshot() -> dict[str, Any]:
         return {
             "population": pop.tolist(), "pop_f": pop_f.tolist(), "pop_xe": pop_xe.tolist(),
-            "strength": [[s.level, s.stall] for s in strengths],
+            "strength": [[s.level, s.stall] for s in strengths], "scale": float(lams[0] / unit[0]),
             "generator": base64.b64encode(gen.get_state().numpy().tobytes()).decode(),
         }
 

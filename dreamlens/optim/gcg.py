@@ -38,6 +38,8 @@ class GCGConfig:
     banned_tokens: tuple[int, ...] = ()
     batch_size: int = 64
     max_token_forwards: int | None = None
+    checkpoint_every: int | None = None  # checkpoints are EPO's (method "epo"); gcg(resume=) reads them
+    checkpoint_dir: str | None = None
 
     def validate(self) -> None:
         if not self.lam > 0:
@@ -67,10 +69,10 @@ def gcg(
         many = isinstance(objective, (list, tuple))
         prev = load_resume(resume, len(objective) if many else 1)
         for r in prev:
-            if r.method != "gcg":
+            if r.method not in ("gcg", "epo"):
                 raise DreamError(f"cannot resume a {r.method} run as a gcg run")
         # EPO checks the config it ran with: hand it the EPO form of the saved GCG config.
-        resume = [dataclasses.replace(r, method="epo", config=_as_epo(r.config)) for r in prev]
+        resume = [r if r.method == "epo" else dataclasses.replace(r, method="epo", config=_as_epo(r.config)) for r in prev]
         resume = resume if many else resume[0]
     out = epo(model, objective, ecfg, callback=callback, resume=resume, progress=progress)
     mine = _as_dict(cfg)
@@ -86,5 +88,4 @@ def _as_epo(config: dict[str, Any]) -> dict[str, Any]:
     """The EPO config dict of a saved GCG config dict."""
     d = {k: v for k, v in config.items() if k != "lam"}
     lam = config.get("lam")
-    return {**_as_dict(EPOConfig()), **d, "population": 1, "lam_min": lam, "lam_max": lam, "restart_every": 0,
-            "checkpoint_every": None, "checkpoint_dir": None}
+    return {**_as_dict(EPOConfig()), **d, "population": 1, "lam_min": lam, "lam_max": lam, "restart_every": 0}
