@@ -84,12 +84,14 @@ def main() -> None:
         spread = f"{min(times[name]):.2f}..{max(times[name]):.2f}s"
         print(f"{name:12s} {n_tokens / t:9.0f} tokens/s   ({t:.2f}s, {spread})")
 
-    # Scoring the top examples (a full forward per example window) is a separate, per-example cost.
-    r = dataset.scan(model, one, docs, tokens=n_tok, window=args.window, top_k=32, score=False, cache=False, progress=False)
-    t = time.perf_counter()
-    r.score(model, one)
-    n_ex = len(r.examples)
-    print(f"scoring {n_ex} top examples (full forward, window {args.window}): {time.perf_counter() - t:.2f}s")
+    if not args.quick:  # scoring the top examples (a full forward per window) is a separate, per-example cost
+        r = dataset.scan(model, one, docs, tokens=n_tok, window=args.window, top_k=32, batch_size=args.batch_size,
+                         score=False, cache=False, progress=False)
+        t = time.perf_counter()
+        r.score(model, one)
+        dt, n_ex = time.perf_counter() - t, len(r.examples)
+        print(f"scoring {n_ex} top examples (full forward, window {args.window}): {dt:.1f}s, "
+              f"{dt / max(n_ex, 1) * 1000:.0f} ms per example")
 
     print(f"scan_1_vs_raw: {med['raw_forward'] / med['scan_1']:.2f}")
     print(f"scan_256_vs_raw: {med['raw_forward'] / med['scan_256']:.2f}")

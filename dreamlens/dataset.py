@@ -274,6 +274,8 @@ def _chunks(model: Any, docs: Iterable[str], window: int, budget: int) -> Iterat
 
     produced = 0
     for d, text in enumerate(docs):
+        if produced >= budget:
+            return
         ids = encode(model, text)
         for i in range(0, len(ids) - window + 1, window):
             if produced >= budget:

@@ -268,10 +268,43 @@ def test_neuron_gather_equals_generic_path(tiny_model):
         torch.testing.assert_close(v[0], v[1])
 
 
+def test_sae_latents_share_one_encoding(tiny_model):
+    sae_lens = pytest.importorskip("sae_lens")
+    from sae_lens.saes.sae import SAEMetadata
+
+    from dreamlens.objectives import SAELatent
+
+    hook = "blocks.0.hook_resid_post"
+    sae = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=64, d_sae=32, metadata=SAEMetadata(hook_name=hook)))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+    objs = [SAELatent(sae, i) for i in (0, 5, 31)] + [SAELatent(sae, 5, pre_activation=True)]
+    res = scan(tiny_model, objs, DOCS, tokens=48, window=WINDOW, top_k=2, score=False, cache=False, progress=False)
+    chunks = _brute_chunks(tiny_model, DOCS, WINDOW, 48)
+    toks = torch.tensor([[0] + c[2] for c in chunks])
+    with torch.no_grad():
+        _, cache = tiny_model.run_with_cache(toks, names_filter=hook)
+        x = cache[hook][:, 1:]
+        post = sae.encode(x)
+        pre = x @ sae.W_enc + sae.b_enc - (sae.b_dec @ sae.W_enc if sae.cfg.apply_b_dec_to_input else 0)
+    want = torch.stack([post[..., 0], post[..., 5], post[..., 31], pre[..., 5]])
+    np.testing.assert_allclose(res.stats["max"], want.amax(dim=(1, 2)).numpy(), atol=1e-4)
+    np.testing.assert_allclose(res.stats["mean"], want.mean(dim=(1, 2)).numpy(), atol=1e-4)
+
+
 def _stand_in_dream(name, activation, xe):
-    frontier = pd.DataFrame({"text": [f"dream {i}" for i in range(len(xe))], "ids": [[1, 2]] * len(xe),
-                             "activation": activation, "xe": xe})
-    return SimpleNamespace(objective=name, frontier=frontier)
+    """A DreamResult (or, without dreamlens.results, an object with its `objective` and `frontier`)."""
+    n = len(xe)
+    try:
+        from dreamlens.results import DreamResult
+    except ImportError:
+        frontier = pd.DataFrame({"text": [f"dream {i}" for i in range(n)], "ids": [[1, 2]] * n,
+                                 "activation": activation, "xe": xe})
+        return SimpleNamespace(objective=name, frontier=frontier)
+    return DreamResult(objective=name, method="stand-in", config={"length": 2}, ids=np.ones((n, 2), dtype=np.int64),
+                       activation=np.asarray(activation, dtype=float), xe=np.asarray(xe, dtype=float),
+                       iteration=np.zeros(n, dtype=np.int64), text=[f"dream {i}" for i in range(n)])
 
 
 def test_compare_table_figure_and_files(scanned, tmp_path):
@@ -309,12 +342,8 @@ def test_cli_scan_and_compare(tiny_model, tmp_path, monkeypatch, capsys):
     assert rc == 0 and ScanResult.load(out).objectives[1] == "blocks.1.hook_resid_post[0]"
     assert "top examples of blocks.0.mlp.hook_post[3]" in capsys.readouterr().out
 
-    results = pytest.importorskip("dreamlens.results")
-    ids = np.array([[5, 6, 7], [8, 9, 10]])
-    dream = results.DreamResult(objective="blocks.0.mlp.hook_post[3]", method="stand-in", config={"length": 3},
-                                ids=ids, activation=np.array([0.1, 0.3]), xe=np.array([4.0, 6.0]),
-                                iteration=np.array([0, 1]), text=["a b c", "d e f"])
-    dream.save(tmp_path / "dream")
+    pytest.importorskip("dreamlens.results")
+    _stand_in_dream("blocks.0.mlp.hook_post[3]", [0.1, 0.3], [4.0, 6.0]).save(tmp_path / "dream")
     assert cli.main(["compare", str(tmp_path / "dream"), str(out)]) == 0
     assert (tmp_path / "dream" / "comparison.png").is_file()
 
