@@ -14,6 +14,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from .core import (
     Evaluator,
     Layout,
     banned_mask,
+    fast_weights,
     make_layout,
     objective_is_constant,
     retokenizes,
@@ -57,6 +59,8 @@ class EPOConfig:
     ban_whitespace_only: bool = False
     banned_tokens: tuple[int, ...] = ()  # special tokens are always banned
     batch_size: int = 64  # prompts per forward pass when scoring children
+    max_batch_tokens: int | None = None  # tokens per pass (None: estimated from free memory)
+    reuse_prefix: bool = True  # compute children from their first changed position, on the parent's KV cache
     max_token_forwards: int | None = None  # stop once this much compute is spent (see core.GRADIENT_COST)
     checkpoint_every: int | None = None  # save the result every N iterations (atomic)
     checkpoint_dir: str | None = None
@@ -80,6 +84,10 @@ class EPOConfig:
         need(self.lam_min > 0 and self.lam_max > 0, f"penalties must be positive (they are log-spaced), got lam_min={self.lam_min}, lam_max={self.lam_max}")
         need(self.lam_max >= self.lam_min, f"lam_max ({self.lam_max}) must be >= lam_min ({self.lam_min})")
         need(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
+        need(
+            self.max_batch_tokens is None or self.max_batch_tokens >= 1,
+            f"max_batch_tokens must be None (estimated from free memory) or at least 1, got {self.max_batch_tokens}",
+        )
         need(self.checkpoint_every is None or self.checkpoint_every >= 1, "checkpoint_every must be None or >= 1")
         need(
             self.checkpoint_every is None or self.checkpoint_dir is not None,
@@ -192,16 +200,41 @@ def load_resume(resume: Any, n: int) -> list[DreamResult]:
     return out
 
 
+# Settings that may change when a run is resumed: budgets, and how the work is batched and computed.
+_RESUMABLE = ("iters", "checkpoint_every", "checkpoint_dir", "max_token_forwards", "max_batch_tokens", "reuse_prefix")
+
+
 def check_resume(prev: list[DreamResult], objs: list[Objective], cfg: Any, method: str) -> None:
     new = _config_dict(cfg)
     for r, o in zip(prev, objs):
         if r.method != method or r.objective != str(o):
             raise DreamError(f"cannot resume a {r.method} run of {r.objective!r} as a {method} run of {str(o)!r}")
-        diff = [k for k in new if k not in ("iters", "checkpoint_every", "checkpoint_dir", "max_token_forwards") and r.config.get(k) != new[k]]
+        diff = [k for k in new if k not in _RESUMABLE and r.config.get(k) != new[k]]
         if diff:
             raise DreamError(f"cannot resume with a different config: {', '.join(diff)} changed; only iters and budgets may change")
         if not r.state:
             raise DreamError("this result holds no optimizer state to resume from")
+
+
+def propose_children(pop: Tensor, grad: Tensor, banned: Tensor, topk: int, C: int, gens: Sequence[torch.Generator]) -> Tensor:
+    """C children per member of each population `pop` [K, M, L]: one position of the member swapped for
+    one of the top-k tokens of its negative gradient `grad` [K*M, L, vocab] (banned tokens excluded),
+    drawn with the population's own generator. Returns [K, M*C, L]."""
+    K, M, L = pop.shape
+    grad[..., banned.to(grad.device)] = float("inf")
+    top = (-grad).topk(topk, dim=-1).indices.cpu()  # [K*M, L, topk]
+    children = pop.reshape(K * M, 1, L).repeat(1, C, 1)  # [K*M, C, L]
+    for k in range(K):
+        pos = torch.randint(L, (M, C), generator=gens[k])
+        choice = torch.randint(topk, (M, C), generator=gens[k])
+        rows = torch.arange(k * M, (k + 1) * M).unsqueeze(1).expand(M, C)
+        children[rows, torch.arange(C).expand(M, C), pos] = top[rows, pos, choice]
+    return children.view(K, M * C, L)
+
+
+def select_members(f: Tensor, xe: Tensor, lams: Tensor) -> Tensor:
+    """For each penalty lam_i, the index of the candidate minimizing -f + lam_i * xe (first on ties)."""
+    return (-f[None, :] + lams[:, None] * xe[None, :]).argmin(dim=1)
 
 
 def epo(
@@ -225,7 +258,10 @@ def epo(
     topk = min(cfg.topk, len(allowed))
     lams = torch.tensor(cfg.penalties(), dtype=torch.float64)
     lam_lo, lam_hi = math.log(cfg.lam_min), math.log(cfg.lam_max)
-    ev = Evaluator(model, objs, layout, prefix=cfg.prefix, suffix=cfg.suffix, batch_size=cfg.batch_size)
+    ev = Evaluator(
+        model, objs, layout, prefix=cfg.prefix, suffix=cfg.suffix, batch_size=cfg.batch_size,
+        reuse=cfg.reuse_prefix, max_batch_tokens=cfg.max_batch_tokens,
+    )
     gens = [torch.Generator().manual_seed(cfg.seed) for _ in range(K)]
     owner_pop = torch.arange(K).repeat_interleave(M)
     device = model.cfg.device
@@ -281,25 +317,19 @@ def epo(
 
     bar = _progress(progress, cfg.iters, first_it - 1)
     it, stopped = first_it - 1, "completed"
+    fast = ExitStack()
+    fast.enter_context(fast_weights(model))  # restored in `finally`, however the run ends
     try:
         for it in range(first_it, cfg.iters + 1):
             flat = pop.view(K * M, L).to(device)
             grad = ev.gradients(flat, owner_pop, lams.repeat(K))
-            grad[..., banned.to(grad.device)] = float("inf")
-            top = (-grad).topk(topk, dim=-1).indices.cpu()  # [K*M, L, topk]
-            children = pop.view(K * M, 1, L).repeat(1, C, 1)  # [K*M, C, L]
-            for k in range(K):
-                pos = torch.randint(L, (M, C), generator=gens[k])
-                choice = torch.randint(topk, (M, C), generator=gens[k])
-                rows = torch.arange(k * M, (k + 1) * M).unsqueeze(1).expand(M, C)
-                children[rows, torch.arange(C).expand(M, C), pos] = top[rows, pos, choice]
+            children = propose_children(pop, grad, banned, topk, C, gens)  # [K, M*C, L]
             child_f, child_xe, _ = ev.evaluate(children.view(-1, L), owner_pop.repeat_interleave(C), it)
             child_f, child_xe = child_f.view(K, M * C), child_xe.view(K, M * C)
-            children = children.view(K, M * C, L)
             for k in range(K):
                 pool = torch.cat([pop[k], children[k]])
                 pf, px = torch.cat([pop_f[k], child_f[k]]), torch.cat([pop_xe[k], child_xe[k]])
-                best = (-pf[None, :] + lams[:, None] * px[None, :]).argmin(dim=1)
+                best = select_members(pf, px, lams)
                 pop[k], pop_f[k], pop_xe[k] = pool[best], pf[best], px[best]
                 if cfg.restart_every and it % cfg.restart_every == 0:
                     # Restart from one member, chosen under a penalty drawn log-uniformly at random.
@@ -323,6 +353,7 @@ def epo(
         stopped, it = f"error: {type(e).__name__}: {e}", it - 1
         warnings.warn(f"the run stopped at iteration {it + 1} ({type(e).__name__}: {e}); returning the partial result", stacklevel=2)
     finally:
+        fast.close()
         if bar is not None:
             bar.close()
     out = results(it, stopped)
