@@ -482,13 +482,19 @@ class _Parents:
     final: Tensor  # [R, n_pred, d_model] final normalized residual at the CE positions
     lse: Tensor  # [R, n_pred] log-normalizer of the logits there
     ce: Tensor  # [R, n_pred] CE of the parent's own next tokens
+    owner: Tensor | None = None  # [R] the population each parent belongs to (None: any)
 
-    def match(self, span_ids: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
-        """For each row, the parent sharing the longest prefix with it, and that prefix's length."""
+    def match(self, span_ids: Tensor, owner: Tensor | None = None, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+        """For each row, the parent sharing the longest prefix with it, and that prefix's length.
+        With owners, a row prefers its own population's parents (so a population computes the same
+        way whether it runs alone or beside others)."""
         par, shared = [], []
         for i in range(0, span_ids.shape[0], chunk):
             eq = span_ids[i : i + chunk, None, :] == self.ids[None, :, :]  # [n, R, L]
             common = eq.to(torch.int32).cumprod(dim=2).sum(dim=2)  # [n, R]
+            if owner is not None and self.owner is not None:
+                same = owner[i : i + chunk, None] == self.owner[None, :]
+                common = torch.where(same.any(dim=1, keepdim=True) & ~same, -1, common)
             best = common.max(dim=1)
             par.append(best.indices)
             shared.append(best.values)
@@ -739,14 +745,19 @@ class Evaluator:
         for i in range(n):
             if ok[i]:
                 first.setdefault(keys[i], i)
+        known: dict[bytes, tuple[np.ndarray, float]] = {}  # taken now: later puts may evict them
         if self.dedup:
-            rows_list = [i for key, i in first.items() if key not in self.cache]
+            for key in first:
+                got = self.cache.get(key)
+                if got is not None:
+                    known[key] = got
+            rows_list = [i for key, i in first.items() if key not in known]
         else:  # for comparisons only: every valid row is forwarded
             rows_list = [i for i in range(n) if ok[i]]
         fresh: dict[int, tuple[np.ndarray, float]] = {}
         if rows_list:
             rows = torch.tensor(rows_list, dtype=torch.long)
-            vals, xe = self.score_rows(span_ids[rows])
+            vals, xe = self.score_rows(span_ids[rows], torch.as_tensor(owner).cpu()[rows])
             vals_np, xe_np = vals.T.cpu().double().numpy(), xe.cpu().double().numpy()
             for j, i in enumerate(rows_list):
                 fresh[i] = (vals_np[j], float(xe_np[j]))
@@ -756,8 +767,7 @@ class Evaluator:
         for i in range(n):
             if not ok[i]:
                 continue
-            got = fresh.get(i) or fresh.get(first[keys[i]]) or self.cache.get(keys[i])
-            vals_i, xe_i = got
+            vals_i, xe_i = fresh.get(i) or known.get(keys[i]) or fresh[first[keys[i]]]
             o = int(owner[i])
             v = vals_i[o]
             if np.isnan(v):  # known from a restored history of another owner only: score it now
@@ -778,9 +788,11 @@ class Evaluator:
         return f, x, ok
 
     @torch.no_grad()
-    def score_rows(self, span_ids: Int[Tensor, "n length"]) -> tuple[Float[Tensor, "n_obj n"], Float[Tensor, " n"]]:
-        """Values (all objectives) and xe of these prompts, with prefix reuse where a parent is known;
-        counts the compute. No caching, no history."""
+    def score_rows(
+        self, span_ids: Int[Tensor, "n length"], owner: Int[Tensor, " n"] | None = None
+    ) -> tuple[Float[Tensor, "n_obj n"], Float[Tensor, " n"]]:
+        """Values (all objectives) and xe of these prompts, with prefix reuse where a parent is known
+        (of the row's `owner` population, when given); counts the compute. No caching, no history."""
         n, L = span_ids.shape
         head, seq = len(self.layout.head), self.layout.seq_len
         device = self.model.cfg.device
@@ -788,7 +800,7 @@ class Evaluator:
         starts = torch.zeros(n, dtype=torch.long)
         par = torch.zeros(n, dtype=torch.long)
         if self.reuse and self._parents is not None:
-            par, shared = self._parents.match(span_ids.cpu())
+            par, shared = self._parents.match(span_ids.cpu(), None if owner is None else torch.as_tensor(owner).cpu())
             starts = head + shared.clamp(max=L - 1).long()  # recompute at least the last span token
             starts[starts < 1] = 0  # no start token, no prefix and a new first token: the full pass
         vals = torch.zeros((len(self.objectives), n), dtype=torch.float64)
@@ -872,7 +884,8 @@ class Evaluator:
         idx = torch.tensor(rows, dtype=torch.long)
         sub_lam, sub_owner = lam[idx], owner[idx]
         out = self._passes(
-            span_ids[idx], lambda ids, lo, hi: _gradient_pass(self.model, self.objectives, ids, self.layout, sub_lam[lo:hi], sub_owner[lo:hi])
+            span_ids[idx], lambda ids, lo, hi: _gradient_pass(self.model, self.objectives, ids, self.layout, sub_lam[lo:hi], sub_owner[lo:hi]),
+            owner=sub_owner,
         )
         g = torch.cat([part[0] for part in out])
         if len(rows) == n and rows == list(range(n)):
@@ -902,7 +915,7 @@ class Evaluator:
         self._passes(span_ids, run, self.batcher)
         self.token_forwards += span_ids.shape[0] * self.layout.seq_len
 
-    def _passes(self, span_ids: Tensor, fn: Any, batcher: _Batcher | None = None) -> list[Any]:
+    def _passes(self, span_ids: Tensor, fn: Any, batcher: _Batcher | None = None, owner: Tensor | None = None) -> list[Any]:
         """Run `fn(ids, lo, hi)` over row batches; with reuse on, also keep what children need
         (`_Parents`): keys/values, the objectives' activations, and the CE terms `fn` returns last."""
         device = self.model.cfg.device
@@ -937,7 +950,7 @@ class Evaluator:
         ce, lse, final = (torch.cat([p[-1][i] for p in parts]) for i in range(3))
         self._parents = _Parents(
             ids=span_ids.cpu(), keys=keys, values=values, acts={h: torch.cat(a) for h, a in acts.items()},
-            final=final, lse=lse, ce=ce,
+            final=final, lse=lse, ce=ce, owner=owner,
         )
         return parts
 
