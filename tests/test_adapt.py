@@ -141,6 +141,16 @@ def test_penalties_are_scale_free(tiny_model, result):
     np.testing.assert_allclose(r10.activation, 10 * result.activation, rtol=1e-4, atol=1e-5)
 
 
+def test_ctrl_c_during_the_beam_search_keeps_a_result(tiny_model, monkeypatch):
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ad, "beam_search", stop)
+    with pytest.warns(UserWarning, match="interrupted"):
+        r = run(tiny_model)
+    assert r.stopped == "interrupted" and r.iterations == 0 and r.state == {}
+
+
 def test_init_text_skips_the_beam_search(tiny_model):
     text = decode(tiny_model, encode(tiny_model, " the cat sat down")[:4])
     r = run(tiny_model, init_text=text, iters=1)

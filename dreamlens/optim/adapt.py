@@ -427,7 +427,7 @@ def _adapt_one(
         pop_xe = torch.tensor(st["pop_xe"], dtype=torch.float64)
         strengths = [MutationStrength(level=a, stall=int(b)) for a, b in st["strength"]]
         lams = unit * float(st["scale"])
-        first_it, wall_prev = prev.iterations + 1, prev.wall_time
+        first_it, wall_prev, init = prev.iterations + 1, prev.wall_time, None
     else:
         allowed = allowed_tokens(banned)
         init = initial_span(model, cfg, layout)
@@ -437,6 +437,11 @@ def _adapt_one(
                 f"the objective {str(obj)!r} has zero gradient for every token of the initial prompts: it is "
                 "constant here (a hook before the tokens can influence it, or a dead unit); pick another target"
             )
+        pop, lams, first_it = None, unit, 1
+
+    def start() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The members' first prompts (each the best of the beam search's last candidates under its own
+        penalty) and the penalties in activation units."""
         if init is not None:
             pool = init
             pool_f, pool_xe, _ = ev.evaluate(pool, torch.zeros(1, dtype=torch.long), 0)
@@ -451,10 +456,11 @@ def _adapt_one(
             scale = spread(pool_f)
         lams = unit * scale  # in activation units per nat, from here on
         best = (-pool_f[None, :] + lams[:, None] * pool_xe[None, :]).argmin(dim=1)
-        pop, pop_f, pop_xe = pool[best].clone(), pool_f[best], pool_xe[best]
-        first_it = 1
+        return pool[best].clone(), pool_f[best], pool_xe[best], lams
 
     def snapshot() -> dict[str, Any]:
+        if pop is None:  # stopped during the beam search: nothing to resume from
+            return {}
         return {
             "population": pop.tolist(), "pop_f": pop_f.tolist(), "pop_xe": pop_xe.tolist(),
             "strength": [[s.level, s.stall] for s in strengths], "scale": float(lams[0] / unit[0]),
@@ -473,6 +479,9 @@ def _adapt_one(
     it, stopped = first_it - 1, "completed"
     n_pred = layout.span.stop - layout.xe_from
     try:
+        if pop is None:
+            pop, pop_f, pop_xe, lams = start()
+            snap = snapshot()
         if spent():
             stopped, first_it = "budget", cfg.iters + 1
         for it in range(first_it, cfg.iters + 1):
@@ -517,7 +526,7 @@ def _adapt_one(
                 stopped = "budget"
                 break
     except KeyboardInterrupt:
-        stopped, it = "interrupted", it - 1
+        stopped, it = "interrupted", max(it - 1, 0)
         warnings.warn(f"interrupted: returning the result of the {it} completed iterations", stacklevel=3)
     except Exception as e:  # keep what was found; say what went wrong
         stopped, it = f"error: {type(e).__name__}: {e}", it - 1
