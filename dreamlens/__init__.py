@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "ModelLoadError": "models",
     "encode": "models",
     "decode": "models",
+    "load_sae": "sae",
     "objective": "objectives",
     "Objective": "objectives",
     "Neuron": "objectives",
@@ -49,7 +50,7 @@ _EXPORTS: dict[str, str] = {
     "build_report": "report",
     "write_report": "report",
 }
-_SUBMODULES = {"attribution", "viz", "report", "dataset", "metrics", "models", "corpus", "objectives", "results", "optim"}
+_SUBMODULES = {"attribution", "viz", "report", "dataset", "metrics", "models", "corpus", "objectives", "results", "optim", "sae"}
 
 
 def __getattr__(name: str) -> Any:
