@@ -24,4 +24,5 @@ demo: $(STAMP)
 	$(BIN)/dreamlens demo
 
 test: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "chromium could not be installed: the headless-browser tests will skip"
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
