@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=200_000, help="corpus tokens to scan (default 200000)")
     p.add_argument("--window", type=int, default=24, help="tokens per example window (default 24)")
     p.add_argument("--top-k", type=int, default=32, help="top examples kept per objective (default 32)")
-    p.add_argument("--per-document", type=int, default=2, help="at most this many examples per document")
+    p.add_argument("--per-document", type=int, default=4, help="at most this many examples per document")
     p.add_argument("--no-cache", action="store_true", help="scan again even if a cached scan exists")
     p.add_argument("--out", required=True, help="folder for stats, examples and sketch (Parquet + scan.json)")
     p.set_defaults(func=_handler("dataset", "cli_scan"))

@@ -596,7 +596,7 @@ def scan(
     tokens: int = 200_000,
     window: int = 24,
     top_k: int = 32,
-    per_document: int = 2,
+    per_document: int = 4,
     batch_size: int = 64,
     score: bool = True,
     cache: bool | str | Path = True,
