@@ -56,7 +56,7 @@ def _table(df: pd.DataFrame, prompt_cols: Sequence[str] = ("text",)) -> str:
         for c in df.columns:
             v = r[c]
             if c in prompt_cols:
-                cells.append(f'<td class="prompt">{_esc(repr(v))}</td>')
+                cells.append(f'<td class="prompt">{_esc(repr(v)) if isinstance(v, str) else ""}</td>')
             elif isinstance(v, (int, float)) and not isinstance(v, bool):
                 cells.append(f'<td class="num">{_num(v)}</td>')
             else:
@@ -99,7 +99,7 @@ def _best_table(r: DreamResult, thresholds: Sequence[float]) -> str:
         try:
             b = r.best(max_xe=t)
         except ValueError:
-            rows.append({"xe limit": "none" if math.isinf(t) else t, "activation": math.nan, "xe": math.nan, "iteration": "", "text": ""})
+            rows.append({"xe limit": "none" if math.isinf(t) else t, "activation": math.nan, "xe": math.nan, "iteration": "", "text": None})
             continue
         rows.append({"xe limit": "none" if math.isinf(t) else t, "activation": float(b["activation"]), "xe": float(b["xe"]),
                      "iteration": int(b["iteration"]), "text": b["text"]})
