@@ -176,7 +176,7 @@ def _pass_tokens(model: Any, seq_len: int, batch_size: int, max_batch_tokens: in
 # first-changed positions are better computed together from the smaller position.
 def _call_cost_tokens(model: Any) -> int:
     dev = model.cfg.device
-    return 1024 if dev is not None and torch.device(dev).type == "cuda" else 32
+    return 1024 if dev is not None and torch.device(dev).type == "cuda" else 48
 
 
 @contextmanager
@@ -192,6 +192,8 @@ def fast_weights(model: Any) -> Iterator[None]:
     def relayout(p: Any, perm: tuple[int, ...]) -> None:
         if not isinstance(p, torch.nn.Parameter) or p.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             return
+        if p.dim() != len(perm) or p.data.permute(*perm).is_contiguous():
+            return  # not the expected shape, or already laid out (a nested context)
         inv = tuple(perm.index(i) for i in range(len(perm)))
         p.data = p.data.permute(*perm).contiguous().permute(*inv)
         changed.append(p)
@@ -546,7 +548,10 @@ def _forward_from(
     positions start.. (the parents' keys/values stand in for the rest)."""
     Cache, Entry = _kv_classes()
     b, dev = tokens.shape[0], tokens.device
-    entries = [Entry(past_keys=k[par, :start], past_values=v[par, :start], frozen=True) for k, v in zip(parents.keys, parents.values)]
+    entries = [
+        Entry(past_keys=k[par.to(k.device), :start], past_values=v[par.to(v.device), :start], frozen=True)
+        for k, v in zip(parents.keys, parents.values)
+    ]
     cache = Cache(entries=entries, previous_attention_mask=torch.ones((b, start), dtype=torch.int, device=dev), frozen=True)
     new = tokens[:, start:]
     acts: dict[str, Tensor] = {}
@@ -591,6 +596,22 @@ def banned_mask(
     themselves (broken byte pieces), optionally non-ASCII and whitespace-only tokens, and `extra`."""
     tok = model.tokenizer
     V = model.cfg.d_vocab
+    # Decoding the whole vocabulary takes seconds: done once per model and setting (memoized on it).
+    memo = model.__dict__.setdefault("_dreamlens_banned", {})
+    key = (bool(ascii_only), bool(ban_whitespace_only), bos_token_id(model), len(tok), V, id(tok))
+    if key not in memo:
+        memo[key] = _banned_base(model, ascii_only, ban_whitespace_only)
+    banned = memo[key].clone()
+    for i in extra:
+        if not 0 <= int(i) < V:
+            raise DreamError(f"banned token id {i} is outside the vocabulary (0..{V - 1})")
+        banned[int(i)] = True
+    return banned
+
+
+def _banned_base(model: Any, ascii_only: bool, ban_whitespace_only: bool) -> Tensor:
+    tok = model.tokenizer
+    V = model.cfg.d_vocab
     banned = torch.zeros(V, dtype=torch.bool)
     specials = set(getattr(tok, "all_special_ids", []) or [])
     specials.update(i for i in (bos_token_id(model), tok.eos_token_id, tok.pad_token_id) if i is not None)
@@ -606,10 +627,6 @@ def banned_mask(
         elif ban_whitespace_only and text.strip() == "":
             banned[i] = True
     banned[n_tok:] = True  # padding rows of the embedding matrix
-    for i in extra:
-        if not 0 <= int(i) < V:
-            raise DreamError(f"banned token id {i} is outside the vocabulary (0..{V - 1})")
-        banned[int(i)] = True
     return banned
 
 
@@ -672,6 +689,7 @@ class Evaluator:
     forwarded once; its values for all K objectives are cached, so a prompt proposed again (by any
     owner) is never recomputed. History rows are kept per owner, once per distinct prompt.
 
+    `dedup=False` (for comparisons only) forwards every row and every gradient row, repeats included.
     Prefix reuse (`reuse=True`): the latest `gradients` pass (or `remember`) leaves its prompts'
     keys/values behind; a candidate that shares a prefix with one of them is computed from its first
     differing position on. Batches hold at most `batch_size` prompts and `max_batch_tokens` tokens
@@ -713,6 +731,8 @@ class Evaluator:
         self.batcher = _Batcher(_pass_tokens(model, layout.seq_len, batch_size, max_batch_tokens))
         self.grad_batcher = _Batcher(max_batch_tokens or estimate_batch_tokens(model, layout.seq_len, grad=True))
         self.call_cost = _call_cost_tokens(model)
+        self.last_plan: list[tuple[int, Tensor, Tensor | None]] = []
+        self.last_gradient_rows: Tensor | None = None
         self.reused_rows = 0  # candidates computed from a parent's prefix
         self.saved_token_forwards = 0  # positions not recomputed thanks to reuse
 
@@ -802,10 +822,10 @@ class Evaluator:
         if self.reuse and self._parents is not None:
             par, shared = self._parents.match(span_ids.cpu(), None if owner is None else torch.as_tensor(owner).cpu())
             starts = head + shared.clamp(max=L - 1).long()  # recompute at least the last span token
-            starts[starts < 1] = 0  # no start token, no prefix and a new first token: the full pass
         vals = torch.zeros((len(self.objectives), n), dtype=torch.float64)
         xe = torch.zeros(n, dtype=torch.float64)
-        full = torch.nonzero(starts == 0).flatten()
+        full = torch.nonzero(starts == 0).flatten()  # no parent; or no start token and a new first token
+        self.last_plan = [(0, span_ids[full.to(device)], None)]  # (start, rows, parents): for benchmarks
         if len(full):
             v, x = _score_full(self.model, self.objectives, span_ids[full.to(device)], self.layout, self.batcher)
             vals[:, full], xe[full] = v.double().cpu(), x.double().cpu()
@@ -819,18 +839,17 @@ class Evaluator:
         for group in groups:  # a group runs from its smallest start: equal lengths, shared passes
             start = group[0]
             idx = torch.nonzero((starts >= start) & (starts <= group[-1])).flatten()
-            if not self._checked and not self._check(span_ids[idx[:2].to(device)], start, par[idx[:2]]):
+            if not self._checked:
+                self._check(span_ids[idx[:2].to(device)], start, par[idx[:2]])
+            if not self.reuse:  # switched off by the check
                 v, x = _score_full(self.model, self.objectives, span_ids[idx.to(device)], self.layout, self.batcher)
                 vals[:, idx], xe[idx] = v.double().cpu(), x.double().cpu()
                 self.token_forwards += len(idx) * seq
-                continue
-            if not self.reuse:  # switched off by the check of an earlier group
-                v, x = _score_full(self.model, self.objectives, span_ids[idx.to(device)], self.layout, self.batcher)
-                vals[:, idx], xe[idx] = v.double().cpu(), x.double().cpu()
-                self.token_forwards += len(idx) * seq
+                self.last_plan.append((0, span_ids[idx.to(device)], None))
                 continue
             tokens = self.layout.assemble(span_ids[idx.to(device)])
             p = par[idx].to(device)
+            self.last_plan.append((start, span_ids[idx.to(device)], p))
 
             def run(lo: int, hi: int, tokens: Tensor = tokens, p: Tensor = p, start: int = start) -> tuple[Tensor, Tensor]:
                 return _forward_from(self.model, self.objectives, self._hooks, tokens[lo:hi], self.layout, start, self._parents, p[lo:hi])
@@ -873,7 +892,8 @@ class Evaluator:
         owner = torch.as_tensor(owner).cpu()
         groups: dict[tuple[bytes, int], list[int]] = {}
         for i, row in enumerate(span_ids.cpu()):
-            groups.setdefault((ScoreCache.key(row), int(owner[i])), []).append(i)
+            key = (ScoreCache.key(row), int(owner[i])) if self.dedup else (b"", i)
+            groups.setdefault(key, []).append(i)
         rows: list[int] = []
         plan = []
         for members in groups.values():
@@ -887,7 +907,7 @@ class Evaluator:
             span_ids[idx], lambda ids, lo, hi: _gradient_pass(self.model, self.objectives, ids, self.layout, sub_lam[lo:hi], sub_owner[lo:hi]),
             owner=sub_owner,
         )
-        g = torch.cat([part[0] for part in out])
+        g = out[0][0] if len(out) == 1 else torch.cat([part[0] for part in out])
         if len(rows) == n and rows == list(range(n)):
             grad = g
         else:
@@ -899,6 +919,7 @@ class Evaluator:
                     grad[i] = g[ia] if t == 0.0 else g[ib] if t == 1.0 else torch.lerp(g[ia], g[ib], t)
         self.n_gradient += len(rows)
         self.token_forwards += GRADIENT_COST * len(rows) * self.layout.seq_len
+        self.last_gradient_rows = span_ids[idx]
         return grad
 
     @torch.no_grad()

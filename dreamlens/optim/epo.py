@@ -222,7 +222,7 @@ def propose_children(pop: Tensor, grad: Tensor, banned: Tensor, topk: int, C: in
     drawn with the population's own generator. Returns [K, M*C, L]."""
     K, M, L = pop.shape
     grad[..., banned.to(grad.device)] = float("inf")
-    top = (-grad).topk(topk, dim=-1).indices.cpu()  # [K*M, L, topk]
+    top = grad.topk(topk, dim=-1, largest=False).indices.cpu()  # [K*M, L, topk]: steepest descent first
     children = pop.reshape(K * M, 1, L).repeat(1, C, 1)  # [K*M, C, L]
     for k in range(K):
         pos = torch.randint(L, (M, C), generator=gens[k])
