@@ -67,11 +67,17 @@ def main() -> None:
         f0, x0, _ = fast.evaluate(pop[0], owner, 0)
         pop_f, pop_xe = f0[None], x0[None]
 
+        grad_s: dict[bool, list[float]] = {True: [], False: []}  # by variant: is it the default evaluator?
+        grad_rows: dict[bool, list[int]] = {True: [], False: []}
+
         def iteration(ev: core.Evaluator, g: torch.Generator, it: int, children: torch.Tensor | None):
             """One EPO iteration (the loop body of `epo`) from the current state; returns its time,
             its children and the selected indices."""
             start = time.perf_counter()
+            n_grad = ev.n_gradient
             grad = ev.gradients(pop[0], owner, lams)
+            grad_s[ev is fast].append(time.perf_counter() - start)
+            grad_rows[ev is fast].append(ev.n_gradient - n_grad)
             kids = epo.propose_children(pop, grad, banned, topk, C, [g])
             if children is not None:
                 kids = children  # the same children for both variants
@@ -153,7 +159,9 @@ def main() -> None:
             r_all.append(everything)
             same.append(bool(torch.equal(best_f, best_p)))
             print(
-                f"iteration {it}: with reuse+dedup {tf:.2f}s, without {tp:.2f}s (ratio {tf / tp:.3f}); raw needed "
+                f"iteration {it}: with reuse+dedup {tf:.2f}s (gradient pass {grad_s[True][-1]:.2f}s over "
+                f"{grad_rows[True][-1]} distinct rows), without {tp:.2f}s (gradient pass {grad_s[False][-1]:.2f}s); "
+                f"ratio {tf / tp:.3f}; raw needed "
                 f"{needed:.2f}s, raw all {everything:.2f}s; {work[-1][2]} new distinct of {M * C} children; "
                 f"same selection: {same[-1]}",
                 flush=True,

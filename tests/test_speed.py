@@ -153,9 +153,10 @@ def test_gradient_rows_are_deduplicated_exactly(tiny_model):
 def test_many_objectives_in_one_run_equal_separate_runs(tiny_model):
     objs = [OBJ, "blocks.0.mlp.hook_post[5]@max", "blocks.1.hook_resid_post[2]"]
     cfg = dl.EPOConfig(**SMALL)
-    together = dl.epo(tiny_model, objs, cfg, progress=False)
+    together = dl.dream(tiny_model, objs, "epo", config=cfg, progress=False)
+    assert len(together) == len(objs)
     for o, r in zip(objs, together):
-        alone = dl.epo(tiny_model, o, cfg, progress=False)
+        alone = dl.dream(tiny_model, o, "epo", config=cfg, progress=False)
         assert r.objective == alone.objective
         np.testing.assert_array_equal(r.ids, alone.ids)  # the same prompts, in the same order
         np.testing.assert_allclose(r.activation, alone.activation, atol=1e-5)
@@ -222,6 +223,9 @@ def test_fast_weights_are_bitwise_equal_and_restored(tiny_model):
         with core.fast_weights(tiny_model):
             assert not tiny_model.blocks[0].mlp.W_in.is_contiguous()
             inside = tiny_model(tokens)
+            with core.fast_weights(tiny_model):  # nested: nothing to do, and the outer layout survives
+                assert torch.equal(tiny_model(tokens), ref)
+            assert not tiny_model.blocks[0].mlp.W_in.is_contiguous()
     assert torch.equal(ref, inside)
     assert all(p.is_contiguous() for p in tiny_model.parameters())
 

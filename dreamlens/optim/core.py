@@ -1,5 +1,6 @@
 """Machinery shared by every optimizer: prompt layout, scoring (target and fluency from one pass),
-one-hot gradients, banned tokens, the re-tokenization check and the cache of scored prompts.
+one-hot gradients, banned tokens, the re-tokenization check and the cache of scored prompts; and what
+makes it fast: prefix reuse on the parents' KV caches, memory-bounded batches, deduplication.
 
 Fluency `xe`: the mean next-token cross-entropy (nats) of the optimized tokens, each predicted from
 everything before it (the start token and any prefix context). Without a start token and without a
@@ -101,8 +102,10 @@ def _bytes_per_token(model: Any, seq_len: int, grad: bool = False) -> int:
     d_attn = c.n_heads * c.d_head
     d_mlp = c.d_mlp or 4 * c.d_model
     size = torch.empty((), dtype=c.dtype).element_size()
-    if grad:  # autograd keeps each layer's inputs, attention pattern and MLP hidden states
-        return size * c.n_layers * (16 * c.d_model + 4 * d_attn + 2 * c.n_heads * seq_len + 6 * d_mlp)
+    if grad:  # autograd keeps each layer's inputs, attention pattern and MLP hidden states, and the
+        # logits of the fluency term with their gradient, and the one-hot gradient itself
+        per_layer = 16 * c.d_model + 4 * d_attn + 2 * c.n_heads * seq_len + 6 * d_mlp
+        return size * (c.n_layers * per_layer + 4 * c.d_vocab)
     return 2 * size * (12 * c.d_model + 4 * d_attn + 2 * c.n_heads * seq_len + 4 * d_mlp)
 
 
@@ -122,10 +125,11 @@ def _free_memory(device: torch.device) -> int:
 
 def estimate_batch_tokens(model: Any, seq_len: int, *, grad: bool = False) -> int:
     """Tokens per forward pass that fit in memory: 40% of the free GPU memory, or on a CPU an eighth
-    of the available memory (at most 1 GiB: larger batches are no faster there)."""
+    of the available memory, at most 512 MiB (larger passes are no faster there). `grad`: for a
+    forward/backward pass, which keeps every layer's activations."""
     device = torch.device(model.cfg.device) if model.cfg.device is not None else torch.device("cpu")
     free = _free_memory(device)
-    budget = int(0.4 * free) if device.type == "cuda" else min(free // 8, 1 << 30)
+    budget = int(0.4 * free) if device.type == "cuda" else min(free // 8, 512 << 20)
     return max(seq_len, budget // _bytes_per_token(model, seq_len, grad))
 
 
@@ -185,18 +189,40 @@ def fast_weights(model: Any) -> Iterator[None]:
 
     TransformerLens transposes and copies W_in/W_gate/W_out, W_Q/W_K/W_V, W_O and W_U on every pass
     (hundreds of MB of copying per pass, whatever the batch). Inside this context each such parameter
-    keeps its shape and values but is stored so that the copy is a no-op; results are bitwise equal.
-    On exit the ordinary layout is restored."""
-    changed: list[Tensor] = []
+    keeps its shape, values and storage, but its storage holds the transposed layout, so the copy is a
+    no-op; results are bitwise equal. On exit the ordinary layout is restored. The rearranging goes
+    through one scratch buffer the size of the largest weight, so memory does not grow."""
+    changed: list[tuple[Any, tuple[int, ...]]] = []
+    scratch: dict[tuple[Any, Any], Tensor] = {}
 
-    def relayout(p: Any, perm: tuple[int, ...]) -> None:
-        if not isinstance(p, torch.nn.Parameter) or p.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+    def buffer(like: Tensor) -> Tensor:
+        key = (like.device, like.dtype)
+        if key not in scratch or scratch[key].numel() < like.numel():
+            scratch[key] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+        return scratch[key][: like.numel()]
+
+    def rearrange(p: Any, perm: tuple[int, ...]) -> None:
+        """Rewrite p's storage in the order of `p.permute(perm)`, and make p a view of it."""
+        if not isinstance(p, torch.nn.Parameter) or not p.is_floating_point() or p.dim() != len(perm):
             return
-        if p.dim() != len(perm) or p.data.permute(*perm).is_contiguous():
-            return  # not the expected shape, or already laid out (a nested context)
+        data = p.data
+        if not data.is_contiguous() or data.permute(*perm).is_contiguous():
+            return  # an unusual layout, or already rearranged (a nested context)
         inv = tuple(perm.index(i) for i in range(len(perm)))
-        p.data = p.data.permute(*perm).contiguous().permute(*inv)
-        changed.append(p)
+        shape = tuple(data.shape[i] for i in perm)
+        tmp = buffer(data).view(shape)
+        tmp.copy_(data.permute(*perm))
+        data.view(-1).copy_(tmp.view(-1))
+        p.data = data.view(-1).view(shape).permute(*inv)
+        changed.append((p, perm))
+
+    def restore(p: Any, perm: tuple[int, ...]) -> None:
+        data = p.data  # a permuted view of a contiguous storage
+        flat = data.permute(*perm).reshape(-1)  # a view: that permutation is contiguous
+        tmp = buffer(data).view(data.shape)
+        tmp.copy_(data)
+        flat.copy_(tmp.view(-1))
+        p.data = flat.view(data.shape)
 
     cfg = model.cfg
     try:
@@ -205,21 +231,22 @@ def fast_weights(model: Any) -> Iterator[None]:
                 mlp, attn = getattr(block, "mlp", None), getattr(block, "attn", None)
                 if type(mlp).__name__ == "GatedMLP":
                     for name in ("W_in", "W_gate", "W_out"):
-                        relayout(getattr(mlp, name, None), (1, 0))
+                        rearrange(getattr(mlp, name, None), (1, 0))
                 if attn is not None and not getattr(cfg, "load_in_4bit", False):
                     if not (getattr(cfg, "use_split_qkv_input", False) or getattr(cfg, "use_attn_in", False)):
                         grouped = "_W_K" in attn._parameters
                         for name in ("W_Q", "_W_K", "_W_V") if grouped else ("W_Q", "W_K", "W_V"):
-                            relayout(attn._parameters.get(name), (0, 2, 1))
+                            rearrange(attn._parameters.get(name), (0, 2, 1))
                     if not getattr(cfg, "use_attn_result", False):
-                        relayout(attn._parameters.get("W_O"), (2, 0, 1))
+                        rearrange(attn._parameters.get("W_O"), (2, 0, 1))
             if type(getattr(model, "unembed", None)).__name__ == "Unembed":
-                relayout(model.unembed._parameters.get("W_U"), (1, 0))
+                rearrange(model.unembed._parameters.get("W_U"), (1, 0))
         yield
     finally:
         with torch.no_grad():
-            for p in changed:
-                p.data = p.data.contiguous()
+            for p, perm in changed:
+                restore(p, perm)
+        scratch.clear()
 
 
 def _buckets(starts: list[int], counts: list[int], seq: int, batcher: _Batcher, call_cost: int) -> list[list[int]]:
@@ -452,7 +479,9 @@ class _KVRecorder:
         def pre(layer: int, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             if kwargs.get("past_kv_cache_entry") is not None:
                 return None
-            x = kwargs["key_input"] if "key_input" in kwargs else args[1]
+            x = kwargs.get("key_input", args[1] if len(args) > 1 else None)
+            if not isinstance(x, Tensor):
+                return None  # not TransformerLens's attention signature: no entry, and reuse turns off
             entry = Entry.init_cache_entry(cfg, x.device, x.shape[0])
             self.entries[layer].append(entry)
             return args, {**kwargs, "past_kv_cache_entry": entry}
@@ -505,7 +534,11 @@ class _Parents:
 
 def _reuse_obstacle(model: Any, objectives: Sequence[Objective]) -> str | None:
     """Why prefix reuse cannot apply to these objectives on this model (None: it can)."""
+    from transformer_lens import HookedTransformer
+
     cfg = model.cfg
+    if not isinstance(model, HookedTransformer):
+        return f"the model is a {type(model).__name__}, not a HookedTransformer"
     if getattr(cfg, "attention_dir", "causal") != "causal":
         return "the model's attention is not causal"
     if not hasattr(model, "blocks") or not all(hasattr(b, "attn") for b in model.blocks):
@@ -903,11 +936,15 @@ class Evaluator:
             rows.extend([a, b] if a != b else [a])
         idx = torch.tensor(rows, dtype=torch.long)
         sub_lam, sub_owner = lam[idx], owner[idx]
-        out = self._passes(
-            span_ids[idx], lambda ids, lo, hi: _gradient_pass(self.model, self.objectives, ids, self.layout, sub_lam[lo:hi], sub_owner[lo:hi]),
-            owner=sub_owner,
-        )
-        g = out[0][0] if len(out) == 1 else torch.cat([part[0] for part in out])
+        W_E = self.model.embed.W_E
+        g = torch.empty((len(rows), self.layout.length, W_E.shape[0]), dtype=W_E.dtype, device=W_E.device)
+
+        def run(ids: Tensor, lo: int, hi: int) -> tuple[Any, ...]:
+            grad_part, *rest = _gradient_pass(self.model, self.objectives, ids, self.layout, sub_lam[lo:hi], sub_owner[lo:hi])
+            g[lo:hi] = grad_part  # filled in place: the passes' parts are never all held at once
+            return (None, *rest)
+
+        self._passes(span_ids[idx], run, owner=sub_owner)
         if len(rows) == n and rows == list(range(n)):
             grad = g
         else:
@@ -966,6 +1003,10 @@ class Evaluator:
 
             parts = batcher.run(n, self.layout.seq_len, run)
         if not parts:
+            return parts
+        if any(len(es) != len(parts) for es in rec.entries):  # an attention layer took no cache entry
+            self.reuse, self.reuse_obstacle = False, "the model's attention layers do not take KV-cache entries"
+            warnings.warn(f"prefix reuse is off: {self.reuse_obstacle}; every candidate gets a full pass", stacklevel=3)
             return parts
         keys, values = rec.take()
         ce, lse, final = (torch.cat([p[-1][i] for p in parts]) for i in range(3))
