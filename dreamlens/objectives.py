@@ -14,7 +14,7 @@ import math
 import numbers
 import operator
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -818,29 +818,38 @@ def unembed(model: Any, normed: Float[Tensor, "batch n d_model"]) -> Float[Tenso
 # The string form
 
 
-def _split_terms(spec: str) -> list[str]:
-    """Split a combination at '+' and '-' outside brackets, keeping each sign with its term. A sign
-    separates terms only after a space or a closing bracket (`a - b`, `a[1]-b[2]`), so paths keep their
-    dashes and `@-1` stays a position. Quotes count only inside brackets (tokens), so an apostrophe in
-    a path is harmless."""
-    parts, cur, depth, quote, escaped = [], "", 0, None, False
-    for ch in spec:
+def _outside_quotes(text: str, quotes_open: Callable[[], bool]) -> Iterator[tuple[str, bool]]:
+    """Each character of `text` with whether it stands outside a quoted token. A quote opens a token
+    only where `quotes_open()` says so at that character; a backslash escapes inside quotes."""
+    quote, escaped = None, False
+    for ch in text:
         if quote:
-            cur += ch
             if escaped:
                 escaped = False
             elif ch == "\\":
                 escaped = True
             elif ch == quote:
                 quote = None
-            continue
-        if ch in "\"'" and depth > 0:
+            yield ch, False
+        elif ch in "\"'" and quotes_open():
             quote = ch
-        elif ch == "[":
+            yield ch, False
+        else:
+            yield ch, True
+
+
+def _split_terms(spec: str) -> list[str]:
+    """Split a combination at '+' and '-' outside brackets, keeping each sign with its term. A sign
+    separates terms only after a space or a closing bracket (`a - b`, `a[1]-b[2]`), so paths keep their
+    dashes and `@-1` stays a position. Quotes count only inside brackets (tokens), so an apostrophe in
+    a path is harmless."""
+    parts, cur, depth = [], "", 0
+    for ch, free in _outside_quotes(spec, lambda: depth > 0):
+        if free and ch == "[":
             depth += 1
-        elif ch == "]":
+        elif free and ch == "]":
             depth = max(depth - 1, 0)
-        elif ch in "+-" and depth == 0 and cur.strip() and (cur[-1].isspace() or cur[-1] == "]"):
+        elif free and ch in "+-" and depth == 0 and cur.strip() and (cur[-1].isspace() or cur[-1] == "]"):
             parts.append(cur)
             cur = ""
         cur += ch
@@ -850,24 +859,13 @@ def _split_terms(spec: str) -> list[str]:
 
 def _split_tokens(inner: str) -> list[str]:
     """Split `" Paris", " London"` at commas outside quotes."""
-    parts, cur, quote, escaped = [], "", None, False
-    for ch in inner:
-        if quote:
-            cur += ch
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == quote:
-                quote = None
-            continue
-        if ch in "\"'":
-            quote = ch
-        elif ch == ",":
+    parts, cur = [], ""
+    for ch, free in _outside_quotes(inner, lambda: True):
+        if free and ch == ",":
             parts.append(cur)
             cur = ""
-            continue
-        cur += ch
+        else:
+            cur += ch
     parts.append(cur)
     return [p.strip() for p in parts]
 

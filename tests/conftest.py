@@ -13,6 +13,16 @@ def tokenizer():
     return load_embedded_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): the tiny
+    model's ops are too small to split, and a second thread only spins on a busy CPU (5x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tokenizer):
     """2 layers, d_model 64, the embedded tokenizer and SmolLM2's architecture (GQA, rotary, gated)."""

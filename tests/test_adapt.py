@@ -11,13 +11,7 @@ OBJ = "blocks.1.mlp.hook_post[3]"
 SMALL = dict(length=4, beams=2, beam_lm=2, beam_grad=2, children=4, iters=4, patience=1, seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model's ops are too small to split: a second thread only spins (5x slower on a busy CPU).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(model, callback=None, **kw):

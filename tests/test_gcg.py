@@ -9,13 +9,7 @@ OBJ = "blocks.1.mlp.hook_post[3]"
 SMALL = dict(length=4, lam=0.7, children=6, topk=48, iters=3, seed=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model's ops are too small to split: a second thread only spins (5x slower on a busy CPU).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(model, **kw):

@@ -26,6 +26,8 @@ from dreamlens.objectives import (
     stop_at_layer,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
@@ -84,15 +86,6 @@ class Counter:
 
     def __call__(self, act, hook):
         self.n += 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors here are tiny: one thread is faster than two fighting over a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
