@@ -35,6 +35,7 @@ from .core import (
     DreamError,
     Evaluator,
     Layout,
+    fast_weights,
     objective_is_constant,
     retokenizes,
 )
@@ -400,8 +401,9 @@ def adapt(
     if resume is not None:
         check_resume(prev, objs, cfg, "adapt")
     out = []
-    for k, o in enumerate(objs):
-        out.append(_adapt_one(model, o, cfg, layout, banned, callback, prev[k], progress, k, single))
+    with fast_weights(model):  # no weight copies per pass; restored however the run ends
+        for k, o in enumerate(objs):
+            out.append(_adapt_one(model, o, cfg, layout, banned, callback, prev[k], progress, k, single))
     return out[0] if single else out
 
 
