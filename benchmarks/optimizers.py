@@ -2,6 +2,12 @@
 as published (EPOConfig's defaults, only the iterations cut by the budget) and GCG (GCGConfig's).
 
     python benchmarks/optimizers.py [--quick] [--budget N] [--seeds N] [--out FOLDER]
+    python benchmarks/optimizers.py --shard 0/2 --out A & python benchmarks/optimizers.py --shard 1/2 --out B
+    python benchmarks/optimizers.py --merge A B        # the two halves' tables as one run's
+
+On a small CPU two shards with one thread each do more per second than one run with two threads. Every
+shard scans all targets (the second loads the first's scan from the cache), so `--merge` reports
+percentiles against the same scan.
 
 Every run gets the same budget in token-forwards (a gradient pass counts 3 per token) and the same
 prompt length. The budget is a hard cap: a run stops before an iteration that would cross it (the
@@ -146,7 +152,13 @@ def main() -> None:
     ap.add_argument("--threads", default="auto", help="torch threads, or 'auto': 1 while the machine is busy "
                     "(a second thread only spins then), else torch's default; results do not depend on it")
     ap.add_argument("--out", default=None, help="folder for the per-run table (runs.csv) and the summary")
+    ap.add_argument("--shard", default=None, metavar="I/N", help="run only targets I, I+N, I+2N, ... (0-based)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="FOLDER",
+                    help="print the report of shards' runs.csv (same other options as the shards)")
     args = ap.parse_args()
+    shard_i, shard_n = (int(x) for x in args.shard.split("/")) if args.shard else (0, 1)
+    if not 0 <= shard_i < shard_n:
+        ap.error(f"--shard needs I/N with 0 <= I < N, got {args.shard!r}")
     q = args.quick
     budget = args.budget or (1200 if q else 4000)
     length = args.length or (6 if q else 8)
@@ -175,9 +187,19 @@ def main() -> None:
           f"budget {budget} token-forwards per run; scan of {scan.meta.get('n_tokens')} tokens "
           f"(windows of {length}), {scan.meta.get('seconds', 0):.0f} s{' (cached)' if scan.from_cache else ''}")
     print(f"# methods: {', '.join(methods)}; default of dream(): {DEFAULT_METHOD}; overrides: {overrides or 'none'}")
+    if args.merge:
+        runs = pd.concat([pd.read_csv(os.path.join(f, "runs.csv")) for f in args.merge], ignore_index=True)
+        missing = sorted(set(names) - set(runs["target"]))
+        if missing:
+            raise SystemExit(f"the shards in {args.merge} have no runs for {missing}: run the missing shard first")
+        report(runs, names, sorted(set(runs["method"]), key=methods.index), stats, scan)
+        print(f"# merged from {', '.join(args.merge)}; {_dt.date.today()}; {machine(args.threads)}")
+        return
 
     rows = []
     for i, (o, name) in enumerate(zip(objs, names)):
+        if i % shard_n != shard_i:
+            continue
         x_med, d_max = stats[name]
         for method in methods:
             for seed in range(seeds):
@@ -203,7 +225,7 @@ def main() -> None:
             f"{m} {fmt(np.median([r['best'] for r in done if r['method'] == m]) if any(r['method'] == m for r in done) else math.nan)}"
             for m in methods) + f"  ({time.perf_counter() - t_start:.0f} s)", flush=True)
     runs = pd.DataFrame(rows)
-    report(runs, names, methods, stats, scan)
+    report(runs, names[shard_i::shard_n], methods, stats, scan)
     print(f"# {time.perf_counter() - t_start:.0f} s in all; {_dt.date.today()}; {machine(args.threads)}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -211,6 +233,8 @@ def main() -> None:
 
 
 def report(runs: pd.DataFrame, names: list[str], methods: list[str], stats: dict, scan: Any) -> None:
+    """Tables of `names` (a subset of the scan's objectives, in any order) and the summary."""
+    index = {str(o): i for i, o in enumerate(scan.objectives)}
     score: dict[tuple[str, str], float] = {}
     for (name, method), g in runs.groupby(["target", "method"]):
         score[name, method] = float(np.median(g["best"].to_numpy()))  # -inf when most seeds found nothing
@@ -218,12 +242,12 @@ def report(runs: pd.DataFrame, names: list[str], methods: list[str], stats: dict
     print("| target | median xe of top examples | dataset max | " + " | ".join(
         f"{m}: best at xe <= median / ratio / percentile" for m in methods) + " |")
     print("|---|---:|---:|" + "---:|" * len(methods))
-    for i, name in enumerate(names):
+    for name in names:
         x_med, d_max = stats[name]
         cells = []
         for m in methods:
             s = score.get((name, m), math.nan)
-            pct = metrics.dataset_percentile(s, scan, i) if np.isfinite(s) else math.nan
+            pct = metrics.dataset_percentile(s, scan, index[name]) if np.isfinite(s) else math.nan
             cells.append(f"{fmt(s)} / {fmt(s / d_max if d_max > 0 else math.nan, '.2f')} / {fmt(pct, '.2f')}")
         print(f"| `{name}` | {x_med:.2f} | {d_max:.3f} | " + " | ".join(cells) + " |")
     print()
