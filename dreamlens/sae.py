@@ -22,9 +22,16 @@ _WEIGHTS_FILE = "sae_weights.safetensors"
 # figures and the examples in latents.md come from these.
 HELDOUT_DOCUMENTS: dict[str, int] = {"sotu": 4, "wiki": 1000}
 
-# Latents of the embedded SAE that read clearly on held-out text (examples: data/sae/latents.md,
-# written by scripts/embedded_sae_latents.py). Filled in after training.
-EMBEDDED_SAE_LATENTS: dict[int, str] = {}
+# Latents of the embedded SAE that read clearly on held-out text, chosen by reading the top contexts
+# of `scripts/embedded_sae_latents.py --explore` (examples: data/sae/latents.md).
+EMBEDDED_SAE_LATENTS: dict[int, str] = {
+    2261: "passing legislation: ' pass' / ' passing' after 'Congress to', 'urge the Senate to'",
+    2448: "compass directions in geography: ' northwestern', ' western', ' northeastern' coast, edge, area",
+    221: "ordinal numbers: ' sixth' planet from the Sun, the 8'th' century",
+    4004: "contrast: ' instead' (of), ' rather' (than)",
+    1387: "economic surplus or deficit: a ' surplus' of grain, the trade ' deficit'",
+    3272: "digits inside long numeric constants: 2.718'2'8, 3.1'4'159, 29'9'792",
+}
 
 
 class SAELoadError(RuntimeError):
