@@ -209,6 +209,20 @@ def test_constant_objective_is_refused(tiny_model):
         run(tiny_model, objective="blocks.1.hook_resid_post[3]@0", prefix="Hello")  # reads the prefix only
 
 
+def test_silent_sae_latent_points_to_its_pre_activation(tiny_model):
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKSAEConfig(d_in=64, d_sae=16, k=1))
+    sae.cfg.metadata.hook_name = "blocks.1.hook_resid_post"
+    with torch.no_grad():
+        sae.b_enc[5] = -1e4  # never among the top 1: the latent is 0, with zero gradient, everywhere
+    with pytest.raises(core.DreamError, match=r"constant here \(an SAE latent .* dream its pre-activation"):
+        run(tiny_model, objective=dl.SAELatent(sae, 5))
+    pre = run(tiny_model, objective=dl.SAELatent(sae, 5, pre_activation=True))  # the fix works
+    assert np.isfinite(pre.activation).all()
+
+
 def test_unknown_hook_is_refused(tiny_model):
     with pytest.raises(dl.ObjectiveError, match="did you mean 'blocks.1.mlp.hook_post'"):
         run(tiny_model, objective="blocks.1.mlp.hook_pots[3]")

@@ -35,8 +35,8 @@ from .core import (
     DreamError,
     Evaluator,
     Layout,
+    check_not_constant,
     fast_weights,
-    objective_is_constant,
     retokenizes,
 )
 from .epo import (
@@ -435,11 +435,7 @@ def _adapt_one(
         allowed = allowed_tokens(banned)
         init = initial_span(model, cfg, layout)
         probe = init if init is not None else random_prompts(model, 2, layout, allowed, gen, cfg.prefix, cfg.suffix)
-        if objective_is_constant(model, obj, probe.to(device), layout):
-            raise DreamError(
-                f"the objective {str(obj)!r} has zero gradient for every token of the initial prompts: it is "
-                "constant here (a hook before the tokens can influence it, or a dead unit); pick another target"
-            )
+        check_not_constant(model, obj, probe.to(device), layout)
         pop, lams, first_it = None, unit, 1
 
     def start() -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -1039,3 +1039,26 @@ def objective_is_constant(
         return True
     (grad,) = torch.autograd.grad(values.sum(), onehot, allow_unused=True)
     return grad is None or bool((grad == 0).all())
+
+
+def check_not_constant(model: Any, objective: Objective, span_ids: Int[Tensor, "batch length"], layout: Layout) -> None:
+    """Raise a DreamError, before any search, when the objective has nothing to climb on these prompts."""
+    if not objective_is_constant(model, objective, span_ids, layout):
+        return
+    from ..objectives import Combination, SAELatent
+
+    leaves = [o for _, o in objective.terms] if isinstance(objective, Combination) else [objective]
+    gated = [o for o in leaves if isinstance(o, SAELatent) and not o.pre_activation]
+    if gated:
+        hint = (
+            f"an SAE latent ({gated[0]}) is exactly 0 with zero gradient wherever it does not fire (below its "
+            "ReLU/JumpReLU threshold or outside the top k): dream its pre-activation instead (the string "
+            "form 'sae_pre:...', or SAELatent(..., pre_activation=True)), or start from a text where it "
+            "fires (init_text)"
+        )
+    else:
+        hint = "a hook before the tokens can influence it, or a dead unit; pick another target"
+    raise DreamError(
+        f"the objective {str(objective)!r} has zero gradient for every token of the initial prompts: it is "
+        f"constant here ({hint})"
+    )

@@ -31,9 +31,9 @@ from .core import (
     Evaluator,
     Layout,
     banned_mask,
+    check_not_constant,
     fast_weights,
     make_layout,
-    objective_is_constant,
     retokenizes,
 )
 
@@ -289,11 +289,7 @@ def epo(
             ]
         )
         for k, o in enumerate(objs):
-            if objective_is_constant(model, o, pop[k].to(device), layout):
-                raise DreamError(
-                    f"the objective {str(o)!r} has zero gradient for every token of the initial prompts: it is "
-                    "constant here (a hook before the tokens can influence it, or a dead unit); pick another target"
-                )
+            check_not_constant(model, o, pop[k].to(device), layout)
         f0, x0, _ = ev.evaluate(pop.view(K * M, L), owner_pop, 0)
         pop_f, pop_xe = f0.view(K, M), x0.view(K, M)
         first_it = 1
