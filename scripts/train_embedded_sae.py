@@ -2,8 +2,9 @@
 
 Writes the SAE shipped in `dreamlens/data/sae/` (sae-lens's cfg.json and sae_weights.safetensors, fp16
 on disk), `training.json` (corpus, token budget, seed, runner config, time) and `eval.json` (held-out
-explained variance, cross-entropy loss recovered, L0, dead latents). The shipped SAE took 56.5 minutes to train and 3 to evaluate on a 2-core CPU (other jobs
-shared it for about a quarter of that time); offline (no hub, no wandb).
+explained variance, cross-entropy loss recovered, L0, dead latents). The shipped SAE took 56.5 minutes
+to train and 3 to evaluate on a 2-core CPU (other jobs shared it for about a quarter of that time);
+offline (no hub, no wandb).
 
     python scripts/train_embedded_sae.py                       # the shipped SAE
     python scripts/train_embedded_sae.py --tokens 200000 --out /tmp/sae-trial   # a quick trial
