@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -59,23 +58,7 @@ def test_tutorial_1_dream_a_neuron(tmp_path, jupyter_path, monkeypatch):
     _check_report(tmp_path / "dreams" / "tutorial1" / "report.html")
 
 
-def _embedded_sae_missing() -> str | None:
-    if importlib.util.find_spec("dreamlens.sae") is None:
-        return "dreamlens.sae does not exist yet (the embedded SAE is being written)"
-    from dreamlens import sae
-
-    folder = sae.embedded_sae_dir()
-    if not (folder / "cfg.json").is_file() or not (folder / "sae_weights.safetensors").is_file():
-        return f"the embedded SAE's weights are not in {folder} yet (it is being trained)"
-    if not getattr(sae, "EMBEDDED_SAE_LATENTS", None):
-        return "dreamlens.sae.EMBEDDED_SAE_LATENTS is empty (filled in after the embedded SAE is trained)"
-    return None
-
-
 def test_tutorial_2_dream_an_sae_latent(tmp_path, jupyter_path, monkeypatch):
-    missing = _embedded_sae_missing()
-    if missing:
-        pytest.skip(missing)
     outputs = execute("02_dream_an_sae_latent.ipynb", tmp_path, jupyter_path, monkeypatch)
     assert _count(outputs, "image/png") >= 1
     assert _count(outputs, "text/html", "dreamlens-view") >= 2
