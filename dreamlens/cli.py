@@ -79,14 +79,24 @@ def _cmd_dream(args: argparse.Namespace) -> int:
     return 0 if not result.stopped.startswith("error") else 1
 
 
+# SmolLM2-Instruct's user turn: after it, "fluent" means a user's English message. After the bare
+# start token the model expects code, and a short dream's fluent end reads as code.
+DEMO_PREFIX = "<|im_start|>user\n"
+
+
+def demo_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The `dream` arguments of the demo: ADAPT (the default method), 8 tokens, on the embedded model
+    after its chat template's user turn (no prefix for another `--model`, whose template may differ)."""
+    return argparse.Namespace(
+        objective=DEMO_OBJECTIVE, model=args.model, out=args.out, resume=None, checkpoint_every=None,
+        length=8, iters=args.iters, seed=0, method="adapt", prefix=DEMO_PREFIX if args.model is None else None,
+    )
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     _cmd_info(args)
-    print(f"\nDreaming {DEMO_OBJECTIVE} (a small budget: a few minutes on a 2-core CPU)...")
-    ns = argparse.Namespace(
-        objective=DEMO_OBJECTIVE, model=args.model, out=args.out, resume=None, checkpoint_every=None,
-        length=8, population=8, children=16, topk=128, iters=args.iters, restart_every=25, seed=0, method="epo",
-    )
-    return _cmd_dream(ns)
+    print(f"\nDreaming {DEMO_OBJECTIVE} with ADAPT after {DEMO_PREFIX!r} (a small budget: about a minute on a 2-core CPU)...")
+    return _cmd_dream(demo_args(args))
 
 
 def _handler(module: str, name: str):

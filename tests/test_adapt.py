@@ -198,3 +198,19 @@ def test_dream_defaults_to_adapt(tiny_model):
 
     assert DEFAULT_METHOD == "adapt"
     assert make_config(config=dl.ADAPTConfig(beams=2), iters=5) == dl.ADAPTConfig(beams=2, iters=5)
+
+
+def test_demo_is_adapt_after_the_chat_user_turn(tiny_model):
+    import argparse
+
+    from dreamlens import cli
+    from dreamlens.optim.dream import make_config
+
+    ns = cli.demo_args(argparse.Namespace(model=None, out="dreams/demo", iters=30))
+    fields = {k: v for k, v in vars(ns).items() if k in {"length", "iters", "seed", "prefix"}}
+    cfg = make_config(ns.method, None, **fields)
+    assert isinstance(cfg, dl.ADAPTConfig) and cfg.prefix == cli.DEMO_PREFIX and cfg.length == 8
+    ids = encode(tiny_model, cli.DEMO_PREFIX)  # the embedded tokenizer: the special token, not its letters
+    assert ids[0] == tiny_model.tokenizer.convert_tokens_to_ids("<|im_start|>") and len(ids) == 3
+    other = cli.demo_args(argparse.Namespace(model="gpt2", out="x", iters=3))
+    assert other.prefix is None  # another model's chat template may differ
