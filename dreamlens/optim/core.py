@@ -857,12 +857,18 @@ class Evaluator:
             starts = head + shared.clamp(max=L - 1).long()  # recompute at least the last span token
         vals = torch.zeros((len(self.objectives), n), dtype=torch.float64)
         xe = torch.zeros(n, dtype=torch.float64)
+        self.last_plan = []  # (start, rows, parents) of each pass group: for benchmarks
+
+        def score_full(idx: Tensor) -> None:
+            rows = span_ids[idx.to(device)]
+            v, x = _score_full(self.model, self.objectives, rows, self.layout, self.batcher)
+            vals[:, idx], xe[idx] = v.double().cpu(), x.double().cpu()
+            self.token_forwards += len(idx) * seq
+            self.last_plan.append((0, rows, None))
+
         full = torch.nonzero(starts == 0).flatten()  # no parent; or no start token and a new first token
-        self.last_plan = [(0, span_ids[full.to(device)], None)]  # (start, rows, parents): for benchmarks
         if len(full):
-            v, x = _score_full(self.model, self.objectives, span_ids[full.to(device)], self.layout, self.batcher)
-            vals[:, full], xe[full] = v.double().cpu(), x.double().cpu()
-            self.token_forwards += len(full) * seq
+            score_full(full)
         reused = starts[starts > 0]
         if len(reused):
             distinct, counts = torch.unique(reused, return_counts=True)
@@ -875,14 +881,12 @@ class Evaluator:
             if not self._checked:
                 self._check(span_ids[idx[:2].to(device)], start, par[idx[:2]])
             if not self.reuse:  # switched off by the check
-                v, x = _score_full(self.model, self.objectives, span_ids[idx.to(device)], self.layout, self.batcher)
-                vals[:, idx], xe[idx] = v.double().cpu(), x.double().cpu()
-                self.token_forwards += len(idx) * seq
-                self.last_plan.append((0, span_ids[idx.to(device)], None))
+                score_full(idx)
                 continue
-            tokens = self.layout.assemble(span_ids[idx.to(device)])
+            rows = span_ids[idx.to(device)]
+            tokens = self.layout.assemble(rows)
             p = par[idx].to(device)
-            self.last_plan.append((start, span_ids[idx.to(device)], p))
+            self.last_plan.append((start, rows, p))
 
             def run(lo: int, hi: int, tokens: Tensor = tokens, p: Tensor = p, start: int = start) -> tuple[Tensor, Tensor]:
                 return _forward_from(self.model, self.objectives, self._hooks, tokens[lo:hi], self.layout, start, self._parents, p[lo:hi])
