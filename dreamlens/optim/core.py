@@ -1049,10 +1049,9 @@ def check_not_constant(model: Any, objective: Objective, span_ids: Int[Tensor, "
     """Raise a DreamError, before any search, when the objective has nothing to climb on these prompts."""
     if not objective_is_constant(model, objective, span_ids, layout):
         return
-    from ..objectives import Combination, SAELatent
+    from ..objectives import SAELatent
 
-    leaves = [o for _, o in objective.terms] if isinstance(objective, Combination) else [objective]
-    gated = [o for o in leaves if isinstance(o, SAELatent) and not o.pre_activation]
+    gated = [o for _, o in objective._terms() if isinstance(o, SAELatent) and not o.pre_activation]
     if gated:
         hint = (
             f"an SAE latent ({gated[0]}) is exactly 0 with zero gradient wherever it does not fire (below its "
