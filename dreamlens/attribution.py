@@ -22,12 +22,14 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from .errors import DreamlensError
 from .models import decode, encode
-from .objectives import Objective, objective as parse_objective
+from .objectives import Objective
+from .objectives import objective as parse_objective
 from .optim.core import Layout, banned_mask, make_layout, score, token_gradients
 
 
-class AttributionError(ValueError):
+class AttributionError(DreamlensError, ValueError):
     """Bad attribution input (an empty prompt, ids outside the vocabulary, no alternatives asked for)."""
 
 

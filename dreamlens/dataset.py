@@ -27,14 +27,23 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from . import corpus as corpus_mod
+from .errors import DreamlensError
 from .models import bos_token_id, cache_root, decode
-from .objectives import Capture, Combination, Neuron, Objective, objective, stop_at_layer, unembed
+from .objectives import (
+    Capture,
+    Combination,
+    Neuron,
+    Objective,
+    objective,
+    stop_at_layer,
+    unembed,
+)
 
 _FORMAT = 1  # bump when the saved layout or the scan's definition changes: old caches are rebuilt
 STAT_QUANTILES = {"q50": 0.5, "q90": 0.9, "q99": 0.99, "q999": 0.999}
 
 
-class ScanError(ValueError):
+class ScanError(DreamlensError, ValueError):
     """Bad scan input (empty corpus, zero budget, a window the model cannot hold); the message says the fix."""
 
 
@@ -220,7 +229,9 @@ def position_values(
     flat = {h: a[:, skip:].reshape(B * P, 1, *a.shape[2:]) for h, a in acts.items()}
     normed, memo = None, {}
     if needs_logits:
-        from .objectives import _token_id  # the protocol's own token lookup, so logit objectives agree
+        from .objectives import (
+            _token_id,  # the protocol's own token lookup, so logit objectives agree
+        )
 
         normed = resid[:, skip:]
         if model.cfg.normalization_type is not None:

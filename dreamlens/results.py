@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .errors import DreamlensError
+
 FORMAT_VERSION = 1
 
 
-class ResultError(ValueError):
+class ResultError(DreamlensError, ValueError):
     """A result folder is missing, unreadable, or from another version."""
 
 

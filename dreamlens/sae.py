@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from .errors import DreamlensError
+
 EMBEDDED_SAE = "embedded"
 
 # The shipped weights and config (sae-lens's own file names, so `SAE.load_from_disk` reads the folder).
@@ -34,7 +36,7 @@ EMBEDDED_SAE_LATENTS: dict[int, str] = {
 }
 
 
-class SAELoadError(RuntimeError):
+class SAELoadError(DreamlensError, RuntimeError):
     """An SAE could not be loaded; the message says why and how to fix it."""
 
 

@@ -23,11 +23,20 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from ..errors import DreamlensError
 from ..models import bos_token_id, decode, encode
-from ..objectives import Capture, NonFiniteError, Objective, ObjectiveError, hook_shape, run_objectives, unembed
+from ..objectives import (
+    Capture,
+    NonFiniteError,
+    Objective,
+    ObjectiveError,
+    hook_shape,
+    run_objectives,
+    unembed,
+)
 
 
-class DreamError(ValueError):
+class DreamError(DreamlensError, ValueError):
     """Bad optimizer input; the message names the value and the fix."""
 
 
@@ -302,7 +311,8 @@ def _ce_terms(
     rows = chunk or _ce_rows(final.shape[1], model.cfg.d_vocab)
     ces, lses = [], []
     for i in range(0, final.shape[0], rows):
-        logits = _logits(model, final[i : i + rows]).float()
+        logits = _logits(model, final[i : i + rows])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         lse = torch.logsumexp(logits, dim=-1)
         ces.append(lse - logits.gather(-1, targets[i : i + rows, :, None])[..., 0])
         lses.append(lse.detach())
@@ -423,8 +433,14 @@ def _gradient_pass(
 ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
     """token_gradients, plus the per-position CE, log-normalizers and final residual (for prefix reuse).
 
-    The span's embeddings are the leaf: d loss / d onehot = (d loss / d embedding) @ W_E^T, the same
-    gradient as through `onehot @ W_E` without multiplying a [rows, length, vocab] one-hot forward."""
+    The exact gradient of `-f + lam * xe` through `onehot @ W_E`, with xe computed from the one-hot
+    (`xe = mean_p -(log_softmax(logits_{p-1}) . onehot_p)`), has two parts:
+    - the path through the embeddings: the span's embeddings are the leaf, and
+      (d loss / d embedding) @ W_E^T is that part, without a [rows, length, vocab] one-hot forward;
+    - the direct term: the one-hot at p selects which log-probability is read, so
+      d xe / d onehot_p[v] also holds `-log p(v | t_<p) / n_pred`. It is added from the final residual
+      the pass already has (logits in row chunks), times each row's penalty. Without it the fluency
+      penalty could not steer the proposals at the last position at all."""
     tokens = layout.assemble(span_ids)
     W_E = model.embed.W_E.detach()
     with torch.no_grad():
@@ -439,7 +455,37 @@ def _gradient_pass(
     loss = (-f + lam.to(f) * xe).sum()
     (g,) = torch.autograd.grad(loss, leaf)
     grad = g @ W_E.T
-    return grad, f.detach(), xe.detach(), (ce.detach(), lse, final.detach())
+    final = final.detach()
+    add_selection_term(model, grad, final, lse, layout, lam)
+    return grad, f.detach(), xe.detach(), (ce.detach(), lse, final)
+
+
+@torch.no_grad()
+def add_selection_term(
+    model: Any,
+    grad: Float[Tensor, "batch length d_vocab"],
+    final: Float[Tensor, "batch n_pred d_model"],
+    lse: Float[Tensor, "batch n_pred"],
+    layout: Layout,
+    lam: Float[Tensor, " batch"],
+) -> None:
+    """Add, in place, the direct part of `lam * d xe / d onehot`: at each scored span position p,
+    `lam * (logsumexp - logit_v) / n_pred = -lam * log p(v | t_<p) / n_pred` for every token v.
+    `final` is the final residual at positions xe_from-1 .. span end-2 (the ones predicting the scored
+    span tokens) and `lse` their log-normalizers."""
+    n_pred = final.shape[1]
+    if n_pred == 0:
+        return
+    dtype = torch.promote_types(grad.dtype, torch.float32)
+    lam = lam.to(device=grad.device, dtype=dtype)
+    if not bool((lam != 0).any()):
+        return
+    off = layout.xe_from - layout.span.start  # the first span token is unscored without a start token or prefix
+    rows = _ce_rows(n_pred, model.cfg.d_vocab)
+    for i in range(0, final.shape[0], rows):
+        logits = _logits(model, final[i : i + rows]).to(dtype)  # [r, n_pred, vocab]
+        term = (lse[i : i + rows, :, None].to(dtype) - logits) * (lam[i : i + rows, None, None] / n_pred)
+        grad[i : i + rows, off : off + n_pred] += term.to(grad.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,10 +499,15 @@ def _gradient_pass(
 
 def _kv_classes() -> tuple[Any, Any]:
     try:
-        from transformer_lens import TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry
+        from transformer_lens import (
+            TransformerLensKeyValueCache,
+            TransformerLensKeyValueCacheEntry,
+        )
     except ImportError:  # TransformerLens before 3.x
         from transformer_lens.past_key_value_caching import (  # type: ignore[no-redef]
             HookedTransformerKeyValueCache as TransformerLensKeyValueCache,
+        )
+        from transformer_lens.past_key_value_caching import (
             HookedTransformerKeyValueCacheEntry as TransformerLensKeyValueCacheEntry,
         )
     return TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry

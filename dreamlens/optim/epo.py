@@ -24,8 +24,9 @@ import torch
 from torch import Tensor
 
 from ..models import bos_token_id, encode
-from ..objectives import Objective, objective as parse_objective
-from ..results import DreamResult, ResultError
+from ..objectives import Objective
+from ..objectives import objective as parse_objective
+from ..results import DreamResult
 from .core import (
     DreamError,
     Evaluator,
