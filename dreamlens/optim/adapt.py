@@ -23,12 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..models import decode
-from ..objectives import Objective, ObjectiveError, run_objectives, unembed
+from ..objectives import Objective, ObjectiveError
 from ..results import DreamResult
 from .core import (
     GRADIENT_COST,
@@ -39,6 +38,7 @@ from .core import (
     fast_weights,
     retokenizes,
 )
+from .sampling import next_token_logprobs
 from .epo import (
     IterationInfo,
     allowed_tokens,
@@ -158,38 +158,8 @@ def spread(f: Float[Tensor, " n"]) -> float:
     return s if s > 1e-12 else 1.0
 
 
-# ---------------------------------------------------------------------------------------------
-# Pieces of the forward pass ADAPT needs beyond scoring: the model's own next-token distribution
-
-
 def _sublayout(layout: Layout, length: int) -> Layout:
     return Layout(layout.head, layout.tail, length, layout.n_bos)
-
-
-@torch.no_grad()
-def span_logprobs(
-    model: Any, span_ids: Int[Tensor, "batch length"], layout: Layout
-) -> Float[Tensor, "batch length d_vocab"]:
-    """log p(v | everything before span position j) for every span position j (zeros where the
-    position has nothing before it). The gradient misses this term: a token's own cross-entropy
-    depends on its id, not on its embedding, so its one-hot gradient never says whether it is fluent."""
-    tokens = layout.assemble(span_ids)
-    _, final = run_objectives(model, [], tokens, start=layout.start, final_from=layout.xe_from - 1)
-    n_pred = layout.span.stop - layout.xe_from
-    logp = torch.log_softmax(unembed(model, final[:, :n_pred]).float(), dim=-1)
-    skip = layout.length - n_pred  # the first span token without a start token or prefix
-    return F.pad(logp, (0, 0, skip, 0))
-
-
-@torch.no_grad()
-def next_token_logprobs(
-    model: Any, partial: Int[Tensor, "batch t"], layout: Layout
-) -> Float[Tensor, "batch d_vocab"]:
-    """log p(next token | start token, prefix, partial prompt): the model's own proposals."""
-    b = partial.shape[0]
-    tokens = torch.cat([torch.tensor(layout.head, dtype=torch.long).expand(b, -1), partial], dim=1)
-    _, final = run_objectives(model, [], tokens.to(model.cfg.device), start=0, final_from=tokens.shape[1] - 1)
-    return torch.log_softmax(unembed(model, final).float()[:, -1], dim=-1).cpu()
 
 
 def _readable(model: Any, objective: Objective, layout: Layout) -> bool:
@@ -476,7 +446,6 @@ def _adapt_one(
 
     bar = _progress(progress, cfg.iters, first_it - 1, index)
     it, stopped = first_it - 1, "completed"
-    n_pred = layout.span.stop - layout.xe_from
     try:
         if pop is None:
             pop, pop_f, pop_xe, lams = start()
@@ -485,12 +454,9 @@ def _adapt_one(
             stopped, first_it = "budget", cfg.iters + 1
         for it in range(first_it, cfg.iters + 1):
             flat = pop.to(device)
-            grad = ev.gradients(flat, owner, lams).cpu()
-            logp = span_logprobs(model, flat, layout).cpu()
-            ev.token_forwards += B * layout.seq_len
-            # First-order change of each member's loss for each swap, with the swapped token's own
-            # cross-entropy added (the gradient cannot see it).
-            scores = -grad.double() + lams[:, None, None] * logp.double() / n_pred
+            # First-order change of each member's loss for each swap: the exact one-hot gradient,
+            # which includes the swapped token's own cross-entropy (its direct term).
+            scores = -ev.gradients(flat, owner, lams).cpu().double()
             scores[..., banned] = float("-inf")
             children = mutate(pop, scores, strengths, cfg, gen)
             cf, cx, _ = ev.evaluate(children, torch.zeros(len(children), dtype=torch.long), it)

@@ -37,6 +37,7 @@ from .core import (
     make_layout,
     retokenizes,
 )
+from .sampling import sample_prompts, span_logprobs
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ class EPOConfig:
     seed: int = 0
     init_text: str | None = None  # start every member from this text instead of random tokens
     init_ids: tuple[int, ...] | None = None
+    # Beyond the paper (defaults off): measured in benchmarks/fluency.py.
+    init: str = "random"  # "random" tokens (the paper), or "sample": text sampled from the model itself
+    restart_patience: int = 0  # also restart after this many iterations in which no member improved (0: off)
+    lm_share: float = 0.0  # share of children whose new token is sampled from the model's next-token distribution
     prefix: str = ""  # fixed context before the optimized span
     suffix: str = ""  # fixed context after it
     ascii_only: bool = False  # ban tokens with non-ASCII characters
@@ -95,6 +100,9 @@ class EPOConfig:
             "checkpoint_every needs checkpoint_dir: where to write the checkpoints",
         )
         need(self.init_text is None or self.init_ids is None, "give init_text or init_ids, not both")
+        need(self.init in ("random", "sample"), f"init must be 'random' or 'sample', got {self.init!r}")
+        need(self.restart_patience >= 0, f"restart_patience must be >= 0 (0: off), got {self.restart_patience}")
+        need(0.0 <= self.lm_share <= 1.0, f"lm_share must be between 0 and 1, got {self.lm_share}")
 
 
 @dataclass
@@ -135,6 +143,24 @@ def random_prompts(
         bad = torch.nonzero(~ok).flatten()
         ids[bad] = allowed[torch.randint(len(allowed), (len(bad), layout.length), generator=gen)]
     raise DreamError("could not sample random prompts that re-tokenize to themselves; check the banned tokens and context")
+
+
+def start_prompts(
+    model: Any, cfg: Any, layout: Layout, banned: Tensor, allowed: Tensor, init: Tensor | None,
+    gen: torch.Generator, ev: Evaluator,
+) -> Tensor:
+    """A population's first prompts: the user's initial prompt repeated, text sampled from the model
+    (`init="sample"`, its compute counted by `ev`; random tokens where sampling cannot apply), or
+    random tokens."""
+    M = cfg.population
+    if init is not None:
+        return init.expand(M, layout.length).clone()
+    if getattr(cfg, "init", "random") == "sample":
+        ids, spent = sample_prompts(model, M, layout, banned, gen, prefix=cfg.prefix, suffix=cfg.suffix)
+        ev.token_forwards += spent
+        if ids is not None:
+            return ids
+    return random_prompts(model, M, layout, allowed, gen, cfg.prefix, cfg.suffix)
 
 
 def initial_span(model: Any, cfg: Any, layout: Layout) -> Tensor | None:
@@ -217,10 +243,15 @@ def check_resume(prev: list[DreamResult], objs: list[Objective], cfg: Any, metho
             raise DreamError("this result holds no optimizer state to resume from")
 
 
-def propose_children(pop: Tensor, grad: Tensor, banned: Tensor, topk: int, C: int, gens: Sequence[torch.Generator]) -> Tensor:
+def propose_children(
+    pop: Tensor, grad: Tensor, banned: Tensor, topk: int, C: int, gens: Sequence[torch.Generator],
+    logp: Tensor | None = None, n_lm: int = 0,
+) -> Tensor:
     """C children per member of each population `pop` [K, M, L]: one position of the member swapped for
     one of the top-k tokens of its negative gradient `grad` [K*M, L, vocab] (banned tokens excluded),
-    drawn with the population's own generator. Returns [K, M*C, L]."""
+    drawn with the population's own generator. With `logp` [K*M, L, vocab] (the model's own
+    log-probabilities at each position), the last `n_lm` children of each member take a token sampled
+    from that distribution instead. Returns [K, M*C, L]."""
     K, M, L = pop.shape
     grad[..., banned.to(grad.device)] = float("inf")
     top = grad.topk(topk, dim=-1, largest=False).indices.cpu()  # [K*M, L, topk]: steepest descent first
@@ -229,7 +260,12 @@ def propose_children(pop: Tensor, grad: Tensor, banned: Tensor, topk: int, C: in
         pos = torch.randint(L, (M, C), generator=gens[k])
         choice = torch.randint(topk, (M, C), generator=gens[k])
         rows = torch.arange(k * M, (k + 1) * M).unsqueeze(1).expand(M, C)
-        children[rows, torch.arange(C).expand(M, C), pos] = top[rows, pos, choice]
+        new = top[rows, pos, choice]
+        if logp is not None and n_lm > 0:
+            lp = logp[rows[:, -n_lm:], pos[:, -n_lm:]].reshape(M * n_lm, -1).float()  # [M*n_lm, vocab]
+            lp[:, banned] = float("-inf")
+            new[:, -n_lm:] = torch.multinomial(torch.softmax(lp, dim=-1), 1, generator=gens[k]).view(M, n_lm)
+        children[rows, torch.arange(C).expand(M, C), pos] = new
     return children.view(K, M * C, L)
 
 
@@ -265,6 +301,7 @@ def epo(
     )
     gens = [torch.Generator().manual_seed(cfg.seed) for _ in range(K)]
     owner_pop = torch.arange(K).repeat_interleave(M)
+    n_lm = round(C * cfg.lm_share)
     device = model.cfg.device
     wall0, wall_prev = time.perf_counter(), 0.0
 
@@ -278,17 +315,12 @@ def epo(
         pop = torch.tensor([r.state["population"] for r in prev], dtype=torch.long)
         pop_f = torch.tensor([r.state["pop_f"] for r in prev], dtype=torch.float64)
         pop_xe = torch.tensor([r.state["pop_xe"] for r in prev], dtype=torch.float64)
+        stall = [int(r.state.get("stall", 0)) for r in prev]
         first_it, wall_prev = prev[0].iterations + 1, prev[0].wall_time
     else:
         init = initial_span(model, cfg, layout)
-        pop = torch.stack(
-            [
-                init.expand(M, L).clone()
-                if init is not None
-                else random_prompts(model, M, layout, allowed, gens[k], cfg.prefix, cfg.suffix)
-                for k in range(K)
-            ]
-        )
+        pop = torch.stack([start_prompts(model, cfg, layout, banned, allowed, init, gens[k], ev) for k in range(K)])
+        stall = [0] * K
         for k, o in enumerate(objs):
             check_not_constant(model, o, pop[k].to(device), layout)
         f0, x0, _ = ev.evaluate(pop.view(K * M, L), owner_pop, 0)
@@ -303,6 +335,7 @@ def epo(
                 "pop_f": pop_f[k].tolist(),
                 "pop_xe": pop_xe[k].tolist(),
                 "generator": _gen_state(gens[k]),
+                "stall": stall[k],
             }
             for k in range(K)
         ]
@@ -320,15 +353,24 @@ def epo(
         for it in range(first_it, cfg.iters + 1):
             flat = pop.view(K * M, L).to(device)
             grad = ev.gradients(flat, owner_pop, lams.repeat(K))
-            children = propose_children(pop, grad, banned, topk, C, gens)  # [K, M*C, L]
+            logp = None
+            if n_lm:
+                logp = span_logprobs(model, flat, layout).cpu()
+                ev.token_forwards += K * M * layout.seq_len
+            children = propose_children(pop, grad, banned, topk, C, gens, logp, n_lm)  # [K, M*C, L]
             child_f, child_xe, _ = ev.evaluate(children.view(-1, L), owner_pop.repeat_interleave(C), it)
             child_f, child_xe = child_f.view(K, M * C), child_xe.view(K, M * C)
             for k in range(K):
                 pool = torch.cat([pop[k], children[k]])
                 pf, px = torch.cat([pop_f[k], child_f[k]]), torch.cat([pop_xe[k], child_xe[k]])
                 best = select_members(pf, px, lams)
+                old_loss = -pop_f[k] + lams * pop_xe[k]
                 pop[k], pop_f[k], pop_xe[k] = pool[best], pf[best], px[best]
-                if cfg.restart_every and it % cfg.restart_every == 0:
+                improved = bool((-pop_f[k] + lams * pop_xe[k] < old_loss - 1e-12).any())
+                stall[k] = 0 if improved else stall[k] + 1
+                periodic = cfg.restart_every and it % cfg.restart_every == 0
+                if periodic or (cfg.restart_patience and stall[k] >= cfg.restart_patience):
+                    stall[k] = 0
                     # Restart from one member, chosen under a penalty drawn log-uniformly at random.
                     lam_r = math.exp(lam_lo + (lam_hi - lam_lo) * torch.rand((), generator=gens[k]).item())
                     j = int((-pop_f[k] + lam_r * pop_xe[k]).argmin())
