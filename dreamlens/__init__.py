@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "dream": "optim.dream",
     "DreamResult": "results",
     "DreamError": "optim.core",
+    "DreamlensError": "errors",
     "attribute": "attribution",
     "attribute_frontier": "attribution",
     "Attribution": "attribution",
@@ -50,7 +51,7 @@ _EXPORTS: dict[str, str] = {
     "build_report": "report",
     "write_report": "report",
 }
-_SUBMODULES = {"attribution", "viz", "report", "dataset", "metrics", "models", "corpus", "objectives", "results", "optim", "sae"}
+_SUBMODULES = {"errors", "attribution", "viz", "report", "dataset", "metrics", "models", "corpus", "objectives", "results", "optim", "sae"}
 
 
 def __getattr__(name: str) -> Any:

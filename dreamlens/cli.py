@@ -1,17 +1,111 @@
-"""The `dreamlens` command line: dream, scan, compare, report (each a subcommand)."""
+"""The `dreamlens` command line: info, demo, dream, scan, compare, report (each a subcommand).
+
+A user's mistake (any `DreamlensError`) is one line, `error: <message>`, and exit status 2; `--debug`
+(or DREAMLENS_DEBUG=1) shows its traceback. A bug shows its traceback and exits 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import DreamlensError, OutputError
+
+DEMO_OBJECTIVE = "blocks.12.mlp.hook_post[1256]"  # fires on lists of media: "film, radio,"
+# SmolLM2-Instruct's user turn: after it, "fluent" means a user's English message. After the bare
+# start token the model expects code, and a short dream's fluent end reads as code.
+DEMO_PREFIX = "<|im_start|>user\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that run before any model loads
+
+
+def _integer(lo: int | None = None):
+    """An argparse `type=`: an integer, at least `lo`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if lo is not None and value < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # what argparse names in its own messages
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _writable(path: Path, what: str) -> None:
+    """Fail before any compute if nothing can be written at `path` (a folder, or a file's folder)."""
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        if not parent.is_dir():
+            raise NotADirectoryError(20, "not a directory")
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise OutputError(f"cannot write {what} {str(path)!r} ({e.strerror or e}); choose a writable folder") from None
+
+
+def check_out_folder(out: str, marker: str, kind: str, *, force: bool, resume: bool = False) -> None:
+    """Refuse an --out folder that already holds a `kind` (its `marker` file) unless --force (or
+    --resume, where the command has it), and one that cannot be written."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"--out {out!r} is a file; give a folder for the {kind}")
+    if (path / marker).exists() and not force:
+        how = "--resume FOLDER to continue it, --force to replace it" if resume else "--force to replace it"
+        raise OutputError(f"--out {out!r} already holds a {kind}; pass {how}, or choose another folder")
+    _writable(path, f"the {kind} to --out")
+
+
+def check_out_file(out: str, kind: str, *, force: bool) -> None:
+    path = Path(out)
+    if path.is_dir():
+        raise OutputError(f"--out {out!r} is a folder; give the path of the {kind} file to write")
+    if path.exists() and not force:
+        raise OutputError(f"--out {out!r} already exists; pass --force to replace it, or choose another file")
+    _writable(path.parent if str(path.parent) else Path("."), f"the {kind} to --out")
+
+
+def _load_result(folder: str, what: str):
+    from .report import load_result
+    from .results import ResultError
+
+    try:
+        return load_result(folder)
+    except ResultError as e:
+        raise ResultError(f"{what}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Subcommands
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from .models import load_model
 
     model = load_model(args.model)
-    prompt = args.prompt
-    text = model.generate(prompt, max_new_tokens=args.tokens, do_sample=False, prepend_bos=False, verbose=False)
+    text = model.generate(args.prompt, max_new_tokens=args.tokens, do_sample=False, prepend_bos=False, verbose=False)
     print(f"model: {model.cfg.model_name} ({model.cfg.n_layers} layers, d_model {model.cfg.d_model})")
     print(f"greedy continuation: {text!r}")
     names = list(model.hook_dict)
@@ -19,26 +113,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for name in [n for n in names if not n.startswith("blocks.")] + [n for n in names if n.startswith("blocks.0.")]:
         print(f"  {name}")
     return 0
-
-
-DEMO_OBJECTIVE = "blocks.12.mlp.hook_post[1256]"  # fires on lists of media: "film, radio,"
-
-
-def _writable_folder(path: str) -> None:
-    """Fail before any compute if results could not be written there."""
-    import tempfile
-    from pathlib import Path
-
-    folder = Path(path).resolve()
-    parent = folder if folder.exists() else folder.parent
-    if folder.exists() and not folder.is_dir():
-        raise SystemExit(f"error: --out {path!r} exists and is not a folder")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise SystemExit(f"error: cannot write results to --out {path!r} ({e.strerror}); choose a writable folder") from None
 
 
 def _print_frontier(result, rows: int = 12) -> None:
@@ -59,29 +133,26 @@ def _cmd_dream(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .models import load_model
+    from .objectives import objective
     from .optim.dream import DEFAULT_METHOD, METHODS, dream, make_config
 
-    if args.out:
-        _writable_folder(args.out)
-    method = getattr(args, "method", None) or DEFAULT_METHOD
+    method = args.method or DEFAULT_METHOD
     fields = {f.name for _, cls in METHODS.values() for f in dataclasses.fields(cls)}
     kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    if args.out and args.checkpoint_every:
-        kw["checkpoint_dir"] = args.out
+    resume = _load_result(args.resume, "--resume") if args.resume else None
+    if args.out:
+        check_out_folder(args.out, "result.json", "dream result", force=args.force or resume is not None, resume=True)
+        kw["checkpoint_dir"] = args.out  # checkpoints, and the partial result of a run that fails
     cfg = make_config(method, None, **kw)  # an option the method does not have fails here, before loading
     cfg.validate()
+    target = objective(args.objective)  # a malformed objective fails before the model loads too
     model = load_model(args.model)
-    result = dream(model, args.objective, method, config=cfg, resume=args.resume)
+    result = dream(model, target, method, config=cfg, resume=resume)
     _print_frontier(result)
     if args.out:
-        result.save(args.out)
+        result.save(args.out, overwrite=True)  # the folder was checked above; it may hold our checkpoint
         print(f"\nsaved to {args.out} (result.json, history.parquet)")
-    return 0 if not result.stopped.startswith("error") else 1
-
-
-# SmolLM2-Instruct's user turn: after it, "fluent" means a user's English message. After the bare
-# start token the model expects code, and a short dream's fluent end reads as code.
-DEMO_PREFIX = "<|im_start|>user\n"
+    return 0
 
 
 def demo_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -90,102 +161,218 @@ def demo_args(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(
         objective=DEMO_OBJECTIVE, model=args.model, out=args.out, resume=None, checkpoint_every=None,
         length=8, iters=args.iters, seed=0, method="adapt", prefix=DEMO_PREFIX if args.model is None else None,
+        force=getattr(args, "force", False) or _is_demo_result(args.out),
     )
 
 
+def _is_demo_result(out: str | None) -> bool:
+    """The demo replaces its own earlier result (`make demo` twice), never anything else."""
+    import json
+
+    try:
+        meta = json.loads((Path(out) / "result.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+    return meta.get("objective") == DEMO_OBJECTIVE and meta.get("config", {}).get("length") == 8
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    dream_args = demo_args(args)
+    if dream_args.out:  # before the model loads, like dream's own check
+        check_out_folder(dream_args.out, "result.json", "dream result", force=dream_args.force)
     _cmd_info(args)
     print(f"\nDreaming {DEMO_OBJECTIVE} with ADAPT after {DEMO_PREFIX!r} (a small budget: about a minute on a 2-core CPU)...")
-    return _cmd_dream(demo_args(args))
+    return _cmd_dream(dream_args)
 
 
-def _handler(module: str, name: str):
-    """A subcommand handler living in another module, imported only when that subcommand runs."""
+def _cmd_scan(args: argparse.Namespace) -> int:
+    import pandas as pd
 
-    def run(args: argparse.Namespace) -> int:
-        import importlib
+    from .corpus import check_source
+    from .dataset import scan
+    from .models import load_model
+    from .objectives import objective
 
-        return getattr(importlib.import_module(f".{module}", __package__), name)(args)
+    check_out_folder(args.out, "scan.json", "scan", force=args.force)
+    check_source(args.corpus)
+    objs = [objective(o) for o in args.objective]
+    model = load_model(args.model)
+    result = scan(model, objs, args.corpus, tokens=args.tokens, window=args.window,
+                  top_k=args.top_k, per_document=args.per_document, cache=not args.no_cache)
+    out = result.save(args.out)
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(result.stats.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        for i, name in enumerate(result.objectives):
+            print(f"\ntop examples of {name}:")
+            for _, r in result.top(i).head(5).iterrows():
+                print(f"  {r['activation']:9.4g}  xe {r['xe']:5.2f}  {r['text']!r}")
+    print(f"\nsaved to {out}" + (" (from cache)" if result.from_cache else ""))
+    return 0
 
-    return run
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .dataset import ScanResult, compare
+
+    dream_result = _load_result(args.dream_dir, "DREAM_DIR")
+    scan_result = ScanResult.load(args.scan_dir)
+    out = args.out or args.dream_dir
+    check_out_folder(out, "comparison.png", "comparison", force=args.force)
+    comp = compare(dream_result, scan_result, args.objective_index)
+    png = comp.save(out)
+    for k, v in comp.summary.items():
+        print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
+    print(f"saved {png} and its .csv")
+    return 0
+
+
+def _model_for(result: Any, name: str | None) -> Any:
+    from .models import ModelLoadError, load_model, smollm2_config
+
+    if name is None and result.model_name not in ("", smollm2_config().model_name):
+        name = result.model_name
+    try:
+        return load_model(name)
+    except Exception as e:
+        raise ModelLoadError(
+            f"cannot load the model {name or 'embedded'!r} for token attributions ({e}); pass --model, or "
+            "--attributions 0 to skip them"
+        ) from e
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from . import viz
+    from .report import write_report
+
+    result = _load_result(args.result_dir, "RESULT_DIR")
+    check_out_file(args.out, "report", force=args.force)
+    scan = None
+    if args.scan:
+        from .dataset import ScanResult
+
+        scan = ScanResult.load(args.scan)
+    model = _model_for(result, args.model) if args.attributions > 0 else None
+    out = write_report(args.out, result, model=model, scan=scan, max_attributions=args.attributions,
+                       objective_index=args.objective_index)
+    stem = out.with_suffix("")
+    pngs = [
+        viz.save_png(viz.plot_frontier(result), f"{stem}_frontier.png"),
+        viz.save_png(viz.plot_evolution(result), f"{stem}_evolution.png"),
+        viz.save_png(viz.plot_thresholds(result), f"{stem}_thresholds.png"),
+    ]
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {', '.join(p.name for p in pngs)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one `error:` line (exit status 2, as argparse's own)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dreamlens", description=__doc__)
+    parser = _Parser(prog="dreamlens", description=__doc__.split("\n")[0])
+    debug = {"action": "store_true", "help": "show the traceback of an error (also: DREAMLENS_DEBUG=1)"}
+    parser.add_argument("--debug", default=False, **debug)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("info", help="load a model, print a greedy continuation and its hook names")
+    def command(name: str, func: Any, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--debug", default=argparse.SUPPRESS, **debug)  # also after the subcommand
+        p.set_defaults(func=func)
+        return p
+
+    count, positive = _integer(0), _integer(1)
+
+    p = command("info", _cmd_info, "load a model, print a greedy continuation and its hook names")
     p.add_argument("--model", default=None, help="model name or folder (default: the embedded SmolLM2-135M)")
     p.add_argument("--prompt", default="The capital of France is")
-    p.add_argument("--tokens", type=int, default=20)
-    p.set_defaults(func=_cmd_info)
+    p.add_argument("--tokens", type=count, default=20)
 
-    p = sub.add_parser("demo", help="the README's main job: a short dream on the embedded model")
+    p = command("demo", _cmd_demo, "the README's main job: a short dream on the embedded model")
     p.add_argument("--model", default=None)
     p.add_argument("--prompt", default="The capital of France is")
-    p.add_argument("--tokens", type=int, default=12)
-    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--tokens", type=count, default=12)
+    p.add_argument("--iters", type=count, default=30)
     p.add_argument("--out", default="dreams/demo")
-    p.set_defaults(func=_cmd_demo)
+    p.add_argument("--force", action="store_true", help="replace a result already in --out")
 
-    p = sub.add_parser("dream", help="dream an objective: print the Pareto frontier, save the result")
+    p = command("dream", _cmd_dream, "dream an objective: print the Pareto frontier, save the result")
     p.add_argument("objective", help="e.g. 'blocks.6.mlp.hook_post[123]', 'sae:embedded[42]', 'logit[\" Paris\"]'")
     p.add_argument("--method", choices=["adapt", "epo", "gcg"], default=None,
                    help="optimizer (default adapt; epo: the paper's; gcg: one member, fixed penalty)")
     p.add_argument("--model", default=None, help="model name or folder (default: the embedded SmolLM2-135M)")
-    p.add_argument("--iters", type=int, default=None, help="iterations (default 300)")
-    p.add_argument("--length", type=int, default=None, help="optimized tokens (default 12)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--population", type=int, default=None, help="EPO members (default 8)")
-    p.add_argument("--children", type=int, default=None, help="children per member (default 32)")
-    p.add_argument("--topk", type=int, default=None, help="gradient top-k (default 512)")
-    p.add_argument("--restart-every", type=int, default=None, help="restart period (default 50; 0: never)")
+    p.add_argument("--iters", type=count, default=None, help="iterations (default 300)")
+    p.add_argument("--length", type=positive, default=None, help="optimized tokens (default 12)")
+    p.add_argument("--seed", type=_integer(), default=None)
+    p.add_argument("--population", type=positive, default=None, help="EPO members (default 8)")
+    p.add_argument("--children", type=positive, default=None, help="children per member (default 32)")
+    p.add_argument("--topk", type=positive, default=None, help="gradient top-k (default 512)")
+    p.add_argument("--lam-min", type=_positive_float, default=None, help="smallest fluency penalty (epo, adapt)")
+    p.add_argument("--lam-max", type=_positive_float, default=None, help="largest fluency penalty (epo, adapt)")
+    p.add_argument("--lam", type=_positive_float, default=None, help="the fluency penalty (gcg)")
+    p.add_argument("--restart-every", type=count, default=None, help="restart period (default 50; 0: never)")
+    p.add_argument("--init-text", default=None, help="start from this text (exactly --length tokens)")
     p.add_argument("--prefix", default=None, help="fixed text before the dream")
     p.add_argument("--suffix", default=None, help="fixed text after the dream")
     p.add_argument("--ascii-only", action="store_true", default=None, help="ban tokens with non-ASCII characters")
-    p.add_argument("--max-token-forwards", type=int, default=None, help="compute budget in token-forwards")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="save to --out every N iterations")
+    p.add_argument("--max-token-forwards", type=positive, default=None, help="compute budget in token-forwards")
+    p.add_argument("--checkpoint-every", type=positive, default=None, help="save to --out every N iterations")
     p.add_argument("--resume", default=None, help="continue the run saved in this folder")
     p.add_argument("--out", default=None, help="folder for the result (result.json + history.parquet)")
-    p.set_defaults(func=_cmd_dream)
+    p.add_argument("--force", action="store_true", help="replace a result already in --out")
 
-    p = sub.add_parser("scan", help="max-activating dataset examples and activation statistics of objectives")
+    p = command("scan", _cmd_scan, "max-activating dataset examples and activation statistics of objectives")
     p.add_argument("objective", nargs="+", help="objectives, e.g. 'blocks.6.mlp.hook_post[123]' (many: one pass)")
     p.add_argument("--model", default=None, help="model name or folder (default: the embedded SmolLM2-135M)")
     p.add_argument("--corpus", default=None, help="'sotu', 'wiki', a file or folder, 'hf:NAME' (default: embedded)")
-    p.add_argument("--tokens", type=int, default=200_000, help="corpus tokens to scan (default 200000)")
-    p.add_argument("--window", type=int, default=24, help="tokens per example window (default 24)")
-    p.add_argument("--top-k", type=int, default=32, help="top examples kept per objective (default 32)")
-    p.add_argument("--per-document", type=int, default=4, help="at most this many examples per document")
+    p.add_argument("--tokens", type=positive, default=200_000, help="corpus tokens to scan (default 200000)")
+    p.add_argument("--window", type=positive, default=24, help="tokens per example window (default 24)")
+    p.add_argument("--top-k", type=positive, default=32, help="top examples kept per objective (default 32)")
+    p.add_argument("--per-document", type=positive, default=4, help="at most this many examples per document")
     p.add_argument("--no-cache", action="store_true", help="scan again even if a cached scan exists")
     p.add_argument("--out", required=True, help="folder for stats, examples and sketch (Parquet + scan.json)")
-    p.set_defaults(func=_handler("dataset", "cli_scan"))
+    p.add_argument("--force", action="store_true", help="replace a scan already in --out")
 
-    p = sub.add_parser("compare", help="plot dreams against the top dataset examples (activation vs xe)")
+    p = command("compare", _cmd_compare, "plot dreams against the top dataset examples (activation vs xe)")
     p.add_argument("dream_dir", help="a dream result folder")
     p.add_argument("scan_dir", help="a scan folder (written by `dreamlens scan --out`)")
-    p.add_argument("--objective-index", type=int, default=None, help="the scan's objective (default: the dream's)")
+    p.add_argument("--objective-index", type=_integer(), default=None, help="the scan's objective (default: the dream's)")
     p.add_argument("--out", default=None, help="folder for comparison.png/.csv/.json (default: DREAM_DIR)")
-    p.set_defaults(func=_handler("dataset", "cli_compare"))
+    p.add_argument("--force", action="store_true", help="replace a comparison already in --out")
 
-    p = sub.add_parser("report", help="one offline HTML page: objective, frontier, plots, attributions, dataset comparison")
+    p = command("report", _cmd_report, "one offline HTML page: objective, frontier, plots, attributions, dataset comparison")
     p.add_argument("result_dir", help="a dream result folder")
     p.add_argument("--scan", default=None, help="a scan folder (from `dreamlens scan --out`) to compare with")
-    p.add_argument("--objective-index", type=int, default=None, help="the scan's objective (default: the dream's)")
+    p.add_argument("--objective-index", type=_integer(), default=None, help="the scan's objective (default: the dream's)")
     p.add_argument("--out", required=True, help="the HTML file to write (PNG plots are written beside it)")
+    p.add_argument("--force", action="store_true", help="replace the file --out if it exists")
     p.add_argument("--model", default=None, help="model for token attributions (default: the dream's model)")
-    p.add_argument("--attributions", type=int, default=6, help="frontier prompts to attribute (0: none, no model loaded)")
-    p.set_defaults(func=_handler("report", "cli_report"))
+    p.add_argument("--attributions", type=count, default=6, help="frontier prompts to attribute (0: none, no model loaded)")
     return parser
+
+
+def _one_line(e: BaseException) -> str:
+    return re.sub(r"\s*\n\s*", " ", str(e).strip()) or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("DREAMLENS_DEBUG", "").strip() not in ("", "0")
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except DreamlensError as e:
+        if debug:
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -79,18 +79,51 @@ def embedded_documents() -> Iterator[str]:
         yield from (d for d in pair if d is not None)
 
 
-def local_documents(path: str | Path) -> Iterator[str]:
-    """A text file (one document) or a folder of `.txt`/`.md` files, searched recursively, sorted."""
-    path = Path(path)
+def _local_files(path: Path) -> list[Path]:
     if path.is_file():
-        files = [path]
-    elif path.is_dir():
+        if path.stat().st_size == 0:
+            raise CorpusError(f"the corpus file {str(path)!r} is empty; give a file of UTF-8 text")
+        _check_text(path)
+        return [path]
+    if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".md"} and p.is_file())
         if not files:
-            raise CorpusError(f"the folder {str(path)!r} has no .txt or .md files")
+            raise CorpusError(f"the folder {str(path)!r} has no .txt or .md files; put the corpus text in such files")
+        return files
+    raise CorpusError(
+        f"no such corpus file or folder: {str(path)!r}; give an existing text file or folder, 'sotu', 'wiki', "
+        "or 'hf:DATASET_NAME'"
+    )
+
+
+def _check_text(path: Path, sniff: int = 1 << 16) -> None:
+    """Refuse a binary file (a NUL byte, or bytes that are not UTF-8, near its start) before it is tokenized."""
+    with path.open("rb") as f:
+        head = f.read(sniff)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = e.start < len(head) - 3  # a multi-byte character cut by the sniff window is fine
     else:
-        raise CorpusError(f"no such file or folder: {str(path)!r}")
-    for f in files:
+        bad = False
+    if bad or b"\0" in head:
+        raise CorpusError(
+            f"the corpus file {str(path)!r} is not UTF-8 text (it looks binary); give a plain text file (.txt or .md)"
+        )
+
+
+def check_source(source: Any) -> None:
+    """Fail fast (before a model loads) on a local corpus path that is missing, empty or binary.
+    Other sources are checked when they are read."""
+    if isinstance(source, (str, Path)) and str(source) not in ("embedded", *EMBEDDED_SOURCES) and not str(source).startswith("hf:"):
+        _local_files(Path(source))
+
+
+def local_documents(path: str | Path) -> Iterator[str]:
+    """A text file (one document) or a folder of `.txt`/`.md` files, searched recursively, sorted.
+    A missing, empty or binary file is a `CorpusError`; so is a folder without text files."""
+    for f in _local_files(Path(path)):
+        _check_text(f)
         text = clean_text(f.read_text(encoding="utf-8", errors="replace"))
         if text:
             yield text
@@ -135,10 +168,11 @@ def documents(source: str | Path | Iterable[str] | None = None) -> Iterator[str]
             name, _, split = s[3:].partition(":")
             return hf_documents(name, split or "train")
         if Path(s).exists():
+            _local_files(Path(s))  # a missing, empty or binary file fails here, not at the first read
             return local_documents(s)
         raise CorpusError(
-            f"unknown corpus {s!r}: expected None/'embedded', 'sotu', 'wiki', an existing file or folder, "
-            "or 'hf:DATASET_NAME'"
+            f"unknown corpus {s!r}: no such file or folder; expected None/'embedded', 'sotu', 'wiki', an "
+            "existing file or folder, or 'hf:DATASET_NAME'"
         )
     return (clean_text(str(d)) for d in source)
 
@@ -167,11 +201,11 @@ def token_windows(
     from .models import bos_token_id, encode
 
     if window < 1:
-        raise ValueError(f"window must be at least 1 token, got {window}")
+        raise CorpusError(f"window must be at least 1 token, got {window}")
     start = bos_token_id(model) if bos else None
     n_ctx = model.cfg.n_ctx
     if window + (start is not None) > n_ctx:
-        raise ValueError(f"window {window} does not fit the model's context of {n_ctx} tokens; use at most {n_ctx - (start is not None)}")
+        raise CorpusError(f"window {window} does not fit the model's context of {n_ctx} tokens; use at most {n_ctx - (start is not None)}")
     produced = 0
     for doc in docs:
         ids = encode(model, doc)

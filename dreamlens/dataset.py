@@ -33,6 +33,7 @@ from .objectives import (
     Capture,
     Combination,
     Neuron,
+    NonFiniteError,
     Objective,
     objective,
     stop_at_layer,
@@ -45,6 +46,17 @@ STAT_QUANTILES = {"q50": 0.5, "q90": 0.9, "q99": 0.99, "q999": 0.999}
 
 class ScanError(DreamlensError, ValueError):
     """Bad scan input (empty corpus, zero budget, a window the model cannot hold); the message says the fix."""
+
+
+class ScanLookupError(DreamlensError, IndexError, KeyError):
+    """An objective asked of a scan that it does not hold (by index or by name)."""
+
+    def __str__(self) -> str:  # LookupError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CompareError(DreamlensError, TypeError):
+    """`compare` was given something that is not a dream result."""
 
 
 class ScanCacheError(ScanError):
@@ -102,7 +114,7 @@ class QuantileSketch:
 
     def merge(self, other: QuantileSketch) -> None:
         if other.n != self.n or other.n_buckets != self.n_buckets:
-            raise ValueError(f"cannot merge a sketch of {other.n} objectives into one of {self.n}")
+            raise ScanError(f"cannot merge a sketch of {other.n} objectives into one of {self.n}")
         self.counts += other.counts.to(self.counts.device)
         self.lo = torch.minimum(self.lo, other.lo.to(self.lo.device))
         self.hi = torch.maximum(self.hi, other.hi.to(self.hi.device))
@@ -400,7 +412,7 @@ class ScanResult:
         if isinstance(objective, (int, np.integer)) and not isinstance(objective, bool):
             i = int(objective)
             if not -len(self.objectives) <= i < len(self.objectives):
-                raise IndexError(f"objective index {i} is out of range: this scan has {len(self.objectives)} objective(s)")
+                raise ScanLookupError(f"objective index {i} is out of range: this scan has {len(self.objectives)} objective(s)")
             return i % len(self.objectives)
         key = str(objective)
         if key in self.objectives:
@@ -409,7 +421,7 @@ class ScanResult:
 
         close = difflib.get_close_matches(key, self.objectives, n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"{key!r} is not an objective of this scan{hint} (it has {self.objectives[:5]}...)")
+        raise ScanLookupError(f"{key!r} is not an objective of this scan{hint} (it has {self.objectives[:5]}...)")
 
     def top(self, objective: int | str | Objective = 0) -> pd.DataFrame:
         """Top examples of one objective, best first by the scan's activation. Columns: text, ids,
@@ -705,7 +717,7 @@ def _scan(model, objs, source, budget, window, top_k, per_document, batch_size, 
                 batch_sum = flat.sum(dim=1, dtype=torch.float64)
                 if not torch.isfinite(batch_sum).all():  # a NaN or an infinity anywhere shows in the sum
                     bad = [str(o) for o, v in zip(objs, batch_sum) if not torch.isfinite(v)]
-                    raise FloatingPointError(f"the model produced NaN or infinite values for {bad}")
+                    raise NonFiniteError(f"the model produced NaN or infinite values for {bad}")
                 total += batch_sum
                 sketch.update(flat)
                 cmax, carg = vals.max(dim=2)
@@ -784,13 +796,13 @@ def _dream_parts(dream: Any) -> tuple[str, pd.DataFrame]:
     frontier = getattr(dream, "frontier", None)
     name = getattr(dream, "objective", None)
     if not isinstance(frontier, pd.DataFrame) or name is None:
-        raise TypeError(
+        raise CompareError(
             f"compare needs a dream result with `.frontier` (a DataFrame: text, ids, activation, xe) and "
             f"`.objective`, got {type(dream).__name__}"
         )
     missing = {"activation", "xe"} - set(frontier.columns)
     if missing:
-        raise ValueError(f"the dream's frontier lacks the column(s) {sorted(missing)}; it has {list(frontier.columns)}")
+        raise ScanError(f"the dream's frontier lacks the column(s) {sorted(missing)}; it has {list(frontier.columns)}")
     return str(name), frontier
 
 
@@ -809,7 +821,7 @@ def compare(dream_result: Any, scan_result: ScanResult, objective_index: int | N
         elif len(scan_result.objectives) == 1:
             objective_index = 0
         else:
-            raise ValueError(
+            raise ScanError(
                 f"the dream's objective {name!r} is not among the scan's {scan_result.objectives}; "
                 "pass objective_index= to choose one"
             )
@@ -818,7 +830,7 @@ def compare(dream_result: Any, scan_result: ScanResult, objective_index: int | N
         warnings.warn(f"comparing the dream of {name!r} with the scan of {scan_result.objectives[i]!r}", stacklevel=2)
     top = scan_result.top(i)
     if len(top) and top["xe"].isna().all():
-        raise ValueError("the scan's examples were never scored; run scan(..., score=True) or scan_result.score(model)")
+        raise ScanError("the scan's examples were never scored; run scan(..., score=True) or scan_result.score(model)")
 
     d = frontier.copy()
     d.insert(0, "source", "dream")
@@ -855,40 +867,3 @@ def _figure(table: pd.DataFrame, scan_result: ScanResult, i: int, summary: dict[
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line handlers (wired in cli.py)
-
-
-def cli_scan(args: Any) -> int:
-    from .models import load_model
-
-    model = load_model(args.model)
-    result = scan(model, list(args.objective), args.corpus, tokens=args.tokens, window=args.window,
-                  top_k=args.top_k, per_document=args.per_document, cache=not args.no_cache)
-    out = result.save(args.out)
-    with pd.option_context("display.width", 160, "display.max_columns", 20):
-        print(result.stats.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-        for i, name in enumerate(result.objectives):
-            print(f"\ntop examples of {name}:")
-            top = result.top(i).head(5)
-            for _, r in top.iterrows():
-                print(f"  {r['activation']:9.4g}  xe {r['xe']:5.2f}  {r['text']!r}")
-    print(f"\nsaved to {out}" + (" (from cache)" if result.from_cache else ""))
-    return 0
-
-
-def cli_compare(args: Any) -> int:
-    try:
-        from .results import DreamResult
-    except ImportError as e:
-        raise SystemExit(f"dreamlens compare needs dreamlens.results.DreamResult: {e}") from e
-    dream = DreamResult.load(args.dream_dir)
-    result = ScanResult.load(args.scan_dir)
-    comp = compare(dream, result, args.objective_index)
-    png = comp.save(args.out or args.dream_dir)
-    for k, v in comp.summary.items():
-        print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
-    print(f"saved {png} and its .csv")
-    return 0

@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class DreamlensError(Exception):
     """An error dreamlens raises on purpose: the message names the bad value and the fix."""
+
+
+class OutputError(DreamlensError, OSError):
+    """An output path cannot be written, or already holds results that would be overwritten."""

@@ -30,6 +30,10 @@ class ModelLoadError(DreamlensError, RuntimeError):
     """A model could not be loaded; the message says why and how to fix it."""
 
 
+class TokenError(DreamlensError, ValueError):
+    """A token id that the model's vocabulary does not have."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Start-of-text token
 
@@ -37,7 +41,7 @@ class ModelLoadError(DreamlensError, RuntimeError):
 def set_bos_token_id(model: Any, token_id: int | None) -> None:
     """Declare the token every prompt is scored after (`None`: the model has none)."""
     if token_id is not None and not 0 <= int(token_id) < model.cfg.d_vocab:
-        raise ValueError(f"bos token id {token_id} is outside the vocabulary [0, {model.cfg.d_vocab})")
+        raise TokenError(f"bos token id {token_id} is outside the vocabulary [0, {model.cfg.d_vocab})")
     setattr(model, _BOS_ATTR, None if token_id is None else int(token_id))
 
 

@@ -499,11 +499,13 @@ class Direction(Objective):
         if not torch.isfinite(v).all():
             n_bad = int((~torch.isfinite(v)).sum())
             raise ObjectiveError(
-                f"the direction for {self.hook} has {n_bad} NaN or infinite entries; it must be finite"
+                f"the direction for {self.hook} has {n_bad} NaN or infinite entries; every entry must be a "
+                "finite number"
             )
         if v.numel() == 0 or v.abs().max() == 0:
             raise ObjectiveError(
-                f"the direction for {self.hook} is all zeros (length {v.numel()}): it would give a constant objective"
+                f"the direction for {self.hook} is all zeros (length {v.numel()}): it would give a constant "
+                "objective; pass a vector with at least one non-zero entry"
             )
         object.__setattr__(self, "vector", v)
 
@@ -940,6 +942,12 @@ def _parse_single(spec: str, load_sae: Callable[[str], Any]) -> Objective:
     if m:
         idx = tuple(int(x) for x in m.group(2).split(","))
         return Neuron(m.group(1), idx[0] if len(idx) == 1 else idx, reduce=how)
+    m = re.fullmatch(r"([A-Za-z_][\w.]*)\s*(?:\[\s*\])?", body)
+    if m and "." in m.group(1):  # a hook name without its unit: the commonest slip
+        raise ObjectiveError(
+            f"the objective {spec.strip()!r} names a hook but no unit of it; add the index in brackets, "
+            f"e.g. '{m.group(1)}[0]'"
+        )
     raise ObjectiveError(f"cannot read the objective {spec!r}. {_FORMS}")
 
 

@@ -4,12 +4,10 @@ attributions and, given a scan, the comparison with max-activating dataset examp
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import math
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -21,7 +19,12 @@ import pandas as pd
 
 from . import viz
 from .attribution import Attribution, attribute_frontier, head_scripts
-from .results import DreamResult, ResultError
+from .errors import DreamlensError
+from .results import DreamResult, NotAResultError, ResultError
+
+
+class ReportError(DreamlensError, ValueError):
+    """A report cannot be built from what it was given."""
 
 _CSS = """
 body { font-family: system-ui, -apple-system, sans-serif; margin: 2em auto; max-width: 1180px; color: #222; padding: 0 1em; }
@@ -154,9 +157,9 @@ def build_report(
     frontier prompts when `model` is given (or passed ready in `attributions`); the dataset comparison
     is added when `scan` (a `ScanResult`) is given. Everything is inlined: no external URL."""
     if not isinstance(result, DreamResult):
-        raise TypeError(f"build_report needs a DreamResult, got {type(result).__name__}")
+        raise NotAResultError(f"build_report needs a DreamResult (from dream() or DreamResult.load), got {type(result).__name__}")
     if len(result) == 0:
-        raise ValueError(f"the result of {result.objective!r} holds no evaluated prompts: nothing to report")
+        raise ReportError(f"the result of {result.objective!r} holds no evaluated prompts: nothing to report; run the dream for at least one iteration")
     title = title or f"Dream report: {result.objective}"
     if attributions is None and model is not None and max_attributions > 0:
         if result.model_name and str(model.cfg.model_name) != result.model_name:
@@ -210,43 +213,3 @@ def load_result(path: str | os.PathLike) -> DreamResult:
     if not p.is_dir():
         raise ResultError(f"{str(p)!r} is a file; a dream result is a folder holding result.json and history.parquet")
     return DreamResult.load(p)
-
-
-def _model_for(result: DreamResult, name: str | None) -> Any:
-    from .models import load_model, smollm2_config
-
-    if name is None and result.model_name not in ("", smollm2_config().model_name):
-        name = result.model_name
-    try:
-        return load_model(name)
-    except Exception as e:
-        raise ValueError(
-            f"cannot load the model {name or 'embedded'!r} for token attributions ({e}); pass --model, or "
-            "--attributions 0 to skip them"
-        ) from e
-
-
-def cli_report(args: argparse.Namespace) -> int:
-    """`dreamlens report RESULT_DIR [--scan SCAN_DIR] --out report.html`."""
-    try:
-        result = load_result(args.result_dir)
-        scan = None
-        if args.scan:
-            from .dataset import ScanResult
-
-            scan = ScanResult.load(args.scan)
-        model = _model_for(result, args.model) if args.attributions > 0 else None
-        out = write_report(args.out, result, model=model, scan=scan, max_attributions=args.attributions,
-                           objective_index=args.objective_index)
-        stem = out.with_suffix("")
-        pngs = [
-            viz.save_png(viz.plot_frontier(result), f"{stem}_frontier.png"),
-            viz.save_png(viz.plot_evolution(result), f"{stem}_evolution.png"),
-            viz.save_png(viz.plot_thresholds(result), f"{stem}_thresholds.png"),
-        ]
-    except (ValueError, OSError) as e:
-        print(f"dreamlens report: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {', '.join(p.name for p in pngs)}")
-    return 0
-

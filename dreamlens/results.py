@@ -17,13 +17,44 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import DreamlensError
+from .errors import DreamlensError, OutputError
 
 FORMAT_VERSION = 1
+
+# Why a run stopped. completed: every iteration ran; budget: max_token_forwards was spent; callback:
+# the callback returned True; interrupted: Ctrl-C or SIGTERM; checkpoint: a checkpoint written mid-run
+# (the run may still be going, or was killed); error: an exception (its text in `DreamResult.error`),
+# re-raised after the partial result was saved. Every one of them can be resumed.
+STOP_REASONS = ("completed", "budget", "callback", "interrupted", "checkpoint", "error")
 
 
 class ResultError(DreamlensError, ValueError):
     """A result folder is missing, unreadable, or from another version."""
+
+
+class NotAResultError(DreamlensError, TypeError):
+    """Something other than a DreamResult was given where one is needed."""
+
+
+_RESULT_FILES = ("result.json", "history.parquet")
+
+
+def check_output_folder(path: Path, *, overwrite: bool = False, fix: str = "pass overwrite=True to replace it") -> None:
+    """Refuse (`OutputError`) to write a result to `path` if that would destroy something: an existing
+    result unless `overwrite`, and never a file or a folder holding other things."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise OutputError(f"{str(path)!r} is a file; a result is written to a folder: choose another path")
+    if (path / "result.json").exists():
+        if not overwrite:
+            raise OutputError(f"{str(path)!r} already holds a dream result; {fix}, or choose another folder")
+        return
+    if any(path.iterdir()):
+        raise OutputError(
+            f"{str(path)!r} is a folder holding other files, not a dream result: saving would replace them; "
+            "choose a new or empty folder"
+        )
 
 
 def pareto_front(activation: np.ndarray, xe: np.ndarray) -> np.ndarray:
@@ -65,8 +96,9 @@ class DreamResult:
     n_gradient: int = 0  # prompts passed through forward+backward for one-hot gradients
     token_forwards: int = 0  # compute spent, in token-forwards (a gradient pass counts 3 per token)
     iterations: int = 0  # iterations completed
-    stopped: str = "completed"  # completed | callback | interrupted | budget | error: ...
+    stopped: str = "completed"  # one of STOP_REASONS
     state: dict[str, Any] = field(default_factory=dict)  # the optimizer's state, for resume
+    error: str = ""  # when stopped == "error": the exception, as "TypeName: message"
 
     # -- views -----------------------------------------------------------------------------------
     @property
@@ -95,7 +127,7 @@ class DreamResult:
         ok = np.flatnonzero(self.xe <= max_xe)
         if ok.size == 0:
             lo = float(np.min(self.xe)) if self.xe.size else float("nan")
-            raise ValueError(f"no prompt has xe <= {max_xe}; the lowest xe in this result is {lo:.3f}")
+            raise ResultError(f"no prompt has xe <= {max_xe}; the lowest xe in this result is {lo:.3f}")
         i = ok[np.argmax(self.activation[ok])]
         return self.history.iloc[i][["text", "ids", "activation", "xe", "iteration"]]
 
@@ -127,30 +159,47 @@ class DreamResult:
             "token_forwards": self.token_forwards,
             "iterations": self.iterations,
             "stopped": self.stopped,
+            "error": self.error,
             "state": self.state,
             "frontier": json.loads(self.frontier.to_json(orient="records")),
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the result folder atomically (a crash never leaves a half-written result)."""
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the result folder atomically (a crash never leaves a half-written result).
+
+        A folder that already holds a result is replaced only with `overwrite=True` (other files in it,
+        such as a report, are kept); a file, or a folder holding anything but a result, is never replaced."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        check_output_folder(path, overwrite=overwrite)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        except OSError as e:
+            raise OutputError(f"cannot write a result to {str(path)!r} ({e.strerror or e}); choose a writable folder") from e
+        moved: list[str] = []  # the user's other files in the folder, carried over into the new one
+        old = None
         try:
             (tmp / "result.json").write_text(json.dumps(self._meta(), indent=1))
             hist = self.history
             hist["ids"] = [np.asarray(r, dtype=np.int32) for r in self.ids]
             hist.to_parquet(tmp / "history.parquet", index=False)
-            old = None
             if path.exists():
+                for entry in path.iterdir():  # keep what else lives beside the result (a report, a plot)
+                    if entry.name not in _RESULT_FILES:
+                        os.replace(entry, tmp / entry.name)
+                        moved.append(entry.name)
                 old = path.with_name(f".{path.name}.old-{os.getpid()}")
                 os.replace(path, old)
             os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
         except BaseException:
+            if old is not None and not path.exists():
+                os.replace(old, path)
+            for name in moved:  # nothing of the user's is lost when the save fails
+                os.replace(tmp / name, path / name)
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return path
 
     @classmethod
@@ -172,6 +221,9 @@ class DreamResult:
             hist = pd.read_parquet(path / "history.parquet")
         except Exception as e:
             raise ResultError(f"cannot read {path / 'history.parquet'}: {e}") from e
+        missing = [k for k in ("objective", "method", "config") if k not in meta]
+        if missing or not {"ids", "activation", "xe", "iteration", "text"} <= set(hist.columns):
+            raise ResultError(f"{str(path)!r} is an incomplete dream result (missing {missing or 'history columns'}); save it again")
         length = int(meta["config"].get("length", 0))
         ids = np.stack([np.asarray(r, dtype=np.int64) for r in hist["ids"]]) if len(hist) else np.zeros((0, length), np.int64)
         return cls(
@@ -194,4 +246,5 @@ class DreamResult:
             iterations=meta.get("iterations", 0),
             stopped=meta.get("stopped", "completed"),
             state=meta.get("state", {}),
+            error=meta.get("error", ""),
         )

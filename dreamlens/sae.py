@@ -40,6 +40,10 @@ class SAELoadError(DreamlensError, RuntimeError):
     """An SAE could not be loaded; the message says why and how to fix it."""
 
 
+class SAEUsageError(DreamlensError, ValueError):
+    """A bad argument to an SAE helper."""
+
+
 def embedded_sae_dir() -> Path:
     """The folder of the embedded SAE inside the installed package."""
     return Path(__file__).resolve().parent / "data" / "sae"
@@ -56,7 +60,7 @@ def embedded_sae_documents(split: Literal["train", "heldout"]) -> Iterator[str]:
     from .corpus import documents
 
     if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        raise SAEUsageError(f"split must be 'train' or 'heldout', got {split!r}")
     parts = []
     for name, n_heldout in HELDOUT_DOCUMENTS.items():
         docs = list(documents(name))
