@@ -155,7 +155,7 @@ def test_ctrl_c_keeps_history(tiny_model):
     with pytest.warns(UserWarning, match="interrupted"):
         r = run(tiny_model, callback=cb) if False else dl.epo(tiny_model, OBJ, dl.EPOConfig(**SMALL), callback=cb, progress=False)
     assert r.stopped == "interrupted"
-    assert r.iterations == 2 and r.iteration.max() == 3
+    assert r.iterations == 3 and r.iteration.max() == 3  # iteration 3 was complete when the callback ran
     assert len(r) > SMALL["population"]
 
 
@@ -166,9 +166,10 @@ def test_callback_can_stop_and_crashing_callback_keeps_work(tiny_model):
     def bad(info):
         raise RuntimeError("boom")
 
-    with pytest.warns(UserWarning, match="boom"):
-        r = dl.epo(tiny_model, OBJ, dl.EPOConfig(**SMALL), callback=bad, progress=False)
-    assert r.stopped.startswith("error: RuntimeError: boom") and len(r) > 0
+    with pytest.raises(RuntimeError, match="boom") as caught:  # a failure is a failure, its work kept
+        dl.epo(tiny_model, OBJ, dl.EPOConfig(**SMALL), callback=bad, progress=False)
+    r = caught.value.dreamlens_result
+    assert (r.stopped, r.error, r.iterations) == ("error", "RuntimeError: boom", 1) and len(r) > 0
 
 
 def test_budget_stops_the_run(tiny_model):

@@ -21,7 +21,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 OBJ = "blocks.1.mlp.hook_post[3]"
 SMALL = dict(length=4, population=2, children=2, topk=8, iters=0)  # checks only: no iteration runs
-OPTIM = pytest.mark.xfail(reason="needs the optim validation change", strict=False)
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:
@@ -107,7 +106,6 @@ OPTIM_CASES = [
 ]
 
 
-@OPTIM
 @pytest.mark.parametrize("case", OPTIM_CASES, ids=[c[0] for c in OPTIM_CASES])
 def test_api_optimizer_sizes_and_seed(tiny_model, case):
     _, kw, needles = case
@@ -117,7 +115,6 @@ def test_api_optimizer_sizes_and_seed(tiny_model, case):
         assert n in str(caught.value), (n, str(caught.value))
 
 
-@OPTIM
 def test_cli_topk_larger_than_the_vocabulary(tiny_model, monkeypatch, capsys):
     monkeypatch.setattr(models, "load_model", lambda name=None, **k: tiny_model)
     rc, err = run_cli(capsys, "dream", OBJ, "--method", "epo", "--iters", "0", "--length", "4", "--topk", "1000000")

@@ -27,7 +27,6 @@ CONFIGS = {  # small, with restarts (EPO) and mutation strengths (ADAPT) inside 
     "epo": dict(length=5, population=3, children=6, topk=32, iters=6, restart_every=3, seed=1),
     "adapt": dict(length=4, beams=2, beam_lm=2, beam_grad=2, children=4, iters=6, patience=1, seed=1),
 }
-LOOP_CHANGE = pytest.mark.xfail(reason="needs loop change", strict=False)
 
 
 def _dream(model, method, callback=None, resume=None, **kw):
@@ -73,7 +72,6 @@ def test_ctrl_c_in_the_forward_pass(tiny_model, reference, method):
     assert_same_run(_dream(tiny_model, method, resume=part), reference[method])
 
 
-@LOOP_CHANGE
 @pytest.mark.parametrize("method", CONFIGS)
 def test_ctrl_c_in_the_callback(tiny_model, reference, method):
     part = _dream(tiny_model, method, callback=_interrupt_at(3))
@@ -81,7 +79,6 @@ def test_ctrl_c_in_the_callback(tiny_model, reference, method):
     assert_same_run(_dream(tiny_model, method, resume=part), reference[method])
 
 
-@LOOP_CHANGE
 @pytest.mark.parametrize("method", CONFIGS)
 def test_ctrl_c_during_a_checkpoint_write(tiny_model, reference, method, tmp_path, monkeypatch):
     save = DreamResult.save
@@ -100,7 +97,6 @@ def test_ctrl_c_during_a_checkpoint_write(tiny_model, reference, method, tmp_pat
     assert_same_run(_dream(tiny_model, method, resume=tmp_path / "ckpt"), reference[method])
 
 
-@LOOP_CHANGE
 @pytest.mark.parametrize("method", CONFIGS)
 def test_sigterm_is_ctrl_c(tiny_model, reference, method):
     def callback(info):
@@ -119,7 +115,6 @@ def test_sigterm_is_ctrl_c(tiny_model, reference, method):
     assert_same_run(_dream(tiny_model, method, resume=part), reference[method])
 
 
-@LOOP_CHANGE
 @pytest.mark.parametrize("method", CONFIGS)
 def test_a_crashing_callback_saves_the_partial_result_then_raises(tiny_model, reference, method, tmp_path):
     def callback(info):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ from .core import (
     check_not_constant,
     fast_weights,
     retokenizes,
+    sigterm_as_interrupt,
 )
 from .sampling import next_token_logprobs
 from .epo import (
@@ -49,6 +51,7 @@ from .epo import (
     prepare,
     random_prompts,
     save_checkpoint,
+    save_partial,
 )
 
 
@@ -114,6 +117,7 @@ class ADAPTConfig:
         need(self.checkpoint_every is None or self.checkpoint_every >= 1, "checkpoint_every must be None or >= 1")
         need(self.checkpoint_every is None or self.checkpoint_dir is not None, "checkpoint_every needs checkpoint_dir: where to write the checkpoints")
         need(self.init_text is None or self.init_ids is None, "give init_text or init_ids, not both")
+        need(isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool), f"seed must be an integer, got {self.seed!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +375,7 @@ def adapt(
     if resume is not None:
         check_resume(prev, objs, cfg, "adapt")
     out = []
-    with fast_weights(model):  # no weight copies per pass; restored however the run ends
+    with fast_weights(model), sigterm_as_interrupt():  # weights restored however the run ends; SIGTERM is Ctrl-C
         for k, o in enumerate(objs):
             out.append(_adapt_one(model, o, cfg, layout, banned, callback, prev[k], progress, k, single))
     return out[0] if single else out
@@ -436,20 +440,23 @@ def _adapt_one(
             "generator": base64.b64encode(gen.get_state().numpy().tobytes()).decode(),
         }
 
-    snap = snapshot()
+    # The state of iteration `done` and the compute spent up to it: what every result reports, so a stop
+    # anywhere (a checkpoint, the callback, the next forward pass) resumes exactly.
+    snap, done, counts = snapshot(), first_it - 1, (ev.n_forward, ev.n_gradient, ev.token_forwards)
 
-    def result(it: int, stopped: str) -> DreamResult:
-        return make_results(model, [obj], ev, cfg, "adapt", wall_prev + time.perf_counter() - wall0, it, stopped, [snap])[0]
+    def result(stopped: str, error: str = "") -> DreamResult:
+        wall = wall_prev + time.perf_counter() - wall0
+        return make_results(model, [obj], ev, cfg, "adapt", wall, done, stopped, [snap], counts, error)[0]
 
     def spent() -> bool:
         return cfg.max_token_forwards is not None and ev.token_forwards >= cfg.max_token_forwards
 
     bar = _progress(progress, cfg.iters, first_it - 1, index)
-    it, stopped = first_it - 1, "completed"
+    stopped = "completed"
     try:
         if pop is None:
             pop, pop_f, pop_xe, lams = start()
-            snap = snapshot()
+            snap, counts = snapshot(), (ev.n_forward, ev.n_gradient, ev.token_forwards)
         if spent():
             stopped, first_it = "budget", cfg.iters + 1
         for it in range(first_it, cfg.iters + 1):
@@ -469,13 +476,13 @@ def _adapt_one(
             for m in range(B):
                 strengths[m].update(bool(new[m] < old[m] - 1e-12), cfg)
             pop, pop_f, pop_xe = pool[best].clone(), pf[best], px[best]
-            snap = snapshot()
+            snap, done, counts = snapshot(), it, (ev.n_forward, ev.n_gradient, ev.token_forwards)
             if bar is not None:
                 i = int(np.argmax(ev.hist_vals[0]))
                 bar.set_postfix(best=f"{ev.hist_vals[0][i]:.3f}", xe=f"{ev.hist_xe[0][i]:.2f}", prompts=len(ev.hist_vals[0]))
                 bar.update(1)
             if cfg.checkpoint_every and it % cfg.checkpoint_every == 0:
-                save_checkpoint([result(it, "checkpoint")], _checkpoint_dir(cfg, index, single), True)
+                save_checkpoint([result("checkpoint")], _checkpoint_dir(cfg, index, single), True)
             if callback is not None:
                 info = IterationInfo(
                     iteration=it, objective=index, texts=[decode(model, r) for r in pop],
@@ -491,15 +498,15 @@ def _adapt_one(
                 stopped = "budget"
                 break
     except KeyboardInterrupt:
-        stopped, it = "interrupted", max(it - 1, 0)
-        warnings.warn(f"interrupted: returning the result of the {it} completed iterations", stacklevel=3)
-    except Exception as e:  # keep what was found; say what went wrong
-        stopped, it = f"error: {type(e).__name__}: {e}", it - 1
-        warnings.warn(f"the run stopped at iteration {it + 1} ({type(e).__name__}: {e}); returning the partial result", stacklevel=3)
+        stopped = "interrupted"
+        warnings.warn(f"interrupted: returning the result of the {done} completed iterations", stacklevel=3)
+    except Exception as e:  # a bug or a failing callback: keep what was found, then fail
+        save_partial(e, [result("error", f"{type(e).__name__}: {e}")], _checkpoint_dir(cfg, index, single), True)
+        raise
     finally:
         if bar is not None:
             bar.close()
-    return result(max(it, 0), stopped)
+    return result(stopped)
 
 
 def _checkpoint_dir(cfg: ADAPTConfig, index: int, single: bool) -> str | None:

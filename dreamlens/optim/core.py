@@ -10,6 +10,8 @@ prefix, the first optimized token has nothing to be predicted from and is not sc
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -38,6 +40,32 @@ from ..objectives import (
 
 class DreamError(DreamlensError, ValueError):
     """Bad optimizer input; the message names the value and the fix."""
+
+
+def check_vocab_sizes(model: Any, **sizes: int) -> None:
+    """Refuse a population, children or top-k larger than the model's vocabulary (each draws tokens from it)."""
+    V = int(model.cfg.d_vocab)
+    for name, value in sizes.items():
+        if value > V:
+            raise DreamError(f"{name} {value} is larger than the model's vocabulary ({V} tokens); use {name} <= {V}")
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """For the duration, SIGTERM (a job scheduler's stop) raises KeyboardInterrupt as Ctrl-C does, so
+    the run returns (and the CLI saves) its partial result. Only the main thread can take signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------------------------------

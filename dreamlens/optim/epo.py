@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -33,9 +34,11 @@ from .core import (
     Layout,
     banned_mask,
     check_not_constant,
+    check_vocab_sizes,
     fast_weights,
     make_layout,
     retokenizes,
+    sigterm_as_interrupt,
 )
 from .sampling import sample_prompts, span_logprobs
 
@@ -100,6 +103,7 @@ class EPOConfig:
             "checkpoint_every needs checkpoint_dir: where to write the checkpoints",
         )
         need(self.init_text is None or self.init_ids is None, "give init_text or init_ids, not both")
+        need(isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool), f"seed must be an integer, got {self.seed!r}")
         need(self.init in ("random", "sample"), f"init must be 'random' or 'sample', got {self.init!r}")
         need(self.restart_patience >= 0, f"restart_patience must be >= 0 (0: off), got {self.restart_patience}")
         need(0.0 <= self.lm_share <= 1.0, f"lm_share must be between 0 and 1, got {self.lm_share}")
@@ -188,6 +192,7 @@ def prepare(model: Any, objectives: Any, cfg: Any) -> tuple[list[Objective], boo
     cfg.validate()
     for o in objs:
         o.validate(model)
+    check_vocab_sizes(model, **{k: getattr(cfg, k) for k in ("population", "beams", "children", "topk", "topk_max") if hasattr(cfg, k)})
     layout = make_layout(model, cfg.length, cfg.prefix, cfg.suffix)
     banned = banned_mask(
         model, ascii_only=cfg.ascii_only, ban_whitespace_only=cfg.ban_whitespace_only, extra=cfg.banned_tokens
@@ -197,8 +202,11 @@ def prepare(model: Any, objectives: Any, cfg: Any) -> tuple[list[Objective], boo
 
 def make_results(
     model: Any, objs: list[Objective], ev: Evaluator, cfg: Any, method: str, wall: float, iterations: int,
-    stopped: str, states: list[dict[str, Any]],
+    stopped: str, states: list[dict[str, Any]], counts: tuple[int, int, int] | None = None, error: str = "",
 ) -> list[DreamResult]:
+    """One result per objective. `counts` (n_forward, n_gradient, token_forwards) as of the state's
+    iteration (default: the evaluator's now), so that a resumed run counts its compute exactly."""
+    n_forward, n_gradient, token_forwards = counts or (ev.n_forward, ev.n_gradient, ev.token_forwards)
     out = []
     for k, o in enumerate(objs):
         ids, vals, xe, it, text = ev.history_arrays(k)
@@ -206,9 +214,9 @@ def make_results(
             DreamResult(
                 objective=str(o), method=method, config=_config_dict(cfg), ids=ids, activation=vals, xe=xe,
                 iteration=it, text=text, prefix=cfg.prefix, suffix=cfg.suffix, bos_token_id=bos_token_id(model),
-                model_name=str(model.cfg.model_name), wall_time=wall, n_forward=ev.n_forward,
-                n_gradient=ev.n_gradient, token_forwards=ev.token_forwards, iterations=iterations,
-                stopped=stopped, state=states[k] if states else {},
+                model_name=str(model.cfg.model_name), wall_time=wall, n_forward=n_forward,
+                n_gradient=n_gradient, token_forwards=token_forwards, iterations=iterations,
+                stopped=stopped, state=states[k] if states else {}, error=error,
             )
         )
     return out
@@ -340,15 +348,19 @@ def epo(
             for k in range(K)
         ]
 
-    snap = snapshot()
+    # The state of iteration `done`, and the compute spent up to it: one consistent point that every
+    # result reports (a stop during a checkpoint, the callback or the next forward pass resumes from it).
+    snap, done, counts = snapshot(), first_it - 1, (ev.n_forward, ev.n_gradient, ev.token_forwards)
 
-    def results(it: int, stopped: str) -> list[DreamResult]:
-        return make_results(model, objs, ev, cfg, "epo", wall_prev + time.perf_counter() - wall0, it, stopped, snap)
+    def results(stopped: str, error: str = "") -> list[DreamResult]:
+        wall = wall_prev + time.perf_counter() - wall0
+        return make_results(model, objs, ev, cfg, "epo", wall, done, stopped, snap, counts, error)
 
     bar = _progress(progress, cfg.iters, first_it - 1)
-    it, stopped = first_it - 1, "completed"
+    stopped = "completed"
     fast = ExitStack()
     fast.enter_context(fast_weights(model))  # restored in `finally`, however the run ends
+    fast.enter_context(sigterm_as_interrupt())
     try:
         for it in range(first_it, cfg.iters + 1):
             flat = pop.view(K * M, L).to(device)
@@ -375,10 +387,10 @@ def epo(
                     lam_r = math.exp(lam_lo + (lam_hi - lam_lo) * torch.rand((), generator=gens[k]).item())
                     j = int((-pop_f[k] + lam_r * pop_xe[k]).argmin())
                     pop[k], pop_f[k], pop_xe[k] = pop[k][j].expand(M, L).clone(), pop_f[k][j].expand(M).clone(), pop_xe[k][j].expand(M).clone()
-            snap = snapshot()
+            snap, done, counts = snapshot(), it, (ev.n_forward, ev.n_gradient, ev.token_forwards)
             _update_bar(bar, ev, K)
             if cfg.checkpoint_every and it % cfg.checkpoint_every == 0:
-                save_checkpoint(results(it, "checkpoint"), cfg.checkpoint_dir, single)
+                save_checkpoint(results("checkpoint"), cfg.checkpoint_dir, single)
             if callback is not None and _call(callback, it, pop, pop_f, pop_xe, ev, model, K):
                 stopped = "callback"
                 break
@@ -386,16 +398,16 @@ def epo(
                 stopped = "budget"
                 break
     except KeyboardInterrupt:
-        stopped, it = "interrupted", it - 1
-        warnings.warn(f"interrupted: returning the result of the {it} completed iterations", stacklevel=2)
-    except Exception as e:  # keep what was found; say what went wrong
-        stopped, it = f"error: {type(e).__name__}: {e}", it - 1
-        warnings.warn(f"the run stopped at iteration {it + 1} ({type(e).__name__}: {e}); returning the partial result", stacklevel=2)
+        stopped = "interrupted"
+        warnings.warn(f"interrupted: returning the result of the {done} completed iterations", stacklevel=2)
+    except Exception as e:  # a bug or a failing callback: keep what was found, then fail
+        save_partial(e, results("error", f"{type(e).__name__}: {e}"), cfg.checkpoint_dir, single)
+        raise
     finally:
         fast.close()
         if bar is not None:
             bar.close()
-    out = results(it, stopped)
+    out = results(stopped)
     return out[0] if single else out
 
 
@@ -403,10 +415,24 @@ def save_checkpoint(results: list[DreamResult], folder: str | None, single: bool
     if folder is None:
         return
     if single:
-        results[0].save(folder)
+        results[0].save(folder, overwrite=True)  # replaces the run's previous checkpoint
     else:
         for k, r in enumerate(results):
-            r.save(Path(folder) / f"objective_{k}")
+            r.save(Path(folder) / f"objective_{k}", overwrite=True)
+
+
+def save_partial(e: BaseException, results: list[DreamResult], folder: str | None, single: bool) -> None:
+    """Before an exception leaves a run: attach the partial result to it (`e.dreamlens_result`), save it
+    to `folder` when there is one (a failed save is noted, never masks `e`), and say how to resume."""
+    e.dreamlens_result = results[0] if single else results  # type: ignore[attr-defined]
+    where = "it is on the exception as .dreamlens_result"
+    if folder is not None:
+        try:
+            save_checkpoint(results, folder, single)
+            where = f"saved to {folder}"
+        except Exception as save_error:  # noqa: BLE001 - the original error matters more
+            where += f" (saving it to {folder} failed: {save_error})"
+    e.add_note(f"dreamlens: the partial result ({results[0].iterations} iterations) {where}; resume= continues it")
 
 
 def _progress(enabled: bool, total: int, initial: int):
