@@ -42,7 +42,8 @@ of the budget (`--curve`, on by default except with --quick).
 Every run is written to OUT/runs/<job>/ as soon as it ends (its DreamResult in result/, the scored
 history in scored.parquet, then run.json with the callback's (iteration, token-forwards) trace); a
 restarted shard skips the runs already there with the same settings. A failing run is printed,
-recorded (error.json) and skipped; it is tried again on a restart.
+recorded (error.json) and skipped; it is tried again on a restart. Ctrl-C or SIGTERM stops the
+script without recording the run in progress.
 """
 
 from __future__ import annotations
@@ -232,6 +233,8 @@ def run_job(model: Any, target: Target, job: Job, settings: dict[str, Any], fold
     r = dl.dream(model, target.dream, method, length=settings["length"], seed=job.seed, max_token_forwards=budget,
                  iters=ITERS, progress=False, callback=record, **options)
     seconds = time.perf_counter() - t
+    if r.stopped == "interrupted":  # Ctrl-C or SIGTERM: a partial run is not a result; stop the shard
+        raise KeyboardInterrupt("the run was interrupted")
     raw = np.asarray(r.activation, dtype=np.float64)
     act, check, n_rescored = raw, math.nan, 0
     t = time.perf_counter()
@@ -647,6 +650,10 @@ def main() -> None:
             continue
         try:
             info = run_job(model, targets[job.target], job, settings, folder)
+        except KeyboardInterrupt:
+            print(f"  {tag}: interrupted, not recorded; the finished runs are kept in {out / 'runs'}: run the same "
+                  "command again to continue", file=sys.stderr, flush=True)
+            sys.exit(130)
         except Exception as e:  # noqa: BLE001 - one failed run must not stop the others
             msg = f"{type(e).__name__}: {e}"
             print(f"  {tag}: FAILED {msg}\n" + "".join(traceback.format_exc(limit=-3)), file=sys.stderr, flush=True)
