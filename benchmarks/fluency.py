@@ -169,6 +169,24 @@ def default_name(names: list[str]) -> str:
     return name if name in names else names[0]
 
 
+def inexact_fracs(settings: dict[str, Any]) -> list[float]:
+    """The budget shares below 1 at which the default method's run would differ from its full run cut
+    there (those need real runs). ADAPT's trajectory depends on the budget only through its beam
+    search's sizes: a share whose beam sizes equal the full budget's is cut exactly."""
+    method, options, dependent = split_options(settings["default"], settings)
+    if not dependent:
+        return []
+    if method != "adapt":
+        return list(CURVE[:-1])
+    from dreamlens.optim.adapt import ADAPTConfig, beam_sizes
+    from dreamlens.optim.core import Layout
+
+    layout = Layout((0,), (), settings["length"], 1)  # the start token, then the dream: every run here
+    def sizes(budget: float) -> tuple[int, int]:
+        return beam_sizes(ADAPTConfig(**options, length=settings["length"], max_token_forwards=round(budget)), layout)
+    return [f for f in CURVE[:-1] if sizes(settings["budget"] * f) != sizes(settings["budget"])]
+
+
 def make_jobs(settings: dict[str, Any]) -> list[Job]:
     """Method-major, in the order of `--methods`, the default method's budget-curve runs right after its
     own: a run cut short by time loses the last methods, never targets."""
@@ -177,8 +195,8 @@ def make_jobs(settings: dict[str, Any]) -> list[Job]:
     jobs = []
     for m in settings["methods"]:
         jobs += [Job(t, m, s) for t in T for s in S]
-        if m == d and settings["curve"] and split_options(d, settings)[2]:
-            jobs += [Job(t, d, s, f) for f in CURVE[:-1] for t in T for s in S]
+        if m == d and settings["curve"]:
+            jobs += [Job(t, d, s, f) for f in inexact_fracs(settings) for t in T for s in S]
     return jobs
 
 
@@ -327,7 +345,7 @@ def metric_rows(runs: list[dict[str, Any]], settings: dict[str, Any], sides: lis
     names = settings["targets"]
     budget = settings["budget"]
     d = settings["default"]
-    dependent = split_options(d, settings)[2] if d in settings["method_configs"] else False
+    inexact = inexact_fracs(settings) if d in settings["method_configs"] else []
     have_real = {(r["target"], r["seed"], r["frac"]) for r in runs if r["method"] == d and r["frac"] < 1}
     rows = []
     for r in runs:
@@ -344,7 +362,7 @@ def metric_rows(runs: list[dict[str, Any]], settings: dict[str, Any], sides: lis
                 "x_med": side["x_med"], "stopped": r["stopped"]}
         shares = [r["frac"]]
         if r["method"] == d and r["frac"] == 1.0:
-            shares = [f for f in CURVE[:-1] if not (dependent and (r["target"], r["seed"], f) in have_real)] + [1.0]
+            shares = [f for f in CURVE[:-1] if (r["target"], r["seed"], f) not in have_real] + [1.0]
         for f in shares:
             if f == r["frac"]:
                 keep, tf, iters, source = np.ones(len(it), bool), r["token_forwards"], r["iterations"], "run"
@@ -356,7 +374,7 @@ def metric_rows(runs: list[dict[str, Any]], settings: dict[str, Any], sides: lis
                 keep = it <= last if last is not None else np.ones(len(it), bool)
                 tf = tf if tf is not None else r["token_forwards"]
                 iters, seconds = (last if last is not None else r["iterations"]), math.nan
-                source = "cut (inexact: budget-dependent)" if dependent else "cut"
+                source = "cut (inexact: budget-dependent)" if f in inexact else "cut"
             m = run_metrics(act[keep], xe[keep], raw[keep], side["ex"], side["d_max"], side["x_med"])
             rows.append({**base, "frac": f, "source": source, "token_forwards": tf, "iterations": iters,
                          "seconds": seconds, **m})

@@ -317,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lam", type=_positive_float, default=None, help="the fluency penalty (gcg)")
     p.add_argument("--restart-every", type=count, default=None, help="restart period (default 50; 0: never)")
     p.add_argument("--init-text", default=None, help="start from this text (exactly --length tokens)")
+    p.add_argument("--init", choices=["random", "sample"], default=None,
+                   help="epo: start from random tokens (the paper) or from text sampled from the model")
+    p.add_argument("--restart-patience", type=count, default=None,
+                   help="epo: also restart after this many iterations without improvement (0: off)")
+    p.add_argument("--lm-share", type=float, default=None,
+                   help="epo: share of children whose new token is sampled from the model (0..1)")
     p.add_argument("--prefix", default=None, help="fixed text before the dream")
     p.add_argument("--suffix", default=None, help="fixed text after the dream")
     p.add_argument("--ascii-only", action="store_true", default=None, help="ban tokens with non-ASCII characters")
