@@ -130,6 +130,12 @@ def _print_frontier(result, rows: int = 12) -> None:
 
 
 def _cmd_dream(args: argparse.Namespace) -> int:
+    _run_dream(args)
+    return 0
+
+
+def _run_dream(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Dream as the `dream` arguments say: print the frontier, save the result; (model, result)."""
     import dataclasses
 
     from .models import load_model
@@ -152,15 +158,18 @@ def _cmd_dream(args: argparse.Namespace) -> int:
     if args.out:
         result.save(args.out, overwrite=True)  # the folder was checked above; it may hold our checkpoint
         print(f"\nsaved to {args.out} (result.json, history.parquet)")
-    return 0
+    return model, result
 
 
 def demo_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The `dream` arguments of the demo: ADAPT (the default method), 8 tokens, on the embedded model
-    after its chat template's user turn (no prefix for another `--model`, whose template may differ)."""
+    """The `dream` arguments of the demo: the default method, 8 tokens, on the embedded model after
+    its chat template's user turn (no prefix for another `--model`, whose template may differ)."""
+    from .optim.dream import DEFAULT_METHOD
+
     return argparse.Namespace(
         objective=DEMO_OBJECTIVE, model=args.model, out=args.out, resume=None, checkpoint_every=None,
-        length=8, iters=args.iters, seed=0, method="adapt", prefix=DEMO_PREFIX if args.model is None else None,
+        length=8, iters=None, max_token_forwards=args.budget, seed=0, method=DEFAULT_METHOD,
+        prefix=DEMO_PREFIX if args.model is None else None,
         force=getattr(args, "force", False) or _is_demo_result(args.out),
     )
 
@@ -181,8 +190,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if dream_args.out:  # before the model loads, like dream's own check
         check_out_folder(dream_args.out, "result.json", "dream result", force=dream_args.force)
     _cmd_info(args)
-    print(f"\nDreaming {DEMO_OBJECTIVE} with ADAPT after {DEMO_PREFIX!r} (a small budget: about a minute on a 2-core CPU)...")
-    return _cmd_dream(dream_args)
+    print(f"\nDreaming {DEMO_OBJECTIVE} with {dream_args.method.upper()} after {DEMO_PREFIX!r} "
+          f"({args.budget:,} token-forwards: a couple of minutes on a 2-core CPU)...")
+    model, result = _run_dream(dream_args)
+    _print_dataset_side(model, result, args.scan_tokens)
+    return 0
+
+
+def _print_dataset_side(model: Any, result: Any, tokens: int) -> None:
+    """The demo's dream next to the objective's top dataset examples (windows as long as the dream,
+    scored like dreams): does the frontier reach their fluency, and how high does it go there?"""
+    from .dataset import scan
+    from .metrics import dataset_max, median_top_xe
+
+    print(f"\nThe top dataset examples: a scan of {tokens:,} tokens of the embedded corpora (cached after the first run)...")
+    found = scan(model, [result.objective], None, tokens=tokens, window=int(result.ids.shape[1]), top_k=32)
+    top, d_max, x_med = found.top(0), dataset_max(found), median_top_xe(found)
+    print(f"top example: {top['text'].iloc[0]!r} (activation {top['activation'].iloc[0]:.3f}, xe {top['xe'].iloc[0]:.2f})")
+    print(f"dataset max {d_max:.3f}; median xe of the top {len(top)} examples {x_med:.2f}")
+    fluent = result.xe <= x_med
+    if fluent.any():
+        b = result.best(max_xe=x_med)
+        verdict = "beats the dataset max" if b.activation > d_max else f"{b.activation / d_max:.2f} of the dataset max"
+        print(f"the dream's best prompt at xe <= {x_med:.2f}: {b.text!r} (activation {b.activation:.3f}, xe {b.xe:.2f}: {verdict})")
+    else:
+        print(f"no prompt of the dream is as fluent as the median top example (its lowest xe is {result.xe.min():.2f})")
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
@@ -297,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None)
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--tokens", type=count, default=12)
-    p.add_argument("--iters", type=count, default=30)
+    p.add_argument("--budget", type=positive, default=12_000, help="token-forwards of the dream (default 12000)")
+    p.add_argument("--scan-tokens", type=positive, default=30_000, help="corpus tokens scanned for the top examples")
     p.add_argument("--out", default="dreams/demo")
     p.add_argument("--force", action="store_true", help="replace a result already in --out")
 

@@ -200,17 +200,18 @@ def test_dream_defaults_to_adapt(tiny_model):
     assert make_config(config=dl.ADAPTConfig(beams=2), iters=5) == dl.ADAPTConfig(beams=2, iters=5)
 
 
-def test_demo_is_adapt_after_the_chat_user_turn(tiny_model):
+def test_demo_is_the_default_method_after_the_chat_user_turn(tiny_model):
     import argparse
 
     from dreamlens import cli
-    from dreamlens.optim.dream import make_config
+    from dreamlens.optim.dream import DEFAULT_METHOD, METHODS, make_config
 
-    ns = cli.demo_args(argparse.Namespace(model=None, out="dreams/demo", iters=30))
-    fields = {k: v for k, v in vars(ns).items() if k in {"length", "iters", "seed", "prefix"}}
+    ns = cli.demo_args(argparse.Namespace(model=None, out="dreams/demo", budget=12_000))
+    fields = {k: v for k, v in vars(ns).items() if k in {"length", "max_token_forwards", "seed", "prefix"}}
     cfg = make_config(ns.method, None, **fields)
-    assert isinstance(cfg, dl.ADAPTConfig) and cfg.prefix == cli.DEMO_PREFIX and cfg.length == 8
+    assert ns.method == DEFAULT_METHOD and isinstance(cfg, METHODS[DEFAULT_METHOD][1])
+    assert cfg.prefix == cli.DEMO_PREFIX and cfg.length == 8 and cfg.max_token_forwards == 12_000
     ids = encode(tiny_model, cli.DEMO_PREFIX)  # the embedded tokenizer: the special token, not its letters
     assert ids[0] == tiny_model.tokenizer.convert_tokens_to_ids("<|im_start|>") and len(ids) == 3
-    other = cli.demo_args(argparse.Namespace(model="gpt2", out="x", iters=3))
+    other = cli.demo_args(argparse.Namespace(model="gpt2", out="x", budget=3000))
     assert other.prefix is None  # another model's chat template may differ

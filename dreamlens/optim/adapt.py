@@ -58,7 +58,7 @@ from .epo import (
 @dataclass(frozen=True)
 class ADAPTConfig:
     """ADAPT's knobs. The paper publishes no hyperparameters: these are ours. The penalties were chosen
-    on the tuning targets of `benchmarks/optimizers.py --dev` (0.3..3 and 0.01..0.3 did worse than
+    on four tuning neurons disjoint from the benchmark's targets (0.3..3 and 0.01..0.3 did worse than
     0.03..1). The mutation sizes were re-chosen on 2026-11-30 on two of those tuning neurons, once the
     one-hot gradient was exact (40,000 token-forwards, length 12): the earlier greedy mutation (16
     children, top-8..256 at temperature 0.5..4, up to 3 positions) stopped improving after about 10,000

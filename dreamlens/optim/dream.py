@@ -21,7 +21,7 @@ METHODS: dict[str, tuple[Callable[..., Any], type]] = {
     "epo": (epo, EPOConfig),
     "gcg": (gcg, GCGConfig),
 }
-DEFAULT_METHOD = "adapt"  # beats the paper's EPO at equal compute: see benchmarks/optimizers.py
+DEFAULT_METHOD = "adapt"  # chosen by benchmarks/fluency.py (see the README)
 
 
 def make_config(method: str = DEFAULT_METHOD, config: Any = None, **options: Any) -> Any:
