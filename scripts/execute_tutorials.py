@@ -18,6 +18,7 @@ import nbformat
 
 TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
 MAX_TEXT = 4000  # characters kept of one text output (a progress bar or a long table)
+MAX_HTML = 200_000  # a larger HTML output (circuitsvis inlines its 1.3 MB script) is replaced by a note
 
 
 def _kernel(root: Path) -> str:
@@ -46,6 +47,11 @@ def _trim(nb: nbformat.NotebookNode) -> None:
             data.pop("application/vnd.jupyter.widget-view+json", None)
             if "image/png" in data:
                 data.pop("image/svg+xml", None)
+            html = data.get("text/html")
+            if html is not None and len("".join(html)) > MAX_HTML:
+                data.pop("text/html")
+                data["text/plain"] = ("[an interactive circuitsvis view, not kept in the committed notebook "
+                                      "(its inlined script is 1.3 MB): run the cell to see it]")
             if out.output_type == "stream" and len(out.text) > MAX_TEXT:
                 out.text = out.text[:MAX_TEXT] + "\n[... output cut ...]\n"
             if out.output_type in ("display_data", "execute_result") and not data:
@@ -66,6 +72,14 @@ def execute(path: Path, kernel: str, workdir: Path, timeout: int) -> None:
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.validate(nb)
     nbformat.write(nb, path)
+
+
+def trim_only(paths: list[Path]) -> None:
+    """Apply the trimming to notebooks already executed (no kernel)."""
+    for path in paths:
+        nb = nbformat.read(path, as_version=4)
+        _trim(nb)
+        nbformat.write(nb, path)
 
 
 def main(argv: list[str] | None = None) -> int:

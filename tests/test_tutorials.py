@@ -76,7 +76,6 @@ def test_tutorial_3_dreams_vs_dataset(tmp_path, jupyter_path, monkeypatch):
     assert "Top dataset examples" in report.read_text()
 
 
-@pytest.mark.xfail(reason="notebooks are executed at the end of the session", strict=False)
 @pytest.mark.parametrize("name", sorted(p.name for p in TUTORIALS.glob("*.ipynb")))
 def test_committed_notebook_is_executed(name):
     """Every code cell ran, once, in order, without an error: the outputs belong to the code shown."""
