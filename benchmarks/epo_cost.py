@@ -16,6 +16,9 @@ selections can be compared. The trajectory follows the default. After `--warmup`
                   children plus a forward/backward over the population (issue 4; target <= 1.10);
                   overhead_ratio_full is the same for the iteration without reuse and dedup
   selections_identical  whether both variants chose the same members every time
+  direct_term_iteration_ratio  iteration with the exact one-hot gradient / the same iteration with the
+                  gradient before 2026-11-30 (no direct term of xe): the gradient pass timed both ways,
+                  alternately
 
     python benchmarks/epo_cost.py [--quick] [--iters N] [--warmup N] [--threads T]
 """
@@ -128,6 +131,23 @@ def main() -> None:
             fwd_bwd(ev.last_gradient_rows)
             return time.perf_counter() - start_t
 
+        def direct_term_times() -> tuple[float, float]:
+            """The default gradient pass over the population, with the xe's direct term (the exact
+            gradient) and without it (the gradient dreamlens had before 2026-11-30), timed alternately."""
+            out = {}
+            for direct_on in (True, False) if len(direct) % 2 == 0 else (False, True):
+                saved = core.add_selection_term
+                if not direct_on:
+                    core.add_selection_term = lambda *a, **k: None
+                try:
+                    start = time.perf_counter()
+                    fast.gradients(pop[0], owner, lams)
+                    out[direct_on] = time.perf_counter() - start
+                finally:
+                    core.add_selection_term = saved
+            return out[True], out[False]
+
+        direct: list[tuple[float, float]] = []
         # untimed warm-up: the first passes of a process are slow, and the dedup cache fills as in a run
         for it in range(1, warm + 1):
             _, kids, best, pf, px = iteration(fast, gen, it, None)
@@ -151,6 +171,8 @@ def main() -> None:
                 if name == "fast":
                     work.append((ev.token_forwards - before[0], ev.saved_token_forwards - before[1], len(ev.cache) - before[2]))
             (tf, _, best_f, pf, px), (tp, _, best_p, _, _) = runs["fast"], runs["plain"]
+            g_with, g_without = direct_term_times()
+            direct.append((g_with, g_without))
             needed = raw_needed(fast)
             everything = raw_all(kids)
             t_fast.append(tf)
@@ -171,6 +193,10 @@ def main() -> None:
 
     med = statistics.median
     reuse_ratio = med(a / b for a, b in zip(t_fast, t_plain))
+    print(f"gradient_pass_s with the exact gradient: {med(d[0] for d in direct):.3f}; without the direct term "
+          f"(before 2026-11-30): {med(d[1] for d in direct):.3f}")
+    print(f"direct_term_iteration_ratio: {med(t / (t - a + b) for t, (a, b) in zip(t_fast, direct)):.3f} "
+          "(iteration with the exact gradient / the same iteration with the old one)")
     print(f"iteration_s_with: {med(t_fast):.3f}")
     print(f"iteration_s_without: {med(t_plain):.3f}")
     print(f"token_forwards_with: {med(w[0] for w in work):.0f} (not recomputed thanks to reuse: {med(w[1] for w in work):.0f}); without: {(GRAD_COST * M + M * C) * layout.seq_len}")
