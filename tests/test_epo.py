@@ -5,6 +5,7 @@ import torch
 import dreamlens as dl
 from dreamlens.models import decode, encode
 from dreamlens.optim import core
+from dreamlens.optim import epo as epo_mod
 from dreamlens.results import pareto_front
 
 OBJ = "blocks.1.mlp.hook_post[3]"
@@ -235,3 +236,59 @@ def test_many_objectives_give_one_result_each(tiny_model):
     assert [r.objective for r in rs] == objs
     solo = run(tiny_model, objective=objs[1])
     np.testing.assert_allclose(rs[1].activation.max(), solo.activation.max(), rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Options beyond the paper: sampled starts, model-sampled children, restarts on stagnation
+
+
+def test_sampled_start_at_low_temperature_is_greedy_text(tiny_model):
+    from dreamlens.optim.sampling import next_token_logprobs, sample_prompts
+
+    layout = core.make_layout(tiny_model, 4)
+    banned = core.banned_mask(tiny_model)
+    ids, spent = sample_prompts(tiny_model, 2, layout, banned, torch.Generator().manual_seed(0), temperature=1e-6)
+    assert ids is not None and spent == 2 * sum(len(layout.head) + t for t in range(4))
+    greedy = torch.zeros((1, 0), dtype=torch.long)
+    for _ in range(4):
+        logp = next_token_logprobs(tiny_model, greedy, layout)
+        logp[:, banned] = float("-inf")
+        greedy = torch.cat([greedy, logp.argmax(dim=-1, keepdim=True)], dim=1)
+    assert ids.tolist() == [greedy[0].tolist()] * 2
+
+
+def test_sampled_start_is_more_fluent_than_random_tokens(tiny_model):
+    sampled = run(tiny_model, init="sample", iters=0, population=6)
+    rand = run(tiny_model, iters=0, population=6)
+    assert sampled.token_forwards > rand.token_forwards  # the sampling is counted
+    assert float(np.mean(sampled.xe)) < float(np.mean(rand.xe))
+
+
+def test_lm_children_take_the_models_tokens(tiny_model):
+    K, M, L, V, C = 1, 2, 5, tiny_model.cfg.d_vocab, 6
+    pop = torch.randint(300, 3000, (K, M, L), generator=torch.Generator().manual_seed(2))
+    grad = torch.randn(K * M, L, V, generator=torch.Generator().manual_seed(3))
+    logp = torch.full((K * M, L, V), float("-inf"))
+    logp[:, :, 777] = 0.0  # the "model" is sure of token 777 everywhere
+    banned = torch.zeros(V, dtype=torch.bool)
+    kids = epo_mod.propose_children(pop, grad, banned, 16, C, [torch.Generator().manual_seed(4)], logp, n_lm=2)
+    kids = kids.view(M, C, L)
+    changed = kids != pop[0][:, None, :]
+    assert bool((kids[:, -2:][changed[:, -2:]] == 777).all()) and bool(changed[:, -2:].any())
+    assert not bool((kids[:, :-2][changed[:, :-2]] == 777).any())  # the gradient's children
+
+
+def test_restart_on_stagnation(tiny_model):
+    pops = []
+    cfg = dl.EPOConfig(**{**SMALL, "iters": 10, "restart_every": 0, "restart_patience": 1})
+    dl.epo(tiny_model, OBJ, cfg, progress=False,
+           callback=lambda info: pops.append((list(info.texts), list(info.activation), list(info.xe))) and None)
+    lams = cfg.penalties()
+    restarts = 0
+    for (_, f0, x0), (texts, f1, x1) in zip(pops, pops[1:]):
+        improved = any(-a1 + lam * b1 < -a0 + lam * b0 - 1e-12 for a0, b0, a1, b1, lam in zip(f0, x0, f1, x1, lams))
+        if len(set(texts)) == 1:
+            restarts += 1
+        elif not improved:
+            raise AssertionError("an iteration without improvement did not restart the population")
+    assert restarts >= 1
