@@ -78,6 +78,16 @@ def check_out_folder(out: str, marker: str, kind: str, *, force: bool, resume: b
     _writable(path, f"the {kind} to --out")
 
 
+def check_dream_out(out: str, *, force: bool, resume: bool = True) -> None:
+    """A dream's --out, refused before any compute wherever the result could not be saved after it: the
+    CLI's own rule (an existing result needs --resume or --force), then `DreamResult.save`'s (never a
+    folder that holds other files)."""
+    from .results import check_output_folder
+
+    check_out_folder(out, "result.json", "dream result", force=force, resume=resume)
+    check_output_folder(Path(out), overwrite=True)
+
+
 def check_out_file(out: str, kind: str, *, force: bool) -> None:
     path = Path(out)
     if path.is_dir():
@@ -147,7 +157,7 @@ def _run_dream(args: argparse.Namespace) -> tuple[Any, Any]:
     kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     resume = _load_result(args.resume, "--resume") if args.resume else None
     if args.out:
-        check_out_folder(args.out, "result.json", "dream result", force=args.force or resume is not None, resume=True)
+        check_dream_out(args.out, force=args.force or resume is not None)
         kw["checkpoint_dir"] = args.out  # checkpoints, and the partial result of a run that fails
     cfg = make_config(method, None, **kw)  # an option the method does not have fails here, before loading
     cfg.validate()
@@ -188,7 +198,7 @@ def _is_demo_result(out: str | None) -> bool:
 def _cmd_demo(args: argparse.Namespace) -> int:
     dream_args = demo_args(args)
     if dream_args.out:  # before the model loads, like dream's own check
-        check_out_folder(dream_args.out, "result.json", "dream result", force=dream_args.force)
+        check_dream_out(dream_args.out, force=dream_args.force, resume=False)
     _cmd_info(args)
     print(f"\nDreaming {DEMO_OBJECTIVE} with {dream_args.method.upper()} after {DEMO_PREFIX!r} "
           f"({args.budget:,} token-forwards: a couple of minutes on a 2-core CPU)...")

@@ -285,3 +285,16 @@ def test_as_a_process(tmp_path):
     assert bug.returncode == 1 and "Traceback" in bug.stderr and "ZeroDivisionError" in bug.stderr
     usage = run("import sys; from dreamlens import cli; sys.exit(cli.main(['dream', 'x', '--iters', '-1']))")
     assert usage.returncode == 2 and usage.stderr == "error: argument --iters: must be at least 0, got -1 (see `dreamlens dream --help`)\n"
+
+
+def test_an_out_folder_of_other_files_is_refused_before_the_run(tiny_model, monkeypatch, tmp_path, capsys):
+    """`DreamResult.save` refuses a folder holding other files; the CLI says so before dreaming, not after."""
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    loaded = []
+    monkeypatch.setattr(models, "load_model", lambda name=None, **k: loaded.append(name) or tiny_model)
+    rc, err = run_cli(capsys, "dream", OBJ, "--method", "epo", "--iters", "1", "--length", "4", "--population", "2",
+                      "--children", "2", "--out", tmp_path / "other")
+    assert_one_error_line(rc, err, "other", "holding other files")
+    assert loaded == []  # refused before the model loaded: no dream was computed and then lost
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
