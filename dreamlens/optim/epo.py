@@ -150,7 +150,7 @@ def random_prompts(
 
 
 def start_prompts(
-    model: Any, cfg: Any, layout: Layout, banned: Tensor, allowed: Tensor, init: Tensor | None,
+    model: Any, cfg: EPOConfig, layout: Layout, banned: Tensor, allowed: Tensor, init: Tensor | None,
     gen: torch.Generator, ev: Evaluator,
 ) -> Tensor:
     """A population's first prompts: the user's initial prompt repeated, text sampled from the model
@@ -159,7 +159,7 @@ def start_prompts(
     M = cfg.population
     if init is not None:
         return init.expand(M, layout.length).clone()
-    if getattr(cfg, "init", "random") == "sample":
+    if cfg.init == "sample":
         ids, spent = sample_prompts(model, M, layout, banned, gen, prefix=cfg.prefix, suffix=cfg.suffix)
         ev.token_forwards += spent
         if ids is not None:
