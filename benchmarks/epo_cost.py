@@ -48,24 +48,27 @@ def main() -> None:
     warm = args.warmup if args.warmup is not None else (1 if args.quick else 2)
 
     import dreamlens as dl
-    from dreamlens.optim import core, epo
+    from dreamlens import scoring
+    from dreamlens.optim import epo
+    from dreamlens.scoring import gradients
 
-    size = dict(length=8, population=4, children=8, topk=64) if args.quick else dict(length=12, population=8, children=32, topk=512)
+    quick, full = dict(length=8, population=4, children=8, topk=64), dict(length=12, population=8, children=32, topk=512)
+    size = quick if args.quick else full
     cfg = dl.EPOConfig(**size, seed=0)
     t0 = time.perf_counter()
     model = dl.load_model()
     print(f"model loaded in {time.perf_counter() - t0:.1f}s; {torch.get_num_threads()} threads; sizes {size}")
     objs, _, layout, banned = epo.prepare(model, args.objective, cfg)
     M, C, L = cfg.population, cfg.children, cfg.length
-    GRAD_COST = core.GRADIENT_COST
+    GRAD_COST = scoring.GRADIENT_COST
     topk = min(cfg.topk, int((~banned).sum()))
     lams = torch.tensor(cfg.penalties(), dtype=torch.float64)
     owner = torch.zeros(M, dtype=torch.long)
     owner_kids = torch.zeros(M * C, dtype=torch.long)
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    with core.fast_weights(model):
-        fast = core.Evaluator(model, objs, layout, batch_size=cfg.batch_size)
+    with scoring.fast_weights(model):
+        fast = scoring.Evaluator(model, objs, layout, batch_size=cfg.batch_size)
         pop = epo.random_prompts(model, M, layout, epo.allowed_tokens(banned), gen, "", "")[None]  # [1, M, L]
         f0, x0, _ = fast.evaluate(pop[0], owner, 0)
         pop_f, pop_xe = f0[None], x0[None]
@@ -73,14 +76,14 @@ def main() -> None:
         grad_s: dict[bool, list[float]] = {True: [], False: []}  # by variant: is it the default evaluator?
         grad_rows: dict[bool, list[int]] = {True: [], False: []}
 
-        def iteration(ev: core.Evaluator, g: torch.Generator, it: int, children: torch.Tensor | None):
+        def iteration(ev: scoring.Evaluator, g: torch.Generator, it: int, children: torch.Tensor | None):
             """One EPO iteration (the loop body of `epo`) from the current state; returns its time,
             its children and the selected indices."""
             start = time.perf_counter()
-            n_grad = ev.n_gradient
+            n_grad = ev.compute.n_gradient
             grad = ev.gradients(pop[0], owner, lams)
             grad_s[ev is fast].append(time.perf_counter() - start)
-            grad_rows[ev is fast].append(ev.n_gradient - n_grad)
+            grad_rows[ev is fast].append(ev.compute.n_gradient - n_grad)
             kids = epo.propose_children(pop, grad, banned, topk, C, [g])
             if children is not None:
                 kids = children  # the same children for both variants
@@ -104,11 +107,11 @@ def main() -> None:
             logits = model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", lambda act, hook: leaf)])
             torch.autograd.grad(logits[..., :1].sum(), leaf)
 
-        def raw_needed(ev: core.Evaluator) -> float:
+        def raw_needed(ev: scoring.Evaluator) -> float:
             """Bare forwards of what the default evaluator computed: new positions on the parents' KV
             cache (full rows in full), plus a forward/backward over its distinct gradient rows."""
-            Cache, Entry = core._kv_classes()
-            parents = ev._parents
+            Cache, Entry = scoring.kv_classes()
+            parents = ev.parents
             start_t = time.perf_counter()
             with torch.no_grad():
                 for start, rows, par in ev.last_plan:
@@ -122,7 +125,10 @@ def main() -> None:
                             continue
                         p = par[i : i + n_per]
                         cache = Cache(
-                            entries=[Entry(past_keys=k[p, :start], past_values=v[p, :start], frozen=True) for k, v in zip(parents.keys, parents.values)],
+                            entries=[
+                                Entry(past_keys=k[p, :start], past_values=v[p, :start], frozen=True)
+                                for k, v in zip(parents.keys, parents.values)
+                            ],
                             previous_attention_mask=torch.ones((len(p), start), dtype=torch.int),
                             frozen=True,
                         )
@@ -136,15 +142,15 @@ def main() -> None:
             gradient) and without it (the gradient dreamlens had before 2026-11-30), timed alternately."""
             out = {}
             for direct_on in (True, False) if len(direct) % 2 == 0 else (False, True):
-                saved = core.add_selection_term
+                saved = gradients.add_selection_term  # looked up by gradients.gradient_pass
                 if not direct_on:
-                    core.add_selection_term = lambda *a, **k: None
+                    gradients.add_selection_term = lambda *a, **k: None
                 try:
                     start = time.perf_counter()
                     fast.gradients(pop[0], owner, lams)
                     out[direct_on] = time.perf_counter() - start
                 finally:
-                    core.add_selection_term = saved
+                    gradients.add_selection_term = saved
             return out[True], out[False]
 
         direct: list[tuple[float, float]] = []
@@ -153,7 +159,7 @@ def main() -> None:
             _, kids, best, pf, px = iteration(fast, gen, it, None)
             pool = torch.cat([pop[0], kids[0]])
             pop[0], pop_f[0], pop_xe[0] = pool[best], pf[best], px[best]
-        plain = core.Evaluator(model, objs, layout, batch_size=cfg.batch_size, reuse=False, dedup=False)
+        plain = scoring.Evaluator(model, objs, layout, batch_size=cfg.batch_size, reuse=False, dedup=False)
         iteration(plain, torch.Generator().manual_seed(1), 0, None)  # warm the plain path too
 
         t_fast, t_plain, r_all, r_needed, same, work = [], [], [], [], [], []
@@ -166,10 +172,11 @@ def main() -> None:
                 g = torch.Generator()
                 g.set_state(state)
                 ev = fast if name == "fast" else plain
-                before = ev.token_forwards, ev.saved_token_forwards, len(ev.cache)
+                before = ev.compute.token_forwards, ev.compute.saved_token_forwards, len(ev.cache)
                 runs[name] = iteration(ev, g, it, kids)
                 if name == "fast":
-                    work.append((ev.token_forwards - before[0], ev.saved_token_forwards - before[1], len(ev.cache) - before[2]))
+                    c = ev.compute
+                    work.append((c.token_forwards - before[0], c.saved_token_forwards - before[1], len(ev.cache) - before[2]))
             (tf, _, best_f, pf, px), (tp, _, best_p, _, _) = runs["fast"], runs["plain"]
             g_with, g_without = direct_term_times()
             direct.append((g_with, g_without))
@@ -199,7 +206,9 @@ def main() -> None:
           "(iteration with the exact gradient / the same iteration with the old one)")
     print(f"iteration_s_with: {med(t_fast):.3f}")
     print(f"iteration_s_without: {med(t_plain):.3f}")
-    print(f"token_forwards_with: {med(w[0] for w in work):.0f} (not recomputed thanks to reuse: {med(w[1] for w in work):.0f}); without: {(GRAD_COST * M + M * C) * layout.seq_len}")
+    with_reuse, not_recomputed = med(w[0] for w in work), med(w[1] for w in work)
+    without = (GRAD_COST * M + M * C) * layout.seq_len
+    print(f"token_forwards_with: {with_reuse:.0f} (not recomputed thanks to reuse: {not_recomputed:.0f}); without: {without}")
     print(f"needed_ratio: {med(a / b for a, b in zip(t_fast, r_needed)):.3f}")
     print(f"overhead_ratio: {med(a / b for a, b in zip(t_fast, r_all)):.3f}")
     print(f"overhead_ratio_full: {med(a / b for a, b in zip(t_plain, r_all)):.3f}")

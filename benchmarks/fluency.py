@@ -57,7 +57,6 @@ import os
 import platform
 import re
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -69,7 +68,8 @@ import pandas as pd
 import torch
 
 import dreamlens as dl
-from dreamlens import metrics
+from dreamlens.analysis import metrics
+from dreamlens.io import atomic_write_text
 from dreamlens.optim.dream import DEFAULT_METHOD
 
 # name -> (method of dl.dream, config options). The key "budget_dependent": True marks a method whose
@@ -179,7 +179,7 @@ def inexact_fracs(settings: dict[str, Any]) -> list[float]:
     if method != "adapt":
         return list(CURVE[:-1])
     from dreamlens.optim.adapt import ADAPTConfig, beam_sizes
-    from dreamlens.optim.core import Layout
+    from dreamlens.scoring import Layout
 
     layout = Layout((0,), (), settings["length"], 1)  # the start token, then the dream: every run here
     def sizes(budget: float) -> tuple[int, int]:
@@ -202,15 +202,13 @@ def make_jobs(settings: dict[str, Any]) -> list[Job]:
 
 def job_spec(job: Job, settings: dict[str, Any]) -> dict[str, Any]:
     """What a finished run must match to be reused."""
-    return {"target": settings["targets"][job.target], "method": job.method, "config": list(settings["method_configs"][job.method]),
-            "seed": job.seed, "length": settings["length"], "budget": round(settings["budget"] * job.frac)}
+    return {"target": settings["targets"][job.target], "method": job.method,
+            "config": list(settings["method_configs"][job.method]), "seed": job.seed, "length": settings["length"],
+            "budget": round(settings["budget"] * job.frac)}
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=float)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, default=float))
 
 
 def done(folder: Path, spec: dict[str, Any]) -> bool:
@@ -243,7 +241,7 @@ def rescore(model: Any, target: Target, r: Any, layout: Any, batch: int = 256) -
 
 
 def run_job(model: Any, target: Target, job: Job, settings: dict[str, Any], folder: Path) -> dict[str, Any]:
-    from dreamlens.optim.core import make_layout
+    from dreamlens.scoring import make_layout
 
     method, options, _ = split_options(job.method, settings)
     budget = round(settings["budget"] * job.frac)
@@ -406,7 +404,7 @@ BEST_COLS = [f"best_xe{t:g}" for t in XE_LIMITS] + ["best_fluent", "best"]
 def per_target(rows: pd.DataFrame) -> pd.DataFrame:
     """Median over seeds per (target, method) at the full budget (beats_dataset: share of seeds)."""
     full = rows[rows["frac"] == 1.0]
-    agg = {c: "median" for c in ["dominated_share", *BEST_COLS, "pre_best", "pre_best_fluent", "d_max", "x_med"]}
+    agg = dict.fromkeys(["dominated_share", *BEST_COLS, "pre_best", "pre_best_fluent", "d_max", "x_med"], "median")
     agg.update({"beats_dataset": "mean", "seconds": "mean", "token_forwards": "mean", "seed": "count"})
     return full.groupby(["target", "method"], sort=False).agg(agg).rename(columns={"seed": "runs"}).reset_index()
 
@@ -482,7 +480,8 @@ def report(rows: pd.DataFrame, settings: dict[str, Any], sides: list[dict[str, A
         if len(figs) > 1:
             keys = ["beats_dataset_rate", "mean_dominated_share", "norm_best_fluent", "norm_best_xe8", "norm_best"]
             rises = {k: all(b[k] >= a[k] - 1e-12 for a, b in itertools.pairwise(figs)) for k in keys}
-            lines += ["", "rises with the budget (never falls): " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in rises.items())]
+            said = ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in rises.items())
+            lines += ["", "rises with the budget (never falls): " + said]
     if errors:
         lines += ["", f"## Failed runs ({len(errors)})", ""]
         lines += [f"- {e['target']} {e['method']} seed {e['seed']} (share {e['frac']:g}): {e['error']}" for e in errors]
@@ -642,7 +641,8 @@ def main() -> None:
         "quick": q, "length": args.length, "budget": args.budget or (3000 if q else 60_000),
         "seeds": args.seeds or (1 if q else 2), "scan_tokens": args.scan_tokens or (20_000 if q else 200_000),
         "methods": methods, "method_configs": {m: list(METHODS[m]) for m in methods},
-        "default": default_name(methods), "curve": (not q) if args.curve is None else args.curve, "targets": [t.name for t in targets],
+        "default": default_name(methods), "curve": (not q) if args.curve is None else args.curve,
+        "targets": [t.name for t in targets],
         "machine": machine(torch.get_num_threads()),
     }
     t = time.perf_counter()
@@ -677,7 +677,7 @@ def main() -> None:
             print(f"  {tag}: interrupted, not recorded; the finished runs are kept in {out / 'runs'}: run the same "
                   "command again to continue", file=sys.stderr, flush=True)
             sys.exit(130)
-        except Exception as e:  # noqa: BLE001 - one failed run must not stop the others
+        except Exception as e:  # one failed run must not stop the others
             msg = f"{type(e).__name__}: {e}"
             print(f"  {tag}: FAILED {msg}\n" + "".join(traceback.format_exc(limit=-3)), file=sys.stderr, flush=True)
             folder.mkdir(parents=True, exist_ok=True)
@@ -700,7 +700,7 @@ def main() -> None:
 
 
 def merge(args: argparse.Namespace) -> None:
-    from dreamlens.dataset import ScanResult
+    from dreamlens.analysis.scan import ScanResult
 
     t0 = time.perf_counter()
     folders = list(args.merge)
@@ -716,7 +716,8 @@ def merge(args: argparse.Namespace) -> None:
     settings["default"] = default_name(methods)
     scan = ScanResult.load(Path(folders[0], "scan"))
     out = Path(args.out or (QUICK_OUT if settings["quick"] else DEFAULT_OUT))
-    figure = None if args.figure == "none" else (args.figure or (str(out / "figure.png") if settings["quick"] else DEFAULT_FIGURE))
+    default_figure = str(out / "figure.png") if settings["quick"] else DEFAULT_FIGURE
+    figure = None if args.figure == "none" else (args.figure or default_figure)
     header = header_lines(settings, scan) + [f"# merged from {', '.join(folders)}"]
     full_report(folders, settings, scan, out, figure, header, t0)
 

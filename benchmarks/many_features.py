@@ -99,7 +99,8 @@ def main() -> None:
                 results[name] = (batched if name == "batched" else separate)()
                 times[name].append(time.perf_counter() - start)
             peaks[name].append((mem.peak - mem.start) / 2**20)
-            print(f"{name}: {times[name][-1]:.1f}s, peak memory +{peaks[name][-1]:.0f} MiB over {mem.start / 2**20:.0f} MiB", flush=True)
+            peak, base = peaks[name][-1], mem.start / 2**20
+            print(f"{name}: {times[name][-1]:.1f}s, peak memory +{peak:.0f} MiB over {base:.0f} MiB", flush=True)
 
     same = sum(np.array_equal(a.ids, b.ids) for a, b in zip(results["batched"], results["separate"]))
     close = all(

@@ -33,7 +33,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
 
     import dreamlens as dl
-    from dreamlens import corpus, dataset
+    from dreamlens import corpus
+    from dreamlens.analysis.scan import scan
     from dreamlens.models import bos_token_id
 
     t0 = time.perf_counter()
@@ -50,7 +51,7 @@ def main() -> None:
     many = [dl.Neuron(hook, i) for i in range(256)]
     stop = dl.objectives.stop_at_layer(model, one)
     bos = bos_token_id(model)
-    chunks = list(dataset._chunks(model, docs, args.window, n_tok))
+    chunks = list(corpus.document_windows(model, docs, args.window, max_tokens=n_tok))
     batches = [
         torch.tensor([[bos] + c.ids for c in chunks[i : i + args.batch_size]])
         for i in range(0, len(chunks), args.batch_size)
@@ -63,8 +64,8 @@ def main() -> None:
                 model(b, stop_at_layer=stop)
 
     def run_scan(objs) -> None:
-        r = dataset.scan(model, objs, docs, tokens=n_tok, window=args.window, top_k=32,
-                         batch_size=args.batch_size, score=False, cache=False, progress=False)
+        r = scan(model, objs, docs, tokens=n_tok, window=args.window, top_k=32,
+                 batch_size=args.batch_size, score=False, cache=False, progress=False)
         assert r.meta["n_tokens"] == n_tokens
 
     variants = {"raw_forward": raw, "scan_1": lambda: run_scan(one), "scan_256": lambda: run_scan(many)}
@@ -85,8 +86,8 @@ def main() -> None:
         print(f"{name:12s} {n_tokens / t:9.0f} tokens/s   ({t:.2f}s, {spread})")
 
     if not args.quick:  # scoring the top examples (a full forward per window) is a separate, per-example cost
-        r = dataset.scan(model, one, docs, tokens=n_tok, window=args.window, top_k=32, batch_size=args.batch_size,
-                         score=False, cache=False, progress=False)
+        r = scan(model, one, docs, tokens=n_tok, window=args.window, top_k=32, batch_size=args.batch_size,
+                 score=False, cache=False, progress=False)
         t = time.perf_counter()
         r.score(model, one)
         dt, n_ex = time.perf_counter() - t, len(r.examples)

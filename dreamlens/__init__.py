@@ -1,16 +1,17 @@
 """dreamlens: dream fluent prompts that maximally activate a feature of a TransformerLens model.
 
-Names are imported lazily, so `import dreamlens` does no work and loads no model.
+Names are imported lazily, so `import dreamlens` does no work and loads no model (nor torch). A type
+checker reads the same names from the `TYPE_CHECKING` imports below.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
+# public name -> module that defines it (relative to dreamlens)
 _EXPORTS: dict[str, str] = {
     "load_model": "models",
     "bos_token_id": "models",
@@ -19,39 +20,123 @@ _EXPORTS: dict[str, str] = {
     "encode": "models",
     "decode": "models",
     "load_sae": "sae",
-    "objective": "objectives",
-    "Objective": "objectives",
-    "Neuron": "objectives",
-    "SAELatent": "objectives",
-    "Direction": "objectives",
-    "Logit": "objectives",
-    "LogitDiff": "objectives",
-    "Combination": "objectives",
-    "ObjectiveError": "objectives",
-    "run_objectives": "objectives",
-    "scan": "dataset",
-    "ScanResult": "dataset",
-    "compare": "dataset",
+    "objective": "objectives.parse",
+    "Objective": "objectives.base",
+    "Neuron": "objectives.neuron",
+    "SAELatent": "objectives.sae_latent",
+    "Direction": "objectives.direction",
+    "Logit": "objectives.logit",
+    "LogitDiff": "objectives.logit",
+    "Combination": "objectives.combination",
+    "ObjectiveError": "objectives.base",
+    "run_objectives": "objectives.forward",
+    "scan": "analysis.scan",
+    "ScanResult": "analysis.scan",
+    "compare": "analysis.compare",
     "epo": "optim.epo",
-    "EPOConfig": "optim.epo",
+    "EPOConfig": "optim.config",
     "adapt": "optim.adapt",
-    "ADAPTConfig": "optim.adapt",
+    "ADAPTConfig": "optim.config",
     "gcg": "optim.gcg",
-    "GCGConfig": "optim.gcg",
+    "GCGConfig": "optim.config",
     "dream": "optim.dream",
     "DreamResult": "results",
-    "DreamError": "optim.core",
+    "DreamError": "scoring.checks",
     "DreamlensError": "errors",
-    "attribute": "attribution",
-    "attribute_frontier": "attribution",
-    "Attribution": "attribution",
-    "plot_frontier": "viz",
-    "plot_evolution": "viz",
-    "plot_thresholds": "viz",
-    "build_report": "report",
-    "write_report": "report",
+    "attribute": "analysis.attribution",
+    "attribute_frontier": "analysis.attribution",
+    "Attribution": "analysis.attribution",
+    "plot_frontier": "viz.plots",
+    "plot_evolution": "viz.plots",
+    "plot_thresholds": "viz.plots",
+    "build_report": "viz.report",
+    "write_report": "viz.report",
 }
-_SUBMODULES = {"errors", "attribution", "viz", "report", "dataset", "metrics", "models", "corpus", "objectives", "results", "optim", "sae"}
+# submodules reachable as attributes (`dl.viz`); dataset, metrics, attribution and report are the
+# deprecated old homes of what analysis/ and viz/ hold now
+_SUBMODULES = {
+    "errors",
+    "io",
+    "models",
+    "corpus",
+    "sae",
+    "objectives",
+    "results",
+    "optim",
+    "scoring",
+    "analysis",
+    "viz",
+    "attribution",
+    "report",
+    "dataset",
+    "metrics",
+}
+
+__all__ = [
+    "load_model",
+    "bos_token_id",
+    "set_bos_token_id",
+    "ModelLoadError",
+    "encode",
+    "decode",
+    "load_sae",
+    "objective",
+    "Objective",
+    "Neuron",
+    "SAELatent",
+    "Direction",
+    "Logit",
+    "LogitDiff",
+    "Combination",
+    "ObjectiveError",
+    "run_objectives",
+    "scan",
+    "ScanResult",
+    "compare",
+    "epo",
+    "EPOConfig",
+    "adapt",
+    "ADAPTConfig",
+    "gcg",
+    "GCGConfig",
+    "dream",
+    "DreamResult",
+    "DreamError",
+    "DreamlensError",
+    "attribute",
+    "attribute_frontier",
+    "Attribution",
+    "plot_frontier",
+    "plot_evolution",
+    "plot_thresholds",
+    "build_report",
+    "write_report",
+]
+
+if TYPE_CHECKING:  # the same names for a type checker (tests/test_public_api.py keeps the three lists equal)
+    from .analysis.attribution import Attribution, attribute, attribute_frontier
+    from .analysis.compare import compare
+    from .analysis.scan import ScanResult, scan
+    from .errors import DreamlensError
+    from .models import ModelLoadError, bos_token_id, decode, encode, load_model, set_bos_token_id
+    from .objectives.base import Objective, ObjectiveError
+    from .objectives.combination import Combination
+    from .objectives.direction import Direction
+    from .objectives.forward import run_objectives
+    from .objectives.logit import Logit, LogitDiff
+    from .objectives.neuron import Neuron
+    from .objectives.parse import objective
+    from .objectives.sae_latent import SAELatent
+    from .optim.adapt import adapt
+    from .optim.config import ADAPTConfig, EPOConfig, GCGConfig
+    from .optim.dream import dream
+    from .optim.epo import epo
+    from .optim.gcg import gcg
+    from .results import DreamResult
+    from .sae import load_sae
+    from .scoring.checks import DreamError
+    from .viz.plots import plot_evolution, plot_frontier, plot_thresholds
+    from .viz.report import build_report, write_report
 
 
 def __getattr__(name: str) -> Any:
@@ -64,6 +149,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
-
-
-__all__ = list(_EXPORTS)

@@ -12,9 +12,14 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import DreamlensError, OutputError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from .results import DreamResult
 
 DEMO_OBJECTIVE = "blocks.12.mlp.hook_post[1256]"  # fires on lists of media: "film, radio,"
 # SmolLM2-Instruct's user turn: after it, "fluent" means a user's English message. After the bare
@@ -98,8 +103,8 @@ def check_out_file(out: str, kind: str, *, force: bool) -> None:
 
 
 def _load_result(folder: str, what: str):
-    from .report import load_result
     from .results import ResultError
+    from .viz.report import load_result
 
     try:
         return load_result(folder)
@@ -144,7 +149,7 @@ def _cmd_dream(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_dream(args: argparse.Namespace) -> tuple[Any, Any]:
+def _run_dream(args: argparse.Namespace) -> tuple[HookedTransformer, DreamResult]:
     """Dream as the `dream` arguments say: print the frontier, save the result; (model, result)."""
     import dataclasses
 
@@ -164,6 +169,7 @@ def _run_dream(args: argparse.Namespace) -> tuple[Any, Any]:
     target = objective(args.objective)  # a malformed objective fails before the model loads too
     model = load_model(args.model)
     result = dream(model, target, method, config=cfg, resume=resume)
+    assert not isinstance(result, list)  # one objective, one result
     _print_frontier(result)
     if args.out:
         result.save(args.out, overwrite=True)  # the folder was checked above; it may hold our checkpoint
@@ -188,6 +194,8 @@ def _is_demo_result(out: str | None) -> bool:
     """The demo replaces its own earlier result (`make demo` twice), never anything else."""
     import json
 
+    if out is None:
+        return False
     try:
         meta = json.loads((Path(out) / "result.json").read_text())
     except (OSError, ValueError, TypeError):
@@ -207,11 +215,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_dataset_side(model: Any, result: Any, tokens: int) -> None:
+def _print_dataset_side(model: HookedTransformer, result: DreamResult, tokens: int) -> None:
     """The demo's dream next to the objective's top dataset examples (windows as long as the dream,
     scored like dreams): does the frontier reach their fluency, and how high does it go there?"""
-    from .dataset import scan
-    from .metrics import dataset_max, median_top_xe
+    from .analysis.metrics import dataset_max, median_top_xe
+    from .analysis.scan import scan
 
     print(f"\nThe top dataset examples: a scan of {tokens:,} tokens of the embedded corpora (cached after the first run)...")
     found = scan(model, [result.objective], None, tokens=tokens, window=int(result.ids.shape[1]), top_k=32)
@@ -222,7 +230,9 @@ def _print_dataset_side(model: Any, result: Any, tokens: int) -> None:
     if fluent.any():
         b = result.best(max_xe=x_med)
         verdict = "beats the dataset max" if b.activation > d_max else f"{b.activation / d_max:.2f} of the dataset max"
-        print(f"the dream's best prompt at xe <= {x_med:.2f}: {b.text!r} (activation {b.activation:.3f}, xe {b.xe:.2f}: {verdict})")
+        print(
+            f"the dream's best prompt at xe <= {x_med:.2f}: {b.text!r} (activation {b.activation:.3f}, xe {b.xe:.2f}: {verdict})"
+        )
     else:
         print(f"no prompt of the dream is as fluent as the median top example (its lowest xe is {result.xe.min():.2f})")
 
@@ -230,8 +240,8 @@ def _print_dataset_side(model: Any, result: Any, tokens: int) -> None:
 def _cmd_scan(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from .analysis.scan import scan
     from .corpus import check_source
-    from .dataset import scan
     from .models import load_model
     from .objectives import objective
 
@@ -253,7 +263,8 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .dataset import ScanResult, compare
+    from .analysis.compare import compare
+    from .analysis.scan import ScanResult
 
     dream_result = _load_result(args.dream_dir, "DREAM_DIR")
     scan_result = ScanResult.load(args.scan_dir)
@@ -267,7 +278,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_for(result: Any, name: str | None) -> Any:
+def _model_for(result: DreamResult, name: str | None) -> HookedTransformer:
     from .models import ModelLoadError, load_model, smollm2_config
 
     if name is None and result.model_name not in ("", smollm2_config().model_name):
@@ -283,13 +294,13 @@ def _model_for(result: Any, name: str | None) -> Any:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from . import viz
-    from .report import write_report
+    from .viz.report import write_report
 
     result = _load_result(args.result_dir, "RESULT_DIR")
     check_out_file(args.out, "report", force=args.force)
     scan = None
     if args.scan:
-        from .dataset import ScanResult
+        from .analysis.scan import ScanResult
 
         scan = ScanResult.load(args.scan)
     model = _model_for(result, args.model) if args.attributions > 0 else None
@@ -317,8 +328,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dreamlens", description=__doc__.split("\n")[0])
-    debug = {"action": "store_true", "help": "show the traceback of an error (also: DREAMLENS_DEBUG=1)"}
+    parser = _Parser(prog="dreamlens", description=(__doc__ or "").split("\n")[0])
+    debug: dict[str, Any] = {"action": "store_true", "help": "show the traceback of an error (also: DREAMLENS_DEBUG=1)"}
     parser.add_argument("--debug", default=False, **debug)
     sub = parser.add_subparsers(dest="command", required=True)
 

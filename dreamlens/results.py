@@ -10,9 +10,9 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -75,6 +75,19 @@ def pareto_front(activation: np.ndarray, xe: np.ndarray) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class _Column:
+    """Marks a per-prompt field of DreamResult: one column of `history` and of history.parquet. Every
+    other field is stored in result.json."""
+
+    position: int  # the column's place in `history`
+    kind: Literal["tokens", "int", "float", "text"]  # tokens: one row of token ids per prompt
+
+
+def _column(position: int, kind: Literal["tokens", "int", "float", "text"]) -> dict[str, _Column]:
+    return {"column": _Column(position, kind)}
+
+
 @dataclass
 class DreamResult:
     """What a dream produced. `history` has every evaluated prompt; `frontier` its Pareto set."""
@@ -82,11 +95,11 @@ class DreamResult:
     objective: str
     method: str
     config: dict[str, Any]
-    ids: np.ndarray  # [n, length] int
-    activation: np.ndarray  # [n] float
-    xe: np.ndarray  # [n] float
-    iteration: np.ndarray  # [n] int
-    text: list[str]
+    ids: np.ndarray = field(metadata=_column(2, "tokens"))  # [n, length] int
+    activation: np.ndarray = field(metadata=_column(3, "float"))  # [n] float
+    xe: np.ndarray = field(metadata=_column(4, "float"))  # [n] float
+    iteration: np.ndarray = field(metadata=_column(0, "int"))  # [n] int
+    text: list[str] = field(metadata=_column(1, "text"))
     prefix: str = ""
     suffix: str = ""
     bos_token_id: int | None = None
@@ -103,15 +116,25 @@ class DreamResult:
     # -- views -----------------------------------------------------------------------------------
     @property
     def history(self) -> pd.DataFrame:
-        return pd.DataFrame(
-            {
-                "iteration": self.iteration.astype(np.int64),
-                "text": self.text,
-                "ids": [list(map(int, r)) for r in self.ids],
-                "activation": self.activation.astype(np.float64),
-                "xe": self.xe.astype(np.float64),
-            }
-        )
+        """One row per evaluated prompt: the per-prompt fields as columns (iteration, text, ids,
+        activation, xe); `ids` holds each prompt's token ids as a list of ints."""
+        return self._table()
+
+    def _table(self, token_dtype: type | None = None) -> pd.DataFrame:
+        """The history columns in their order; token rows as lists of ints, or as arrays of `token_dtype`."""
+        table: dict[str, Any] = {}
+        for name, column in _history_fields():
+            value = getattr(self, name)
+            if column.kind == "tokens":
+                if token_dtype is None:
+                    table[name] = [list(map(int, r)) for r in value]
+                else:
+                    table[name] = [np.asarray(r, dtype=token_dtype) for r in value]
+            elif column.kind == "text":
+                table[name] = value
+            else:
+                table[name] = value.astype(_DTYPES[column.kind])
+        return pd.DataFrame(table)
 
     def to_dataframe(self) -> pd.DataFrame:
         return self.history
@@ -143,26 +166,12 @@ class DreamResult:
 
     # -- saving ----------------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
-        return {
-            "format": "dreamlens.DreamResult",
-            "version": FORMAT_VERSION,
-            "objective": self.objective,
-            "method": self.method,
-            "config": self.config,
-            "prefix": self.prefix,
-            "suffix": self.suffix,
-            "bos_token_id": self.bos_token_id,
-            "model_name": self.model_name,
-            "wall_time": self.wall_time,
-            "n_forward": self.n_forward,
-            "n_gradient": self.n_gradient,
-            "token_forwards": self.token_forwards,
-            "iterations": self.iterations,
-            "stopped": self.stopped,
-            "error": self.error,
-            "state": self.state,
-            "frontier": json.loads(self.frontier.to_json(orient="records")),
-        }
+        """The content of result.json: every field that is not a history column, and the frontier
+        (for a reader of the file; `load` recomputes it)."""
+        meta: dict[str, Any] = {"format": "dreamlens.DreamResult", "version": FORMAT_VERSION}
+        meta.update({f.name: getattr(self, f.name) for f in _meta_fields()})
+        meta["frontier"] = json.loads(cast(str, self.frontier.to_json(orient="records")))
+        return meta
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the result folder atomically (a crash never leaves a half-written result).
@@ -180,9 +189,7 @@ class DreamResult:
         old = None
         try:
             (tmp / "result.json").write_text(json.dumps(self._meta(), indent=1))
-            hist = self.history
-            hist["ids"] = [np.asarray(r, dtype=np.int32) for r in self.ids]
-            hist.to_parquet(tmp / "history.parquet", index=False)
+            self._table(token_dtype=np.int32).to_parquet(tmp / "history.parquet", index=False)
             if path.exists():
                 for entry in path.iterdir():  # keep what else lives beside the result (a report, a plot)
                     if entry.name not in _RESULT_FILES:
@@ -207,7 +214,9 @@ class DreamResult:
         path = Path(path)
         meta_file = path / "result.json"
         if not meta_file.is_file():
-            raise ResultError(f"{str(path)!r} is not a dream result folder (no result.json); pass the folder given to --out or save()")
+            raise ResultError(
+                f"{str(path)!r} is not a dream result folder (no result.json); pass the folder given to --out or save()"
+            )
         try:
             meta = json.loads(meta_file.read_text())
         except json.JSONDecodeError as e:
@@ -221,30 +230,35 @@ class DreamResult:
             hist = pd.read_parquet(path / "history.parquet")
         except Exception as e:
             raise ResultError(f"cannot read {path / 'history.parquet'}: {e}") from e
-        missing = [k for k in ("objective", "method", "config") if k not in meta]
-        if missing or not {"ids", "activation", "xe", "iteration", "text"} <= set(hist.columns):
-            raise ResultError(f"{str(path)!r} is an incomplete dream result (missing {missing or 'history columns'}); save it again")
+        required = [f.name for f in _meta_fields() if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in meta]
+        columns = _history_fields()
+        if missing or not {name for name, _ in columns} <= set(hist.columns):
+            raise ResultError(
+                f"{str(path)!r} is an incomplete dream result (missing {missing or 'history columns'}); save it again"
+            )
+        values: dict[str, Any] = {f.name: meta[f.name] for f in _meta_fields() if f.name in meta}  # else the default
         length = int(meta["config"].get("length", 0))
-        ids = np.stack([np.asarray(r, dtype=np.int64) for r in hist["ids"]]) if len(hist) else np.zeros((0, length), np.int64)
-        return cls(
-            objective=meta["objective"],
-            method=meta["method"],
-            config=meta["config"],
-            ids=ids,
-            activation=hist["activation"].to_numpy(np.float64),
-            xe=hist["xe"].to_numpy(np.float64),
-            iteration=hist["iteration"].to_numpy(np.int64),
-            text=list(hist["text"]),
-            prefix=meta.get("prefix", ""),
-            suffix=meta.get("suffix", ""),
-            bos_token_id=meta.get("bos_token_id"),
-            model_name=meta.get("model_name", ""),
-            wall_time=meta.get("wall_time", 0.0),
-            n_forward=meta.get("n_forward", 0),
-            n_gradient=meta.get("n_gradient", 0),
-            token_forwards=meta.get("token_forwards", 0),
-            iterations=meta.get("iterations", 0),
-            stopped=meta.get("stopped", "completed"),
-            state=meta.get("state", {}),
-            error=meta.get("error", ""),
-        )
+        for name, column in columns:
+            if column.kind == "tokens":
+                rows = [np.asarray(r, dtype=np.int64) for r in hist[name]]
+                values[name] = np.stack(rows) if rows else np.zeros((0, length), np.int64)
+            elif column.kind == "text":
+                values[name] = list(hist[name])
+            else:
+                values[name] = hist[name].to_numpy(_DTYPES[column.kind])
+        return cls(**values)
+
+
+_DTYPES = {"int": np.int64, "float": np.float64}
+
+
+def _history_fields() -> list[tuple[str, _Column]]:
+    """The per-prompt fields of DreamResult with their column, in `history`'s column order."""
+    marked = [(f.name, f.metadata["column"]) for f in fields(DreamResult) if "column" in f.metadata]
+    return sorted(marked, key=lambda item: item[1].position)
+
+
+def _meta_fields() -> list[Field[Any]]:
+    """The fields of DreamResult stored in result.json (all but the history columns), in their order."""
+    return [f for f in fields(DreamResult) if "column" not in f.metadata]

@@ -10,9 +10,12 @@ import difflib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import DreamlensError
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 EMBEDDED_SAE = "embedded"
 
@@ -69,7 +72,7 @@ def embedded_sae_documents(split: Literal["train", "heldout"]) -> Iterator[str]:
         yield from (d for d in group if d is not None)
 
 
-def load_sae(name_or_path: str | os.PathLike | None = None, *, device: str | None = None) -> Any:
+def load_sae(name_or_path: str | os.PathLike | None = None, *, device: str | None = None) -> SAE:
     """Load an SAE as a sae-lens `SAE`.
 
     `name_or_path`: None or "embedded" for the SAE shipped with dreamlens (SmolLM2-135M,
@@ -90,7 +93,7 @@ def load_sae(name_or_path: str | os.PathLike | None = None, *, device: str | Non
     return _load_release(name_or_path, device)
 
 
-def _load_embedded(device: str):
+def _load_embedded(device: str) -> SAE:
     from sae_lens import SAE
 
     folder = embedded_sae_dir()
@@ -105,7 +108,7 @@ def _load_embedded(device: str):
     return SAE.load_from_disk(folder, device=device, dtype="float32")
 
 
-def _load_folder(path: Path, device: str):
+def _load_folder(path: Path, device: str) -> SAE:
     from sae_lens import SAE
 
     if not path.exists():
@@ -129,7 +132,7 @@ def _load_folder(path: Path, device: str):
         ) from e
 
 
-def _load_release(name: str, device: str):
+def _load_release(name: str, device: str) -> SAE:
     from sae_lens import SAE
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 

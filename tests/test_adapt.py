@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import dreamlens as dl
+from dreamlens import scoring
 from dreamlens.models import decode, encode
 from dreamlens.optim import adapt as ad
-from dreamlens.optim import core
 
 OBJ = "blocks.1.mlp.hook_post[3]"
 SMALL = dict(length=4, beams=2, beam_lm=2, beam_grad=2, children=4, iters=4, patience=1, seed=0)
@@ -29,10 +29,10 @@ def result(tiny_model, strengths):
 
 
 def _beam(model, objective=OBJ, length=4, beams=3, k_lm=3, k_grad=4, **banned_kw):
-    layout = core.make_layout(model, length)
+    layout = scoring.make_layout(model, length)
     obj = dl.objective(objective)
-    ev = core.Evaluator(model, [obj], layout)
-    banned = core.banned_mask(model, **banned_kw)
+    ev = scoring.Evaluator(model, [obj], layout)
+    banned = scoring.banned_mask(model, **banned_kw)
     trace = ad.BeamTrace()
     lams = torch.tensor(np.logspace(-1, 1, beams))
     pool, f, xe = ad.beam_search(model, obj, layout, ev, lams, banned, torch.Generator().manual_seed(0),
@@ -42,7 +42,7 @@ def _beam(model, objective=OBJ, length=4, beams=3, k_lm=3, k_grad=4, **banned_kw
 
 def test_beam_search_keeps_exactly_b_beams_of_allowed_tokens(tiny_model):
     extra = tuple(range(200, 30000))
-    trace, pool, f, xe, banned, ev = _beam(tiny_model, ascii_only=True, extra=extra)
+    trace, pool, f, _xe, banned, ev = _beam(tiny_model, ascii_only=True, extra=extra)
     assert [b.shape for b in trace.beams] == [(3, t + 1) for t in range(3)]  # the last step returns the pool
     for b in trace.beams:
         assert len({tuple(r) for r in b.tolist()}) == 3  # B distinct partial prompts
@@ -51,9 +51,9 @@ def test_beam_search_keeps_exactly_b_beams_of_allowed_tokens(tiny_model):
         assert not banned[p].any()
         assert p.shape[1] == 3 + 4 and all(len(set(r)) == 7 for r in p.tolist())  # model's and gradient's differ
     assert pool.shape == (3 * 7, 4) and not banned[pool].any()
-    assert torch.isfinite(f).any() and len(ev.hist_vals[0]) > 0  # full prompts are scored and recorded
+    assert torch.isfinite(f).any() and len(ev.history[0]) > 0  # full prompts are scored and recorded
     # the first proposals are the model's own favourite next tokens after the start token
-    logp = ad.next_token_logprobs(tiny_model, torch.zeros((1, 0), dtype=torch.long), core.make_layout(tiny_model, 4))
+    logp = ad.next_token_logprobs(tiny_model, torch.zeros((1, 0), dtype=torch.long), scoring.make_layout(tiny_model, 4))
     logp[0, banned] = float("-inf")
     assert trace.proposals[0][0, :3].tolist() == logp[0].topk(3).indices.tolist()
 
@@ -86,7 +86,7 @@ def test_mutation_changes_as_many_positions_as_the_strength_says(tiny_model):
     L, V = 6, tiny_model.cfg.d_vocab
     parents = torch.randint(300, 3000, (2, L), generator=torch.Generator().manual_seed(0))
     scores = torch.randn((2, L, V), generator=torch.Generator().manual_seed(1)).double()
-    banned = core.banned_mask(tiny_model)
+    banned = scoring.banned_mask(tiny_model)
     scores[..., banned] = float("-inf")
     strengths = [ad.MutationStrength(level=0.0), ad.MutationStrength(level=1.0)]
     kids = ad.mutate(parents, scores, strengths, cfg, torch.Generator().manual_seed(2)).view(2, 64, L)
@@ -115,14 +115,14 @@ def test_resume_continues_identically(tiny_model, result, tmp_path):
     assert cont.iterations == SMALL["iters"]
     assert np.array_equal(cont.ids, result.ids)
     np.testing.assert_array_equal(cont.activation, result.activation)
-    with pytest.raises(core.DreamError, match="children changed"):
+    with pytest.raises(scoring.DreamError, match="children changed"):
         dl.adapt(tiny_model, OBJ, dl.ADAPTConfig(**{**SMALL, "children": 2}), resume=tmp_path / "half", progress=False)
 
 
 def test_budget_counts_the_beam_search_and_stops(tiny_model):
     r = run(tiny_model, iters=50, max_token_forwards=400)
     assert r.stopped == "budget" and r.token_forwards >= 400 and r.iterations < 50
-    layout = core.make_layout(tiny_model, 12)
+    layout = scoring.make_layout(tiny_model, 12)
     cfg = dl.ADAPTConfig(max_token_forwards=8000)
     k_lm, k_grad = ad.beam_sizes(cfg, layout)
     assert (k_lm, k_grad) < (cfg.beam_lm, cfg.beam_grad) and ad.beam_cost(cfg.beams, k_lm, k_grad, layout) <= 4000
@@ -173,8 +173,8 @@ def test_every_method_returns_a_valid_result(tiny_model, method, tmp_path):
         assert not ((a >= row.activation) & (x <= row.xe) & ((a > row.activation) | (x < row.xe))).any()
         assert decode(tiny_model, row.ids) == row.text  # and its text reproduces its ids in context
         assert encode(tiny_model, prefix + row.text + suffix) == encode(tiny_model, prefix) + list(row.ids) + encode(tiny_model, suffix)
-    layout = core.make_layout(tiny_model, 4, prefix, suffix)
-    vals, xe = core.score(tiny_model, [dl.objective(OBJ)], torch.tensor([encode(tiny_model, t) for t in fr.text]), layout)
+    layout = scoring.make_layout(tiny_model, 4, prefix, suffix)
+    vals, xe = scoring.score(tiny_model, [dl.objective(OBJ)], torch.tensor([encode(tiny_model, t) for t in fr.text]), layout)
     np.testing.assert_allclose(vals[0].numpy(), fr.activation, atol=1e-4)
     np.testing.assert_allclose(xe.numpy(), fr.xe, atol=1e-4)
     back = dl.DreamResult.load(r.save(tmp_path / method))
@@ -183,13 +183,13 @@ def test_every_method_returns_a_valid_result(tiny_model, method, tmp_path):
 
 
 def test_dream_refuses_unknown_methods_and_options(tiny_model):
-    with pytest.raises(core.DreamError, match="did you mean 'adapt'"):
+    with pytest.raises(scoring.DreamError, match="did you mean 'adapt'"):
         dl.dream(tiny_model, OBJ, "adpat")
-    with pytest.raises(core.DreamError, match=r"'population' is not an option of adapt.*option of epo"):
+    with pytest.raises(scoring.DreamError, match=r"'population' is not an option of adapt.*option of epo"):
         dl.dream(tiny_model, OBJ, "adapt", population=4)
-    with pytest.raises(core.DreamError, match="did you mean 'children'"):
+    with pytest.raises(scoring.DreamError, match="did you mean 'children'"):
         dl.dream(tiny_model, OBJ, "epo", childs=4)
-    with pytest.raises(core.DreamError, match="takes a EPOConfig"):
+    with pytest.raises(scoring.DreamError, match="takes a EPOConfig"):
         dl.dream(tiny_model, OBJ, "epo", config=dl.ADAPTConfig())
 
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import dreamlens as dl
-from dreamlens.attribution import Attribution, AttributionError, _banned, attribute_frontier, js_literal
+from dreamlens import scoring
+from dreamlens.analysis.attribution import Attribution, AttributionError, attribute_frontier, js_literal
 from dreamlens.models import encode
-from dreamlens.optim import core
 from dreamlens.results import DreamResult
 
 OBJ = "blocks.1.mlp.hook_post[3]"
@@ -51,10 +51,10 @@ def test_values_match_direct_reevaluation_of_swapped_prompts(tiny_model, attr):
 
 
 def test_xe_matches_core_score(tiny_model, attr):
-    layout = core.make_layout(tiny_model, attr.length)
+    layout = scoring.make_layout(tiny_model, attr.length)
     swapped = torch.tensor(attr.ids).repeat(2, 1)
     swapped[1, 2] = int(attr.alt_ids[2, 0])
-    _, xe = core.score(tiny_model, [dl.objective(OBJ)], swapped, layout)
+    _, xe = scoring.score(tiny_model, [dl.objective(OBJ)], swapped, layout)
     assert attr.xe == pytest.approx(float(xe[0]), abs=1e-4)
     assert attr.alt_xe[2, 0] == pytest.approx(float(xe[1]), abs=1e-4)
 
@@ -70,9 +70,10 @@ def test_prefix_and_suffix_are_context_like_in_dreams(tiny_model):
 
 
 def test_alternatives_are_gradient_picks_then_distinct_allowed_random_tokens(tiny_model, attr):
-    banned = _banned(tiny_model, False)  # core.banned_mask, memoized on the model
-    layout = core.make_layout(tiny_model, attr.length)
-    grad = core.token_gradients(tiny_model, [dl.objective(OBJ)], torch.from_numpy(attr.ids)[None], layout, torch.zeros(1))[0][0]
+    banned = scoring.banned_mask(tiny_model, ascii_only=False)  # memoized on the model
+    layout = scoring.make_layout(tiny_model, attr.length)
+    ids = torch.from_numpy(attr.ids)[None]
+    grad = scoring.token_gradients(tiny_model, [dl.objective(OBJ)], ids, layout, torch.zeros(1))[0][0]
     grad[:, banned] = float("inf")
     for p in range(attr.length):
         row = attr.alt_ids[p]

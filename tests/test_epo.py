@@ -1,10 +1,12 @@
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
 import dreamlens as dl
+from dreamlens import scoring
 from dreamlens.models import decode, encode
-from dreamlens.optim import core
 from dreamlens.optim import epo as epo_mod
 from dreamlens.results import pareto_front
 
@@ -22,13 +24,13 @@ def result(tiny_model):
 
 
 def test_gradient_uses_each_rows_own_penalty(tiny_model):
-    layout = core.make_layout(tiny_model, 5)
+    layout = scoring.make_layout(tiny_model, 5)
     ids = torch.randint(300, 3000, (3, 5), generator=torch.Generator().manual_seed(1))
     obj = dl.objective(OBJ)
     lam = torch.tensor([0.1, 1.0, 10.0])
-    g, _, _ = core.token_gradients(tiny_model, [obj], ids, layout, lam)
-    g_f, _, _ = core.token_gradients(tiny_model, [obj], ids, layout, torch.zeros(3))  # -grad f
-    g_1, _, _ = core.token_gradients(tiny_model, [obj], ids, layout, torch.ones(3))  # -grad f + grad xe
+    g, _, _ = scoring.token_gradients(tiny_model, [obj], ids, layout, lam)
+    g_f, _, _ = scoring.token_gradients(tiny_model, [obj], ids, layout, torch.zeros(3))  # -grad f
+    g_1, _, _ = scoring.token_gradients(tiny_model, [obj], ids, layout, torch.ones(3))  # -grad f + grad xe
     g_xe = g_1 - g_f
     for i in range(3):
         torch.testing.assert_close(g[i], g_f[i] + lam[i] * g_xe[i], atol=1e-4, rtol=1e-3)
@@ -93,21 +95,21 @@ def test_history_has_no_duplicates_and_counts_forwards(result):
 
 
 def test_dedup_never_drops_a_distinct_prompt(tiny_model):
-    layout = core.make_layout(tiny_model, 4)
-    ev = core.Evaluator(tiny_model, [dl.objective(OBJ)], layout)
+    layout = scoring.make_layout(tiny_model, 4)
+    ev = scoring.Evaluator(tiny_model, [dl.objective(OBJ)], layout)
     a = torch.tensor([[500, 600, 700, 800], [501, 600, 700, 800], [500, 600, 700, 800]])
-    f, x, ok = ev.evaluate(a, torch.zeros(3, dtype=torch.long), 0)
-    assert ev.n_forward == 2 and f[0] == f[2] and f[0] != f[1]
+    f, _x, _ok = ev.evaluate(a, torch.zeros(3, dtype=torch.long), 0)
+    assert ev.compute.n_forward == 2 and f[0] == f[2] and f[0] != f[1]
     f2, _, _ = ev.evaluate(a[:2], torch.zeros(2, dtype=torch.long), 1)
-    assert ev.n_forward == 2 and torch.equal(f2, f[:2])
-    ref, _ = core.score(tiny_model, [dl.objective(OBJ)], a, layout)
+    assert ev.compute.n_forward == 2 and torch.equal(f2, f[:2])
+    ref, _ = scoring.score(tiny_model, [dl.objective(OBJ)], a, layout)
     torch.testing.assert_close(f.float(), ref[0], atol=1e-5, rtol=1e-5)
 
 
 def test_banned_tokens_never_appear(tiny_model):
     banned = tuple(range(1000, 40000))
     r = run(tiny_model, banned_tokens=banned, ascii_only=True)
-    mask = core.banned_mask(tiny_model, ascii_only=True, extra=banned)
+    mask = scoring.banned_mask(tiny_model, ascii_only=True, extra=banned)
     assert not mask[torch.as_tensor(r.ids)].any()
     assert all(t.isascii() for t in r.text)
     specials = {0, 1, 2}
@@ -123,10 +125,10 @@ def test_frontier_text_round_trips(tiny_model):
 
 
 def test_reported_scores_equal_reevaluation_of_text(tiny_model, result):
-    layout = core.make_layout(tiny_model, SMALL["length"])
+    layout = scoring.make_layout(tiny_model, SMALL["length"])
     fr = result.frontier
     ids = torch.tensor([encode(tiny_model, t) for t in fr.text])
-    vals, xe = core.score(tiny_model, [dl.objective(OBJ)], ids, layout)
+    vals, xe = scoring.score(tiny_model, [dl.objective(OBJ)], ids, layout)
     np.testing.assert_allclose(vals[0].numpy(), fr.activation, atol=1e-5)
     np.testing.assert_allclose(xe.numpy(), fr.xe, atol=1e-5)
 
@@ -144,7 +146,7 @@ def test_resume_continues_identically(tiny_model, result, tmp_path):
     assert cont.iterations == SMALL["iters"]
     assert np.array_equal(cont.ids, result.ids)
     np.testing.assert_array_equal(cont.activation, result.activation)
-    with pytest.raises(core.DreamError, match="population changed"):
+    with pytest.raises(scoring.DreamError, match="population changed"):
         dl.epo(tiny_model, OBJ, dl.EPOConfig(**{**SMALL, "population": 2}), resume=half, progress=False)
 
 
@@ -202,12 +204,12 @@ def test_save_load_round_trip(result, tmp_path):
     ],
 )
 def test_bad_input_fails_before_compute(tiny_model, kw, msg):
-    with pytest.raises(core.DreamError, match=msg):
+    with pytest.raises(scoring.DreamError, match=msg):
         run(tiny_model, **kw)
 
 
 def test_constant_objective_is_refused(tiny_model):
-    with pytest.raises(core.DreamError, match="constant"):
+    with pytest.raises(scoring.DreamError, match="constant"):
         run(tiny_model, objective="blocks.1.hook_resid_post[3]@0", prefix="Hello")  # reads the prefix only
 
 
@@ -219,7 +221,7 @@ def test_silent_sae_latent_points_to_its_pre_activation(tiny_model):
     sae.cfg.metadata.hook_name = "blocks.1.hook_resid_post"
     with torch.no_grad():
         sae.b_enc[5] = -1e4  # never among the top 1: the latent is 0, with zero gradient, everywhere
-    with pytest.raises(core.DreamError, match=r"constant here \(an SAE latent .* dream its pre-activation"):
+    with pytest.raises(scoring.DreamError, match=r"constant here \(an SAE latent .* dream its pre-activation"):
         run(tiny_model, objective=dl.SAELatent(sae, 5))
     pre = run(tiny_model, objective=dl.SAELatent(sae, 5, pre_activation=True))  # the fix works
     assert np.isfinite(pre.activation).all()
@@ -245,8 +247,8 @@ def test_many_objectives_give_one_result_each(tiny_model):
 def test_sampled_start_at_low_temperature_is_greedy_text(tiny_model):
     from dreamlens.optim.sampling import next_token_logprobs, sample_prompts
 
-    layout = core.make_layout(tiny_model, 4)
-    banned = core.banned_mask(tiny_model)
+    layout = scoring.make_layout(tiny_model, 4)
+    banned = scoring.banned_mask(tiny_model)
     ids, spent = sample_prompts(tiny_model, 2, layout, banned, torch.Generator().manual_seed(0), temperature=1e-6)
     assert ids is not None and spent == 2 * sum(len(layout.head) + t for t in range(4))
     greedy = torch.zeros((1, 0), dtype=torch.long)
@@ -285,7 +287,7 @@ def test_restart_on_stagnation(tiny_model):
            callback=lambda info: pops.append((list(info.texts), list(info.activation), list(info.xe))) and None)
     lams = cfg.penalties()
     restarts = 0
-    for (_, f0, x0), (texts, f1, x1) in zip(pops, pops[1:]):
+    for (_, f0, x0), (texts, f1, x1) in itertools.pairwise(pops):
         improved = any(-a1 + lam * b1 < -a0 + lam * b0 - 1e-12 for a0, b0, a1, b1, lam in zip(f0, x0, f1, x1, lams))
         if len(set(texts)) == 1:
             restarts += 1

@@ -10,12 +10,12 @@ import torch
 
 import dreamlens as dl
 from dreamlens import cli, models
+from dreamlens.analysis.errors import ScanError
 from dreamlens.corpus import CorpusError
-from dreamlens.dataset import ScanError
 from dreamlens.errors import DreamlensError, OutputError
 from dreamlens.objectives import Direction, ObjectiveError
-from dreamlens.optim.core import DreamError
 from dreamlens.results import ResultError
+from dreamlens.scoring import DreamError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

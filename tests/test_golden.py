@@ -72,13 +72,14 @@ def _runs(model) -> dict[str, pd.DataFrame]:
         out["epo"] = kept("epo", dl.epo(model, OBJ, dl.EPOConfig(**EPO), progress=False)).history
         out["epo_options"] = kept("epo_options", dl.epo(
             model, OBJ, dl.EPOConfig(**EPO, init="sample", lm_share=0.5, restart_patience=2), progress=False)).history
-        two = kept("epo_two_objectives", dl.epo(model, [OBJ, "blocks.0.mlp.hook_post[5]"], dl.EPOConfig(**EPO, prefix="Hello", suffix=" world"),
-                     progress=False))
+        two = kept("epo_two_objectives", dl.epo(model, [OBJ, "blocks.0.mlp.hook_post[5]"],
+                                                dl.EPOConfig(**EPO, prefix="Hello", suffix=" world"), progress=False))
         out["epo_two_objectives"] = pd.concat([r.history.assign(objective=i) for i, r in enumerate(two)], ignore_index=True)
-        out["epo_sae"] = kept("epo_sae", dl.epo(model, dl.SAELatent(_tiny_sae("blocks.1.hook_resid_post"), 7, pre_activation=True),
-                                dl.EPOConfig(**EPO), progress=False)).history
-        out["adapt"] = kept("adapt", dl.adapt(model, OBJ, dl.ADAPTConfig(length=4, beams=2, beam_lm=2, beam_grad=2, children=4, iters=6,
-                                                           patience=1, seed=1), progress=False)).history
+        sae = _tiny_sae("blocks.1.hook_resid_post")
+        out["epo_sae"] = kept("epo_sae", dl.epo(model, dl.SAELatent(sae, 7, pre_activation=True), dl.EPOConfig(**EPO),
+                                                progress=False)).history
+        adapt_cfg = dl.ADAPTConfig(length=4, beams=2, beam_lm=2, beam_grad=2, children=4, iters=6, patience=1, seed=1)
+        out["adapt"] = kept("adapt", dl.adapt(model, OBJ, adapt_cfg, progress=False)).history
         out["gcg"] = kept("gcg", dl.gcg(model, "blocks.1.hook_resid_post[7]@max - 0.5*blocks.0.mlp.hook_post[2]",
                             dl.GCGConfig(length=5, children=8, topk=16, iters=5, seed=2), progress=False)).history
     out["run_meta"] = pd.DataFrame(meta)

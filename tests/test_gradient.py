@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import dreamlens as dl
-from dreamlens.optim import core
+from dreamlens import scoring
 
 OBJ = "blocks.1.mlp.hook_post[5]"
 
@@ -54,13 +54,13 @@ def naive_gradient(model, obj, span_ids, layout, lam):
 def test_onehot_gradient_matches_naive_autograd(model64, context):
     L = 6
     if context.get("no_head"):
-        layout = core.Layout(head=(), tail=(), length=L, n_bos=0)
+        layout = scoring.Layout(head=(), tail=(), length=L, n_bos=0)
     else:
-        layout = core.make_layout(model64, L, context.get("prefix", ""), context.get("suffix", ""))
+        layout = scoring.make_layout(model64, L, context.get("prefix", ""), context.get("suffix", ""))
     ids = torch.randint(300, 3000, (4, L), generator=torch.Generator().manual_seed(3))
     lam = torch.tensor([0.0, 0.3, 2.0, 10.0], dtype=torch.float64)
     obj = dl.objective(OBJ)
-    got, _, _ = core.token_gradients(model64, [obj], ids, layout, lam)
+    got, _, _ = scoring.token_gradients(model64, [obj], ids, layout, lam)
     want = naive_gradient(model64, obj, ids, layout, lam)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -71,9 +71,9 @@ def test_onehot_gradient_matches_naive_autograd(model64, context):
 def test_high_penalty_prefers_likely_tokens_at_the_last_position(tiny_model):
     """With a large penalty, the steepest-descent tokens at the last span position are the model's own
     most likely next tokens (the direct term dominates)."""
-    layout = core.make_layout(tiny_model, 5)
+    layout = scoring.make_layout(tiny_model, 5)
     ids = torch.randint(300, 3000, (1, 5), generator=torch.Generator().manual_seed(4))
-    g, _, _ = core.token_gradients(tiny_model, [dl.objective(OBJ)], ids, layout, torch.tensor([1e4]))
+    g, _, _ = scoring.token_gradients(tiny_model, [dl.objective(OBJ)], ids, layout, torch.tensor([1e4]))
     logits = tiny_model(layout.assemble(ids))[0, layout.span.stop - 2]
     top_grad = set((-g[0, -1]).topk(5).indices.tolist())
     top_lm = set(logits.topk(5).indices.tolist())

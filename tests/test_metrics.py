@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from dreamlens import metrics
-from dreamlens.dataset import QuantileSketch, ScanResult
+from dreamlens.analysis import metrics
+from dreamlens.analysis.scan import ScanResult
+from dreamlens.analysis.sketch import QuantileSketch
 
 
 @pytest.fixture

@@ -120,7 +120,7 @@ def test_corrupt_embedded_cache_is_rebuilt(tmp_path, monkeypatch):
     folder.mkdir(parents=True)
     (folder / "manifest.json").write_text("{garbage")
     (folder / "model.safetensors").write_bytes(b"\0" * 100)
-    sd, tok = models.load_embedded_parts()
+    sd, _ = models.load_embedded_parts()
     assert sd["embed.W_E"].shape == (49152, 576)
     assert models._read_cache(folder) is not None  # rebuilt and now valid
 

@@ -341,7 +341,7 @@ def test_onehot_gradient_matches_finite_differences(model64, name):
         new = int(torch.randint(100, 40_000, (1,), generator=g))
         analytic = float(grad[0, p, new] - grad[0, p, old])  # the directional derivative e_new - e_old
 
-        def along(t: float) -> float:
+        def along(t: float, p: int = p, new: int = new, old: int = old) -> float:
             e = base.clone()
             e[0, 1 + p] += t * (W_E[new] - W_E[old])
             with torch.no_grad():
@@ -607,6 +607,112 @@ def test_non_finite_values_are_reported_not_passed_on(model, tokens):
     nan_embeds[2, 3] = float("nan")
     with pytest.raises(NonFiniteError, match=r"rows \[2\] of 3"):
         run_objectives(model, [Logit(" Paris")], tokens, embeds=nan_embeds)
+
+
+# ---------------------------------------------------------------------------------------------
+# The package's modules and their public pieces
+
+# Every public name the former module dreamlens/objectives.py defined.
+OLD_PUBLIC_NAMES = [
+    "Reduce", "ObjectiveError", "NonFiniteError", "Capture", "hook_shape", "Objective", "Neuron", "SAELatent",
+    "Direction", "Logit", "LogitDiff", "Combination", "stop_at_layer", "default_start", "run_objectives", "unembed",
+    "load_vector", "objective",
+]
+
+
+def test_the_package_still_exposes_every_old_public_name():
+    import importlib
+
+    pkg = importlib.import_module("dreamlens.objectives")
+    homes = {}
+    for name in OLD_PUBLIC_NAMES:
+        assert hasattr(pkg, name), name
+        assert name in pkg.__all__, name
+        homes[name] = getattr(pkg, name)
+    namespace: dict = {}
+    exec("from dreamlens.objectives import *", namespace)
+    assert all(namespace[name] is homes[name] for name in OLD_PUBLIC_NAMES)
+    # the names the top-level package exports from here are the same objects
+    for name in ("objective", "Objective", "Neuron", "SAELatent", "Direction", "Logit", "LogitDiff", "Combination",
+                 "ObjectiveError", "run_objectives"):
+        assert getattr(dl, name) is homes[name]
+
+
+def test_terms_leaves_and_check_positions_are_public(model):
+    from dreamlens.objectives.base import leaves
+
+    a = Neuron("blocks.0.mlp.hook_post", 1, reduce=5)
+    b = Logit(7)
+    assert a.terms == [(1.0, a)] and b.terms == [(1.0, b)]
+    combo = a - 2 * b
+    assert combo.terms == [(1.0, a), (-2.0, b)]
+    assert leaves([combo, b]) == [a, b, b]
+    assert leaves([]) == []
+    a.check_positions(model, 7, 1)  # position 5 of a 6-token prompt
+    with pytest.raises(ObjectiveError, match=r"position 5 of .* is outside the prompt of 5 token\(s\)"):
+        a.check_positions(model, 6, 1)
+    with pytest.raises(ObjectiveError, match=r"position 5 of "):
+        combo.check_positions(model, 6, 1)
+
+
+def test_token_id(model):
+    from dreamlens.objectives.logit import token_id
+
+    assert token_id(model, " Paris") == dl.encode(model, " Paris")[0]
+    assert token_id(model, 5) == 5
+    with pytest.raises(ObjectiveError, match=r"token id 49152 is outside the vocabulary"):
+        token_id(model, 49152)
+    with pytest.raises(ObjectiveError, match=r"not one; a logit objective needs a single token"):
+        token_id(model, " Paris is a city")
+
+
+def test_soft_cap_is_the_models_own():
+    from types import SimpleNamespace
+
+    from dreamlens.objectives.forward import soft_cap
+
+    x = torch.linspace(-100, 100, 11)
+    capped = SimpleNamespace(cfg=SimpleNamespace(output_logits_soft_cap=30.0))
+    assert torch.equal(soft_cap(capped, x), 30.0 * torch.tanh(x / 30.0))
+    for cfg in (SimpleNamespace(output_logits_soft_cap=-1.0), SimpleNamespace(output_logits_soft_cap=0.0), SimpleNamespace()):
+        assert soft_cap(SimpleNamespace(cfg=cfg), x) is x
+
+
+def test_forward_capture_is_what_run_objectives_reads(model, tokens):
+    from dreamlens.objectives.base import leaves
+    from dreamlens.objectives.forward import forward_capture
+
+    objs = [objective(s) for s in ("blocks.0.mlp.hook_post[5]", "blocks.1.hook_resid_post[3]@max", 'logit[" Paris"]')]
+    with torch.no_grad():
+        values, final = run_objectives(model, objs, tokens, final_from=2)
+        capture, normed = forward_capture(model, leaves(objs), tokens, final=True)
+        assert normed is not None and normed.shape == (*tokens.shape, model.cfg.d_model)
+        assert torch.equal(normed[:, 2:], final)
+        assert torch.equal(torch.stack([o.value(capture) for o in objs]), values)
+        assert capture.start == 1 and capture.logits.shape == (tokens.shape[0], 1, model.cfg.d_vocab)
+        # no logits needed: the pass stops after block 0, hands no residual stream back
+        counter = Counter()
+        with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", counter)]):
+            early, none = forward_capture(model, objs[:1], tokens)
+        assert none is None and early.logits is None and counter.n == 0
+        assert list(early.acts) == ["blocks.0.mlp.hook_post"] and early.acts["blocks.0.mlp.hook_post"].shape[:2] == tokens.shape
+
+
+def test_each_form_of_the_registry_reads_its_own_examples_only():
+    from dreamlens.objectives.parse import FORMS, FORMS_HELP
+
+    for form in FORMS:
+        for example in form.examples:
+            body = example.split("@")[0]
+            assert [f.name for f in FORMS if f.pattern.fullmatch(body)] == [form.name], example
+    # a hook named like the logit forms is read as a logit (they win, as they always did)
+    assert isinstance(objective("logit[5]"), Logit) and isinstance(objective("logitdiff[5,6]"), LogitDiff)
+    assert FORMS_HELP == (
+        "Forms: 'blocks.6.mlp.hook_post[123]', 'blocks.3.attn.hook_z[4,10]', 'blocks.0.attn.hook_pattern[2,-1,0]', "
+        "'sae:embedded[42]', 'sae:PATH[42]', 'sae_pre:PATH[42]', 'logit[\" Paris\"]', "
+        "'logitdiff[\" Paris\",\" London\"]', 'dir:HOOK:vector.pt'; optional '@max', '@mean' or '@POS' after "
+        "the brackets; combine with ' + ', ' - ' and 'k*'"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from dreamlens import cli
-from dreamlens.attribution import Attribution
+from dreamlens.analysis.attribution import Attribution
 from dreamlens.models import encode
-from dreamlens.report import build_report, write_report
 from dreamlens.results import DreamResult
+from dreamlens.viz.report import build_report, write_report
 
 OBJ = "blocks.1.mlp.hook_post[3]"
 HOSTILE = "<script>alert(1)</script>"
@@ -52,7 +52,7 @@ def result(tiny_model):
 
 @pytest.fixture(scope="module")
 def page(tiny_model, result, tmp_path_factory):
-    from dreamlens.attribution import attribute_frontier
+    from dreamlens.analysis.attribution import attribute_frontier
 
     attrs = attribute_frontier(tiny_model, result, max_prompts=2, n_gradient=2, n_random=2) + [hostile_attribution()]
     path = tmp_path_factory.mktemp("report") / "report.html"
@@ -96,10 +96,11 @@ def test_report_without_model_skips_attributions(result):
 
 
 def test_report_with_dataset_comparison(tiny_model, result):
-    dataset = pytest.importorskip("dreamlens.dataset")
+    from dreamlens.analysis.scan import scan as run_scan
+
     docs = ["The cat sat on the mat and the dog ran to the park with the birds.",
             "Rivers carry water from the mountains to the sea, and towns stand on their banks."]
-    scan = dataset.scan(tiny_model, [OBJ], docs, tokens=24, window=6, top_k=4, per_document=2, cache=False, progress=False)
+    scan = run_scan(tiny_model, [OBJ], docs, tokens=24, window=6, top_k=4, per_document=2, cache=False, progress=False)
     text = build_report(result, scan=scan)
     assert "Dreams and max-activating dataset examples" in text and "Top dataset examples" in text
     assert text.count('src="data:image/png;base64,') == 4

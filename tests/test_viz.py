@@ -5,6 +5,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from dreamlens import viz
+from dreamlens.errors import DreamlensError
 from dreamlens.results import DreamResult
 
 
@@ -69,9 +70,12 @@ def test_save_plots_writes_pngs(result, tmp_path):
 def test_bad_input():
     empty = DreamResult(objective="x[0]", method="epo", config={"length": 2}, ids=np.zeros((0, 2), int),
                         activation=np.zeros(0), xe=np.zeros(0), iteration=np.zeros(0, int), text=[])
-    with pytest.raises(ValueError, match="no evaluated prompts"):
+    with pytest.raises(ValueError, match="no evaluated prompts") as caught:
         viz.plot_frontier(empty)
-    with pytest.raises(TypeError, match="DreamResult"):
+    assert isinstance(caught.value, viz.PlotError) and isinstance(caught.value, DreamlensError)
+    with pytest.raises(TypeError, match="DreamResult") as caught:
         viz.plot_evolution({"frontier": []})
-    with pytest.raises(ValueError, match="at least one"):
+    assert isinstance(caught.value, DreamlensError)
+    with pytest.raises(ValueError, match="at least one") as caught:
         viz.plot_thresholds(synthetic(), thresholds=())
+    assert isinstance(caught.value, viz.PlotError)

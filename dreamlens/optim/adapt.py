@@ -12,116 +12,26 @@ rises while the member stalls and falls when it improves.
 
 from __future__ import annotations
 
-import base64
 import math
-import numbers
-import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ..models import decode
 from ..objectives import Objective, ObjectiveError
 from ..results import DreamResult
-from .core import (
-    GRADIENT_COST,
-    DreamError,
-    Evaluator,
-    Layout,
-    check_not_constant,
-    fast_weights,
-    retokenizes,
-    sigterm_as_interrupt,
-)
+from ..scoring import GRADIENT_COST, Evaluator, Layout, check_not_constant, retokenizes
+from .config import ADAPTConfig
+from .loop import Callback, Method, check_resume, load_resume, objective_folder, prepare, run
+from .members import MemberState, allowed_tokens, initial_span, random_prompts, select_members
 from .sampling import next_token_logprobs
-from .epo import (
-    IterationInfo,
-    allowed_tokens,
-    check_resume,
-    initial_span,
-    load_resume,
-    make_results,
-    prepare,
-    random_prompts,
-    save_checkpoint,
-    save_partial,
-)
 
-
-@dataclass(frozen=True)
-class ADAPTConfig:
-    """ADAPT's knobs. The paper publishes no hyperparameters: these are ours. The penalties were chosen
-    on four tuning neurons disjoint from the benchmark's targets (0.3..3 and 0.01..0.3 did worse than
-    0.03..1). The mutation sizes were re-chosen on 2026-11-30 on two of those tuning neurons, once the
-    one-hot gradient was exact (40,000 token-forwards, length 12): the earlier greedy mutation (16
-    children, top-8..256 at temperature 0.5..4, up to 3 positions) stopped improving after about 10,000
-    token-forwards; 32 children of one swap each from a wide, nearly uniform top-128..512 kept rising
-    with the budget and ended better at every fluency limit."""
-
-    length: int = 12  # optimized tokens
-    beams: int = 4  # B: partial prompts kept by the beam search, then the members of the mutation phase
-    lam_min: float = 0.03  # penalties of the B slots, log-spaced from lam_min to lam_max, in spreads of
-    lam_max: float = 1.0  # the activation per nat of xe (see the module docstring)
-    beam_lm: int = 8  # proposals per beam and step from the model's next-token distribution
-    beam_grad: int = 8  # proposals per beam and step from the gradient's top-k
-    beam_share: float = 0.5  # with a token budget, the beam search gets at most this share of it
-    children: int = 32  # children per member per mutation iteration
-    max_positions: int = 1  # strength 0 changes 1 position per child, strength 1 this many
-    topk_min: int = 128  # proposal width at strength 0 ...
-    topk_max: int = 512  # ... and at strength 1 (log-interpolated)
-    temp_min: float = 8.0  # sampling temperature over the proposals at strength 0 ...
-    temp_max: float = 8.0  # ... and at strength 1 (in units of the proposals' score spread)
-    patience: int = 2  # iterations without improvement before the strength rises
-    step: float = 0.25  # how much the strength (0..1) rises on stagnation or falls on improvement
-    iters: int = 300  # mutation iterations
-    seed: int = 0
-    init_text: str | None = None  # skip the beam search: every member starts from this text
-    init_ids: tuple[int, ...] | None = None
-    prefix: str = ""
-    suffix: str = ""
-    ascii_only: bool = False
-    ban_whitespace_only: bool = False
-    banned_tokens: tuple[int, ...] = ()
-    batch_size: int = 64
-    max_token_forwards: int | None = None  # stop once this much compute is spent (beam search included)
-    checkpoint_every: int | None = None
-    checkpoint_dir: str | None = None
-
-    def penalties(self) -> np.ndarray:
-        if self.beams == 1:
-            return np.array([self.lam_min])
-        return np.logspace(math.log10(self.lam_min), math.log10(self.lam_max), self.beams)
-
-    def validate(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise DreamError(msg)
-
-        need(isinstance(self.length, int) and self.length >= 1, f"length must be at least 1 token, got {self.length!r}")
-        need(self.beams >= 1, f"beams must be at least 1, got {self.beams}")
-        need(self.lam_min > 0 and self.lam_max >= self.lam_min, f"need 0 < lam_min <= lam_max, got lam_min={self.lam_min}, lam_max={self.lam_max}")
-        need(self.beam_lm >= 1, f"beam_lm must be at least 1 (the model's proposals keep the start fluent), got {self.beam_lm}")
-        need(self.beam_grad >= 0, f"beam_grad must be >= 0, got {self.beam_grad}")
-        need(0 < self.beam_share <= 1, f"beam_share must be in (0, 1], got {self.beam_share}")
-        need(self.children >= 1, f"children must be at least 1 per member, got {self.children}")
-        need(self.max_positions >= 1, f"max_positions must be at least 1, got {self.max_positions}")
-        need(1 <= self.topk_min <= self.topk_max, f"need 1 <= topk_min <= topk_max, got {self.topk_min}, {self.topk_max}")
-        need(0 < self.temp_min <= self.temp_max, f"need 0 < temp_min <= temp_max, got {self.temp_min}, {self.temp_max}")
-        need(self.patience >= 1, f"patience must be at least 1 iteration, got {self.patience}")
-        need(0 < self.step <= 1, f"step must be in (0, 1], got {self.step}")
-        need(self.iters >= 0, f"iters must be >= 0, got {self.iters}")
-        need(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
-        need(self.checkpoint_every is None or self.checkpoint_every >= 1, "checkpoint_every must be None or >= 1")
-        need(self.checkpoint_every is None or self.checkpoint_dir is not None, "checkpoint_every needs checkpoint_dir: where to write the checkpoints")
-        need(self.init_text is None or self.init_ids is None, "give init_text or init_ids, not both")
-        need(isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool), f"seed must be an integer, got {self.seed!r}")
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,10 +80,10 @@ def _sublayout(layout: Layout, length: int) -> Layout:
     return Layout(layout.head, layout.tail, length, layout.n_bos)
 
 
-def _readable(model: Any, objective: Objective, layout: Layout) -> bool:
+def _readable(model: HookedTransformer, objective: Objective, layout: Layout) -> bool:
     """Whether the objective can be read on prompts of this layout (a fixed position may lie beyond
     a partial prompt)."""
-    check = getattr(objective, "_check_positions", None)
+    check = getattr(objective, "check_positions", None)
     if check is not None:
         try:
             check(model, layout.seq_len, layout.start)
@@ -181,7 +91,7 @@ def _readable(model: Any, objective: Objective, layout: Layout) -> bool:
             return False
         return True
     n = layout.seq_len - layout.start
-    for _, leaf in objective._terms():
+    for _, leaf in objective.terms:
         pos = getattr(leaf, "reduce", "last")
         if isinstance(pos, int) and not -n <= pos < n:
             return False
@@ -226,7 +136,7 @@ def beam_cost(beams: int, k_lm: int, k_grad: int, layout: Layout) -> int:
 
 
 def beam_search(
-    model: Any,
+    model: HookedTransformer,
     objective: Objective,
     layout: Layout,
     ev: Evaluator,
@@ -239,13 +149,15 @@ def beam_search(
     prefix: str = "",
     suffix: str = "",
     trace: BeamTrace | None = None,
+    reuse: bool = True,
+    max_batch_tokens: int | None = None,
 ) -> tuple[Int[Tensor, "pool length"], Float[Tensor, " pool"], Float[Tensor, " pool"]]:
     """Grow B prompts left to right, slot i keeping the best candidate under `f / s - lams[i] * xe`
     (s: the spread of f over the step's candidates). Returns the last step's candidates (full
     prompts, scored and recorded by `ev` at iteration 0), from which each member takes its start.
 
-    Partial prompts are scored with the suffix after them, by Evaluators of their own length whose
-    compute is added to `ev`'s counters."""
+    Partial prompts are scored with the suffix after them, by Evaluators of their own length (with
+    `reuse` and `max_batch_tokens` as the run's) whose compute is added to `ev`'s counters."""
     B, L = len(lams), layout.length
     allowed = allowed_tokens(banned)
     if layout.head:
@@ -259,11 +171,14 @@ def beam_search(
         n = beams.shape[0]
         sub = _sublayout(layout, t + 1)
         logp = next_token_logprobs(model, beams, layout)
-        ev.token_forwards += n * (len(layout.head) + t)
+        ev.compute.add_tokens(n * (len(layout.head) + t))
         logp[:, banned] = float("-inf")
         lm_top = logp.topk(k_lm, dim=-1).indices  # [n, k_lm]
         readable = t == L - 1 or _readable(model, objective, sub)
-        step_ev = ev if t == L - 1 else Evaluator(model, [objective], sub, prefix=prefix, suffix=suffix, batch_size=ev.batch_size)
+        step_ev = ev if t == L - 1 else Evaluator(
+            model, [objective], sub, prefix=prefix, suffix=suffix, batch_size=ev.batch_size, reuse=reuse,
+            max_batch_tokens=max_batch_tokens,
+        )
         proposals = lm_top
         if k_grad and readable:
             # The gradient at the new position, linearized around the model's favourite token there
@@ -289,9 +204,7 @@ def beam_search(
             f = torch.zeros(len(cand), dtype=torch.float64)
             xe = cand_nll / max(1, t + 1 - (sub.xe_from - len(layout.head)))
         if step_ev is not ev:
-            ev.n_forward += step_ev.n_forward
-            ev.n_gradient += step_ev.n_gradient
-            ev.token_forwards += step_ev.token_forwards
+            ev.compute.merge(step_ev.compute)
         loss[:, ~ok] = float("inf")
         if t == L - 1:
             return cand, f, xe
@@ -336,7 +249,7 @@ def mutate(
     """`cfg.children` children per member: each changes `positions` distinct positions, each to a
     token sampled from the top-`topk` of that position's proposal scores at `temperature` (in units
     of the top-k scores' spread, so the temperature means the same for any objective scale)."""
-    M, L = parents.shape
+    L = parents.shape[1]
     C = cfg.children
     n_allowed = int(torch.isfinite(scores[0, 0]).sum())  # the banned tokens are the same everywhere
     kmax = min(max(s.topk(cfg) for s in strengths), n_allowed)
@@ -360,11 +273,11 @@ def mutate(
 
 
 def adapt(
-    model: Any,
+    model: HookedTransformer,
     objective: Objective | str | Sequence[Objective | str],
     config: ADAPTConfig | None = None,
     *,
-    callback: Callable[[IterationInfo], bool | None] | None = None,
+    callback: Callback | None = None,
     resume: DreamResult | str | Path | Sequence[Any] | None = None,
     progress: bool = True,
 ) -> DreamResult | list[DreamResult]:
@@ -375,153 +288,115 @@ def adapt(
     `resume=` continues a saved run (same config; more iters allowed) from its last mutation iteration."""
     cfg = config or ADAPTConfig()
     objs, single, layout, banned = prepare(model, objective, cfg)
-    prev = load_resume(resume, len(objs)) if resume is not None else [None] * len(objs)
+    prev = None
     if resume is not None:
+        prev = load_resume(resume, len(objs))
         check_resume(prev, objs, cfg, "adapt")
-    out = []
-    with fast_weights(model), sigterm_as_interrupt():  # weights restored however the run ends; SIGTERM is Ctrl-C
-        for k, o in enumerate(objs):
-            out.append(_adapt_one(model, o, cfg, layout, banned, callback, prev[k], progress, k, single))
+    out: list[DreamResult] = []
+    for k, o in enumerate(objs):
+        folder = cfg.checkpoint_dir
+        if folder is not None and not single:
+            folder = objective_folder(folder, k)
+        method = ADAPT(model, o, cfg, layout, banned, index=k)
+        out += run(method, resume=None if prev is None else [prev[k]], callback=callback, progress=progress, folder=folder)
     return out[0] if single else out
 
 
-def _adapt_one(
-    model: Any, obj: Objective, cfg: ADAPTConfig, layout: Layout, banned: Tensor,
-    callback: Callable | None, prev: DreamResult | None, progress: bool, index: int, single: bool,
-) -> DreamResult:
-    B, L = cfg.beams, cfg.length
-    unit = torch.tensor(cfg.penalties(), dtype=torch.float64)  # penalties per spread of the activation
-    owner = torch.zeros(B, dtype=torch.long)
-    ev = Evaluator(model, [obj], layout, prefix=cfg.prefix, suffix=cfg.suffix, batch_size=cfg.batch_size)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    device = model.cfg.device
-    wall0, wall_prev = time.perf_counter(), 0.0
-    strengths = [MutationStrength() for _ in range(B)]
+class ADAPT(Method):
+    """ADAPT on the loop, for one objective (index `index` of the user's list): `start` runs the beam
+    search (or scores the user's prompt), each step one mutation iteration."""
 
-    if prev is not None:
-        ev.restore(0, torch.as_tensor(prev.ids), prev.activation, prev.xe, prev.iteration, prev.text)
-        ev.n_forward, ev.n_gradient, ev.token_forwards = prev.n_forward, prev.n_gradient, prev.token_forwards
-        st = prev.state
-        gen.set_state(torch.frombuffer(bytearray(base64.b64decode(st["generator"])), dtype=torch.uint8))
-        pop = torch.tensor(st["population"], dtype=torch.long)
-        pop_f = torch.tensor(st["pop_f"], dtype=torch.float64)
-        pop_xe = torch.tensor(st["pop_xe"], dtype=torch.float64)
-        strengths = [MutationStrength(level=a, stall=int(b)) for a, b in st["strength"]]
-        lams = unit * float(st["scale"])
-        first_it, wall_prev, init = prev.iterations + 1, prev.wall_time, None
-    else:
-        allowed = allowed_tokens(banned)
-        init = initial_span(model, cfg, layout)
-        probe = init if init is not None else random_prompts(model, 2, layout, allowed, gen, cfg.prefix, cfg.suffix)
-        check_not_constant(model, obj, probe.to(device), layout)
-        pop, lams, first_it = None, unit, 1
+    name = "adapt"
+    budget_first = True  # the beam search may spend the whole budget
+    cfg: ADAPTConfig
+    states: list[ADAPTState]  # type: ignore[assignment]  # set by start / restore, before any step
 
-    def start() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def __init__(
+        self, model: HookedTransformer, objective: Objective, cfg: ADAPTConfig, layout: Layout, banned: Tensor, index: int = 0
+    ):
+        ev = Evaluator(
+            model, [objective], layout, prefix=cfg.prefix, suffix=cfg.suffix, batch_size=cfg.batch_size,
+            reuse=cfg.reuse_prefix, max_batch_tokens=cfg.max_batch_tokens,
+        )
+        super().__init__(model, [objective], cfg, layout, ev, indices=[index])
+        self.desc = f"adapt {index}" if index else "adapt"
+        self.banned = banned
+        self.unit = torch.tensor(cfg.penalties(), dtype=torch.float64)  # penalties per spread of the activation
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.init_span: Tensor | None = None
+
+    def init(self) -> None:
+        """Check, before any search, that the objective can be climbed from the user's prompt or random ones."""
+        cfg, model, layout = self.cfg, self.model, self.layout
+        self.init_span = initial_span(model, cfg, layout)
+        probe = self.init_span
+        if probe is None:
+            probe = random_prompts(model, 2, layout, allowed_tokens(self.banned), self.generator, cfg.prefix, cfg.suffix)
+        check_not_constant(model, self.objectives[0], probe.to(model.cfg.device), layout)
+
+    def start(self) -> None:
         """The members' first prompts (each the best of the beam search's last candidates under its own
         penalty) and the penalties in activation units."""
-        if init is not None:
-            pool = init
+        cfg, ev, unit = self.cfg, self.ev, self.unit
+        if self.init_span is not None:
+            pool = self.init_span
             pool_f, pool_xe, _ = ev.evaluate(pool, torch.zeros(1, dtype=torch.long), 0)
             # The spread of the activation over every single-token change of the initial prompt's
             # first position would cost a batch; its own magnitude is a cheap, scale-true stand-in.
             scale = max(abs(float(pool_f[0])), 1e-6) if torch.isfinite(pool_f[0]) else 1.0
         else:
-            k_lm, k_grad = beam_sizes(cfg, layout)
+            k_lm, k_grad = beam_sizes(cfg, self.layout)
             pool, pool_f, pool_xe = beam_search(
-                model, obj, layout, ev, unit, banned, gen, k_lm=k_lm, k_grad=k_grad, prefix=cfg.prefix, suffix=cfg.suffix
+                self.model, self.objectives[0], self.layout, ev, unit, self.banned, self.generator, k_lm=k_lm,
+                k_grad=k_grad, prefix=cfg.prefix, suffix=cfg.suffix, reuse=cfg.reuse_prefix,
+                max_batch_tokens=cfg.max_batch_tokens,
             )
             scale = spread(pool_f)
         lams = unit * scale  # in activation units per nat, from here on
-        best = (-pool_f[None, :] + lams[:, None] * pool_xe[None, :]).argmin(dim=1)
-        return pool[best].clone(), pool_f[best], pool_xe[best], lams
+        best = select_members(pool_f, pool_xe, lams)
+        strengths = [MutationStrength() for _ in range(cfg.beams)]
+        self.states = [ADAPTState(pool[best].clone(), pool_f[best], pool_xe[best], self.generator, strengths, lams, unit)]
 
-    def snapshot() -> dict[str, Any]:
-        if pop is None:  # stopped during the beam search: nothing to resume from
-            return {}
+    def restore(self, states: list[dict[str, Any]]) -> None:
+        self.states = [ADAPTState.from_dict(states[0], self.unit)]
+
+    def step(self, iteration: int) -> None:
+        cfg, s = self.cfg, self.states[0]
+        owner = torch.zeros(len(s.members), dtype=torch.long)
+        # First-order change of each member's loss for each swap: the exact one-hot gradient,
+        # which includes the swapped token's own cross-entropy (its direct term).
+        scores = -self.ev.gradients(s.members.to(self.model.cfg.device), owner, s.penalties).cpu().double()
+        scores[..., self.banned] = float("-inf")
+        children = mutate(s.members, scores, s.strengths, cfg, s.generator)
+        f, xe, _ = self.ev.evaluate(children, torch.zeros(len(children), dtype=torch.long), iteration)
+        improved = s.select(children, f, xe, s.penalties)
+        for strength, better in zip(s.strengths, improved.tolist()):
+            strength.update(better, cfg)
+
+    def extra(self, k: int) -> dict[str, Any]:
+        cfg, strengths = self.cfg, self.states[0].strengths
         return {
-            "population": pop.tolist(), "pop_f": pop_f.tolist(), "pop_xe": pop_xe.tolist(),
-            "strength": [[s.level, s.stall] for s in strengths], "scale": float(lams[0] / unit[0]),
-            "generator": base64.b64encode(gen.get_state().numpy().tobytes()).decode(),
+            "strength": [s.level for s in strengths], "positions": [s.positions(cfg, cfg.length) for s in strengths],
+            "topk": [s.topk(cfg) for s in strengths], "temperature": [s.temperature(cfg) for s in strengths],
         }
 
-    # The state of iteration `done` and the compute spent up to it: what every result reports, so a stop
-    # anywhere (a checkpoint, the callback, the next forward pass) resumes exactly.
-    snap, done, counts = snapshot(), first_it - 1, (ev.n_forward, ev.n_gradient, ev.token_forwards)
 
-    def result(stopped: str, error: str = "") -> DreamResult:
-        wall = wall_prev + time.perf_counter() - wall0
-        return make_results(model, [obj], ev, cfg, "adapt", wall, done, stopped, [snap], counts, error)[0]
+@dataclass
+class ADAPTState(MemberState):
+    """The mutation phase's members, each with its mutation strength; their penalties in activation
+    units per nat (`penalties`) and in spreads of the activation per nat (`unit`: the config's)."""
 
-    def spent() -> bool:
-        return cfg.max_token_forwards is not None and ev.token_forwards >= cfg.max_token_forwards
+    strengths: list[MutationStrength]
+    penalties: Float[Tensor, " members"]
+    unit: Float[Tensor, " members"]
 
-    bar = _progress(progress, cfg.iters, first_it - 1, index)
-    stopped = "completed"
-    try:
-        if pop is None:
-            pop, pop_f, pop_xe, lams = start()
-            snap, counts = snapshot(), (ev.n_forward, ev.n_gradient, ev.token_forwards)
-        if spent():
-            stopped, first_it = "budget", cfg.iters + 1
-        for it in range(first_it, cfg.iters + 1):
-            flat = pop.to(device)
-            # First-order change of each member's loss for each swap: the exact one-hot gradient,
-            # which includes the swapped token's own cross-entropy (its direct term).
-            scores = -ev.gradients(flat, owner, lams).cpu().double()
-            scores[..., banned] = float("-inf")
-            children = mutate(pop, scores, strengths, cfg, gen)
-            cf, cx, _ = ev.evaluate(children, torch.zeros(len(children), dtype=torch.long), it)
-            pool = torch.cat([pop, children])
-            pf, px = torch.cat([pop_f, cf]), torch.cat([pop_xe, cx])
-            old = -pop_f + lams * pop_xe
-            loss = -pf[None, :] + lams[:, None] * px[None, :]
-            best = loss.argmin(dim=1)
-            new = loss[torch.arange(B), best]
-            for m in range(B):
-                strengths[m].update(bool(new[m] < old[m] - 1e-12), cfg)
-            pop, pop_f, pop_xe = pool[best].clone(), pf[best], px[best]
-            snap, done, counts = snapshot(), it, (ev.n_forward, ev.n_gradient, ev.token_forwards)
-            if bar is not None:
-                i = int(np.argmax(ev.hist_vals[0]))
-                bar.set_postfix(best=f"{ev.hist_vals[0][i]:.3f}", xe=f"{ev.hist_xe[0][i]:.2f}", prompts=len(ev.hist_vals[0]))
-                bar.update(1)
-            if cfg.checkpoint_every and it % cfg.checkpoint_every == 0:
-                save_checkpoint([result("checkpoint")], _checkpoint_dir(cfg, index, single), True)
-            if callback is not None:
-                info = IterationInfo(
-                    iteration=it, objective=index, texts=[decode(model, r) for r in pop],
-                    activation=pop_f.tolist(), xe=pop_xe.tolist(), best_activation=max(ev.hist_vals[0]),
-                    token_forwards=ev.token_forwards,
-                    extra={"strength": [s.level for s in strengths], "positions": [s.positions(cfg, L) for s in strengths],
-                           "topk": [s.topk(cfg) for s in strengths], "temperature": [s.temperature(cfg) for s in strengths]},
-                )
-                if callback(info):
-                    stopped = "callback"
-                    break
-            if spent():
-                stopped = "budget"
-                break
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-        warnings.warn(f"interrupted: returning the result of the {done} completed iterations", stacklevel=3)
-    except Exception as e:  # a bug or a failing callback: keep what was found, then fail
-        save_partial(e, [result("error", f"{type(e).__name__}: {e}")], _checkpoint_dir(cfg, index, single), True)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    return result(stopped)
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.members_dict(), "strength": [[s.level, s.stall] for s in self.strengths],
+            "scale": float(self.penalties[0] / self.unit[0]), "generator": self.generator_text(),
+        }
 
-
-def _checkpoint_dir(cfg: ADAPTConfig, index: int, single: bool) -> str | None:
-    if cfg.checkpoint_dir is None or single:
-        return cfg.checkpoint_dir
-    return str(Path(cfg.checkpoint_dir) / f"objective_{index}")
-
-
-def _progress(enabled: bool, total: int, initial: int, index: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=f"adapt {index}" if index else "adapt", unit="it", dynamic_ncols=True)
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], unit: Float[Tensor, " members"]) -> ADAPTState:
+        strengths = [MutationStrength(level=a, stall=int(b)) for a, b in d["strength"]]
+        return cls(**cls.members_from_dict(d), strengths=strengths, penalties=unit * float(d["scale"]), unit=unit)

@@ -7,16 +7,21 @@ import dataclasses
 import difflib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..objectives import Objective
 from ..results import DreamResult
-from .adapt import ADAPTConfig, adapt
-from .core import DreamError
-from .epo import EPOConfig, IterationInfo, epo
-from .gcg import GCGConfig, gcg
+from ..scoring import DreamError
+from .adapt import adapt
+from .config import ADAPTConfig, DreamConfig, EPOConfig, GCGConfig
+from .epo import epo
+from .gcg import gcg
+from .loop import Callback
 
-METHODS: dict[str, tuple[Callable[..., Any], type]] = {
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+METHODS: dict[str, tuple[Callable[..., Any], type[DreamConfig]]] = {
     "adapt": (adapt, ADAPTConfig),
     "epo": (epo, EPOConfig),
     "gcg": (gcg, GCGConfig),
@@ -24,7 +29,7 @@ METHODS: dict[str, tuple[Callable[..., Any], type]] = {
 DEFAULT_METHOD = "adapt"  # chosen by benchmarks/fluency.py (see the README)
 
 
-def make_config(method: str = DEFAULT_METHOD, config: Any = None, **options: Any) -> Any:
+def make_config(method: str = DEFAULT_METHOD, config: DreamConfig | None = None, **options: Any) -> DreamConfig:
     """The config of `method`: `config` (or the defaults) with `options` replaced."""
     if method not in METHODS:
         close = difflib.get_close_matches(str(method), list(METHODS), n=1)
@@ -46,12 +51,12 @@ def make_config(method: str = DEFAULT_METHOD, config: Any = None, **options: Any
 
 
 def dream(
-    model: Any,
+    model: HookedTransformer,
     objective: Objective | str | Sequence[Objective | str],
     method: str = DEFAULT_METHOD,
     *,
-    config: Any = None,
-    callback: Callable[[IterationInfo], bool | None] | None = None,
+    config: DreamConfig | None = None,
+    callback: Callback | None = None,
     resume: DreamResult | str | Path | Sequence[Any] | None = None,
     progress: bool = True,
     **options: Any,

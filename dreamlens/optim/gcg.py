@@ -5,59 +5,27 @@ one fixed fluency penalty, no restarts. It runs EPO's own loop, so it is a basel
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..objectives import Objective
 from ..results import DreamResult
-from .core import DreamError
-from .epo import EPOConfig, IterationInfo, epo, load_resume
+from ..scoring import DreamError
+from .config import GCGConfig
+from .epo import epo
+from .loop import Callback, load_resume
 
-
-@dataclass(frozen=True)
-class GCGConfig:
-    """GCG's knobs; sizes are the GCG paper's (512 candidates per step from the top-256 tokens).
-
-    GCG maximizes `f - lam * xe` with one fixed `lam`; the original attack had no fluency term:
-    a tiny `lam` (1e-6) comes close. `lam` must be positive."""
-
-    length: int = 12
-    lam: float = 1.0
-    children: int = 512  # candidates per step, each one token swapped
-    topk: int = 256
-    iters: int = 500
-    seed: int = 0
-    init_text: str | None = None
-    init_ids: tuple[int, ...] | None = None
-    prefix: str = ""
-    suffix: str = ""
-    ascii_only: bool = False
-    ban_whitespace_only: bool = False
-    banned_tokens: tuple[int, ...] = ()
-    batch_size: int = 64
-    max_token_forwards: int | None = None
-    checkpoint_every: int | None = None  # checkpoints are EPO's (method "epo"); gcg(resume=) reads them
-    checkpoint_dir: str | None = None
-
-    def validate(self) -> None:
-        if not self.lam > 0:
-            raise DreamError(f"lam must be positive, got {self.lam}; for GCG without fluency use a tiny lam such as 1e-6")
-        self.to_epo().validate()
-
-    def to_epo(self) -> EPOConfig:
-        """The EPO configuration this GCG is: one member with penalty lam, never restarted."""
-        keep = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "lam"}
-        return EPOConfig(**keep, population=1, lam_min=self.lam, lam_max=self.lam, restart_every=0)
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
 def gcg(
-    model: Any,
+    model: HookedTransformer,
     objective: Objective | str | Sequence[Objective | str],
     config: GCGConfig | None = None,
     *,
-    callback: Callable[[IterationInfo], bool | None] | None = None,
+    callback: Callback | None = None,
     resume: DreamResult | str | Path | Sequence[Any] | None = None,
     progress: bool = True,
 ) -> DreamResult | list[DreamResult]:
@@ -72,20 +40,12 @@ def gcg(
             if r.method not in ("gcg", "epo"):
                 raise DreamError(f"cannot resume a {r.method} run as a gcg run")
         # EPO checks the config it ran with: hand it the EPO form of the saved GCG config.
-        resume = [r if r.method == "epo" else dataclasses.replace(r, method="epo", config=_as_epo(r.config)) for r in prev]
+        resume = [
+            r if r.method == "epo" else dataclasses.replace(r, method="epo", config=GCGConfig.epo_dict(r.config)) for r in prev
+        ]
         resume = resume if many else resume[0]
     out = epo(model, objective, ecfg, callback=callback, resume=resume, progress=progress)
-    mine = _as_dict(cfg)
-    relabel = lambda r: dataclasses.replace(r, method="gcg", config=mine)  # noqa: E731
-    return [relabel(r) for r in out] if isinstance(out, list) else relabel(out)
-
-
-def _as_dict(cfg: Any) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-
-
-def _as_epo(config: dict[str, Any]) -> dict[str, Any]:
-    """The EPO config dict of a saved GCG config dict."""
-    d = {k: v for k, v in config.items() if k != "lam"}
-    lam = config.get("lam")
-    return {**_as_dict(EPOConfig()), **d, "population": 1, "lam_min": lam, "lam_max": lam, "restart_every": 0}
+    mine = cfg.to_dict()
+    if isinstance(out, list):
+        return [dataclasses.replace(r, method="gcg", config=mine) for r in out]
+    return dataclasses.replace(out, method="gcg", config=mine)

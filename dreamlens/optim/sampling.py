@@ -7,25 +7,29 @@ model samples (`EPOConfig(init="sample")`) and mix such tokens into its children
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ..objectives import run_objectives, unembed
-from .core import Layout, retokenizes
+from ..objectives.forward import run_objectives, unembed
+from ..scoring import Layout, retokenizes
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
 @torch.no_grad()
 def span_logprobs(
-    model: Any, span_ids: Int[Tensor, "batch length"], layout: Layout
+    model: HookedTransformer, span_ids: Int[Tensor, "batch length"], layout: Layout
 ) -> Float[Tensor, "batch length d_vocab"]:
     """log p(v | everything before span position j) for every span position j (zeros where the
     position has nothing before it)."""
     tokens = layout.assemble(span_ids)
     _, final = run_objectives(model, [], tokens, start=layout.start, final_from=layout.xe_from - 1)
+    assert final is not None  # given final_from, run_objectives returns the final residuals
     n_pred = layout.span.stop - layout.xe_from
     logp = torch.log_softmax(unembed(model, final[:, :n_pred]).float(), dim=-1)
     skip = layout.length - n_pred  # the first span token without a start token or prefix
@@ -34,17 +38,18 @@ def span_logprobs(
 
 @torch.no_grad()
 def next_token_logprobs(
-    model: Any, partial: Int[Tensor, "batch t"], layout: Layout
+    model: HookedTransformer, partial: Int[Tensor, "batch t"], layout: Layout
 ) -> Float[Tensor, "batch d_vocab"]:
     """log p(next token | start token, prefix, partial prompt): the model's own proposals."""
     b = partial.shape[0]
     tokens = torch.cat([torch.tensor(layout.head, dtype=torch.long).expand(b, -1), partial], dim=1)
     _, final = run_objectives(model, [], tokens.to(model.cfg.device), start=0, final_from=tokens.shape[1] - 1)
+    assert final is not None
     return torch.log_softmax(unembed(model, final).float()[:, -1], dim=-1).cpu()
 
 
 def sample_prompts(
-    model: Any,
+    model: HookedTransformer,
     n: int,
     layout: Layout,
     banned: Bool[Tensor, " d_vocab"],

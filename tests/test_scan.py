@@ -12,8 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dreamlens import dataset
-from dreamlens.dataset import QuantileSketch, ScanCacheError, ScanError, ScanResult, scan
+from dreamlens.analysis import scan as scan_mod
+from dreamlens.analysis.compare import compare
+from dreamlens.analysis.errors import ScanCacheError, ScanError
+from dreamlens.analysis.scan import STAT_QUANTILES, ScanResult, position_values, scan
 from dreamlens.models import encode
 from dreamlens.objectives import Direction, Neuron, ObjectiveError, objective
 
@@ -109,7 +111,7 @@ def test_top_k_and_stats_match_brute_force(tiny_model, scanned):
         assert row["min"] == pytest.approx(v.min(), abs=1e-5)
         assert row["mean"] == pytest.approx(v.mean(), abs=1e-5)
         assert row["frac_active"] == pytest.approx((v > 0).mean(), abs=1.5 / len(v))
-        for col, q in dataset.STAT_QUANTILES.items():
+        for col, q in STAT_QUANTILES.items():
             exact = np.quantile(v, q, method="lower")
             assert abs(row[col] - exact) <= 0.005 * abs(exact) + 1e-5, (col, row[col], exact)
 
@@ -148,29 +150,6 @@ def test_examples_are_scored_like_dreams(tiny_model, scanned):
     np.testing.assert_allclose(whole["activation"], whole["scan_activation"], atol=1e-4)
 
 
-def test_sketch_quantiles_match_numpy():
-    g = np.random.default_rng(0)
-    data = np.concatenate([
-        g.normal(0, 3, 40_000), np.zeros(5_000), g.exponential(50, 20_000), -g.exponential(0.01, 5_000),
-        np.full(100, 1e-9),
-    ]).astype(np.float32)
-    g.shuffle(data)
-    a, b = QuantileSketch(2), QuantileSketch(2)
-    for part in np.array_split(data, 7)[:4]:
-        a.update(torch.from_numpy(np.stack([part, -part])))
-    for part in np.array_split(data, 7)[4:]:
-        b.update(torch.from_numpy(np.stack([part, -part])))
-    a.merge(b)
-    for q in (0.0, 0.001, 0.1, 0.5, 0.9, 0.99, 0.999, 1.0):
-        got = a.quantile(q)
-        for row, x in enumerate((data, -data)):
-            exact = float(np.quantile(x.astype(np.float64), q, method="lower"))
-            assert abs(got[row] - exact) <= 0.005 * abs(exact) + 1e-6, (q, row, got[row], exact)
-    for v in (-1.0, 0.0, 0.5, 3.0, 80.0):
-        assert a.percentile(0, v) == pytest.approx(100 * np.mean(data <= v), abs=0.2)  # 1e-9 values sit in the zero bucket
-    assert a.percentile(0, 1e9) == 100.0 and a.percentile(0, -1e9) == 0.0
-
-
 def test_cache_hit_and_corrupt_rebuild(tiny_model, tmp_path, monkeypatch):
     obj = Neuron("blocks.0.mlp.hook_post", 7)
     kw = dict(tokens=160, window=WINDOW, top_k=3, cache=tmp_path, progress=False)
@@ -179,14 +158,13 @@ def test_cache_hit_and_corrupt_rebuild(tiny_model, tmp_path, monkeypatch):
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert {p.name for p in folder.iterdir()} == {"scan.json", "stats.parquet", "examples.parquet", "sketch.parquet"}
 
-    real = dataset._scan
-    monkeypatch.setattr(dataset, "_scan", lambda *a, **k: pytest.fail("a cache hit must not scan"))
-    hit = scan(tiny_model, [obj], DOCS, **kw)
+    with monkeypatch.context() as m:  # no forward pass over the corpus on a cache hit
+        m.setattr(scan_mod, "position_values", lambda *a, **k: pytest.fail("a cache hit must not scan"))
+        hit = scan(tiny_model, [obj], DOCS, **kw)
     assert hit.from_cache
     pd.testing.assert_frame_equal(hit.stats, first.stats)
     pd.testing.assert_frame_equal(hit.top(0), first.top(0))
     np.testing.assert_array_equal(hit.sketch.quantile(0.7), first.sketch.quantile(0.7))
-    monkeypatch.setattr(dataset, "_scan", real)
 
     for victim, garbage in (("examples.parquet", b"not parquet"), ("scan.json", b'{"format": 1, "dig')):
         (folder / victim).write_bytes(garbage)
@@ -247,8 +225,8 @@ def test_bad_inputs(tiny_model, tmp_path):
 def test_many_objectives_one_pass(tiny_model, monkeypatch):
     """256 neurons cost one forward per batch, and each equals its own single-objective scan."""
     calls = []
-    real = dataset.position_values
-    monkeypatch.setattr(dataset, "position_values", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = scan_mod.position_values
+    monkeypatch.setattr(scan_mod, "position_values", lambda *a, **k: calls.append(1) or real(*a, **k))
     objs = [Neuron("blocks.0.mlp.hook_post", i % 128) for i in range(256)]
     many = scan(tiny_model, objs, DOCS, tokens=160, window=WINDOW, top_k=2, batch_size=64, score=False,
                 cache=False, progress=False)
@@ -263,7 +241,7 @@ def test_neuron_gather_equals_generic_path(tiny_model):
     toks = torch.tensor([[0] + encode(tiny_model, DOCS[0])[:10]])
     for hook, idx in (("blocks.1.attn.hook_z", (1, 2)), ("blocks.0.mlp.hook_post", 17)):
         fast, generic = Neuron(hook, idx), 1.0 * Neuron(hook, idx)  # a combination takes the generic path
-        v = dataset.position_values(tiny_model, [fast, generic], toks, skip=1)
+        v = position_values(tiny_model, [fast, generic], toks, skip=1)
         assert v.shape == (2, 1, 10)
         torch.testing.assert_close(v[0], v[1])
 
@@ -312,7 +290,7 @@ def test_compare_table_figure_and_files(scanned, tmp_path):
     top = res.top(0)
     hi = float(top["activation"].max())
     dream = _stand_in_dream(str(objs[0]), [hi * 0.5, hi * 2.0], [2.0, float(top["xe"].median())])
-    comp = dataset.compare(dream, res)
+    comp = compare(dream, res)
     t = comp.table
     assert list(t["source"]).count("dream") == 2 and list(t["source"]).count("dataset") == len(top)
     assert {"text", "activation", "xe", "ratio", "percentile", "beats_dataset"} <= set(t.columns)
@@ -323,11 +301,11 @@ def test_compare_table_figure_and_files(scanned, tmp_path):
     assert png.is_file() and (tmp_path / "comparison.csv").is_file()
     assert json.loads((tmp_path / "comparison.json").read_text())["objective"] == str(objs[0])
     # the scan's objective is found by name; a name it lacks needs objective_index
-    assert dataset.compare(_stand_in_dream(str(objs[2]), [1.0], [3.0]), res).summary["objective"] == str(objs[2])
+    assert compare(_stand_in_dream(str(objs[2]), [1.0], [3.0]), res).summary["objective"] == str(objs[2])
     with pytest.raises(ValueError, match="objective_index"):
-        dataset.compare(_stand_in_dream("blocks.0.mlp.hook_post[99]", [1.0], [3.0]), res)
+        compare(_stand_in_dream("blocks.0.mlp.hook_post[99]", [1.0], [3.0]), res)
     with pytest.raises(TypeError, match="frontier"):
-        dataset.compare(object(), res)
+        compare(object(), res)
 
 
 def test_cli_scan_and_compare(tiny_model, tmp_path, monkeypatch, capsys):

@@ -1,8 +1,5 @@
-"""Plots of a dream: its Pareto frontier with the texts, the frontier's evolution over iterations, and the
-best activation under several cross-entropy limits over iterations (the companion page's figures).
-
-Every function returns a matplotlib `Figure` (no pyplot, nothing global, nothing shown); in Jupyter it
-displays inline as a PNG, and `save_png` writes it with the Agg backend.
+"""Plots of a dream as matplotlib Figures (no pyplot, nothing global): its Pareto frontier with the texts,
+the frontier over iterations, the best activation under cross-entropy limits; `save_png` writes one.
 """
 
 from __future__ import annotations
@@ -19,7 +16,12 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .results import DreamResult, pareto_front
+from ..errors import DreamlensError
+from ..results import DreamResult, NotAResultError, pareto_front
+
+
+class PlotError(DreamlensError, ValueError):
+    """A plot cannot be drawn from what it was given (a result without prompts, no threshold)."""
 
 
 class DreamFigure(Figure):
@@ -44,6 +46,7 @@ def to_png(fig: Figure, dpi: int = 110) -> bytes:
 
 
 def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Write the figure as a PNG file (drawn with the Agg backend); returns its path."""
     path = Path(path)
     path.write_bytes(to_png(fig, dpi))
     return path
@@ -51,9 +54,9 @@ def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
 
 def _check(result: Any) -> DreamResult:
     if not isinstance(result, DreamResult):
-        raise TypeError(f"expected a DreamResult (from dreamlens.epo or DreamResult.load), got {type(result).__name__}")
+        raise NotAResultError(f"expected a DreamResult (from dreamlens.epo or DreamResult.load), got {type(result).__name__}")
     if len(result) == 0:
-        raise ValueError(f"the result of {result.objective!r} holds no evaluated prompts: nothing to plot")
+        raise PlotError(f"the result of {result.objective!r} holds no evaluated prompts: nothing to plot")
     return result
 
 
@@ -135,7 +138,7 @@ def best_under_thresholds(result: DreamResult, thresholds: Sequence[float] = (4,
 def plot_thresholds(result: DreamResult, thresholds: Sequence[float] = (4, 6, 8)) -> Figure:
     """The best activation found so far under each cross-entropy limit, against iterations."""
     if not thresholds:
-        raise ValueError("give at least one cross-entropy threshold, e.g. thresholds=(4, 6, 8)")
+        raise PlotError("give at least one cross-entropy threshold, e.g. thresholds=(4, 6, 8)")
     table = best_under_thresholds(result, thresholds)
     fig = _figure((6.8, 4.2))
     ax = fig.subplots()

@@ -1,0 +1,117 @@
+"""Reading a model against data: corpus scans, dreams compared with dataset examples, dataset metrics,
+token attribution. Names load lazily; the functions `scan` and `compare` live in the submodules of those names.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> submodule that defines it. `scan` and `compare` are not here: `dreamlens.analysis.scan`
+# and `dreamlens.analysis.compare` are the submodules (use `dreamlens.scan`, `dreamlens.analysis.scan.scan`).
+_EXPORTS: dict[str, str] = {
+    "ScanError": "errors",
+    "ScanLookupError": "errors",
+    "ScanCacheError": "errors",
+    "CompareError": "errors",
+    "QuantileSketch": "sketch",
+    "STAT_QUANTILES": "scan",
+    "ScanResult": "scan",
+    "per_position": "scan",
+    "position_values": "scan",
+    "score_windows": "scan",
+    "model_fingerprint": "scan_cache",
+    "objective_fingerprint": "scan_cache",
+    "corpus_fingerprint": "scan_cache",
+    "cache_key": "scan_cache",
+    "cache_folder": "scan_cache",
+    "Comparison": "compare",
+    "dataset_max": "metrics",
+    "median_top_xe": "metrics",
+    "activation_ratio": "metrics",
+    "dataset_percentile": "metrics",
+    "beats_dataset": "metrics",
+    "dream_summary": "metrics",
+    "Attribution": "attribution",
+    "AttributionError": "attribution",
+    "TokenView": "attribution",
+    "attribute": "attribution",
+    "attribute_many": "attribution",
+    "attribute_frontier": "attribution",
+    "js_literal": "attribution",
+    "circuitsvis_script": "attribution",
+    "head_scripts": "attribution",
+    "page": "attribution",
+    "STYLE": "attribution",
+}
+_SUBMODULES = {"errors", "sketch", "scan", "scan_cache", "compare", "metrics", "attribution"}
+
+__all__ = [
+    "ScanError",
+    "ScanLookupError",
+    "ScanCacheError",
+    "CompareError",
+    "QuantileSketch",
+    "STAT_QUANTILES",
+    "ScanResult",
+    "per_position",
+    "position_values",
+    "score_windows",
+    "model_fingerprint",
+    "objective_fingerprint",
+    "corpus_fingerprint",
+    "cache_key",
+    "cache_folder",
+    "Comparison",
+    "dataset_max",
+    "median_top_xe",
+    "activation_ratio",
+    "dataset_percentile",
+    "beats_dataset",
+    "dream_summary",
+    "Attribution",
+    "AttributionError",
+    "TokenView",
+    "attribute",
+    "attribute_many",
+    "attribute_frontier",
+    "js_literal",
+    "circuitsvis_script",
+    "head_scripts",
+    "page",
+    "STYLE",
+]
+
+if TYPE_CHECKING:  # the same names for a type checker
+    from .attribution import (
+        STYLE,
+        Attribution,
+        AttributionError,
+        TokenView,
+        attribute,
+        attribute_frontier,
+        attribute_many,
+        circuitsvis_script,
+        head_scripts,
+        js_literal,
+        page,
+    )
+    from .compare import Comparison
+    from .errors import CompareError, ScanCacheError, ScanError, ScanLookupError
+    from .metrics import activation_ratio, beats_dataset, dataset_max, dataset_percentile, dream_summary, median_top_xe
+    from .scan import STAT_QUANTILES, ScanResult, per_position, position_values, score_windows
+    from .scan_cache import cache_folder, cache_key, corpus_fingerprint, model_fingerprint, objective_fingerprint
+    from .sketch import QuantileSketch
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*_EXPORTS, *_SUBMODULES])
+

@@ -1,0 +1,33 @@
+"""Objectives: what a dream maximizes, one protocol for neurons, SAE latents, directions and logits;
+this package re-exports every public name of the former module dreamlens/objectives.py."""
+
+from .base import Capture, Objective, ObjectiveError, Reduce
+from .combination import Combination
+from .direction import Direction
+from .forward import NonFiniteError, default_start, run_objectives, stop_at_layer, unembed
+from .hooks import hook_shape
+from .logit import Logit, LogitDiff
+from .neuron import Neuron
+from .parse import load_vector, objective
+from .sae_latent import SAELatent
+
+__all__ = [
+    "Capture",
+    "Combination",
+    "Direction",
+    "Logit",
+    "LogitDiff",
+    "Neuron",
+    "NonFiniteError",
+    "Objective",
+    "ObjectiveError",
+    "Reduce",
+    "SAELatent",
+    "default_start",
+    "hook_shape",
+    "load_vector",
+    "objective",
+    "run_objectives",
+    "stop_at_layer",
+    "unembed",
+]

@@ -1,0 +1,206 @@
+"""The objective protocol: `Objective` (arithmetic, `terms`, `check_positions`), `Capture` (what one
+forward pass hands to objectives), `leaves`, and the position reductions that every objective shares."""
+
+from __future__ import annotations
+
+import numbers
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ..errors import DreamlensError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+Reduce = str | int  # "last" | "max" | "mean" | a position index within the prompt
+
+
+class ObjectiveError(DreamlensError, ValueError):
+    """An objective does not fit the model, or its specification is malformed."""
+
+
+# ---------------------------------------------------------------------------------------------
+# What one forward pass hands to objectives
+
+
+@dataclass
+class Capture:
+    """Activations of one forward pass: `acts[hook]` as the hook saw it (`[batch, pos, ...]`, or
+    `[batch, head, query, key]` for attention patterns); `logits` `[batch, 1, vocab]` at the final
+    position when an objective needs them. `start` is the first position that belongs to the prompt
+    (positions before it, such as the start token, are never reduced over)."""
+
+    acts: dict[str, Tensor]
+    logits: Tensor | None
+    start: int = 0
+    memo: dict[Any, Any] = field(default_factory=dict)
+    model: HookedTransformer | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reductions over positions, and checks of the numbers objectives are built from
+
+
+def reduce_positions(x: Float[Tensor, "batch pos"], how: Reduce, start: int) -> Float[Tensor, " batch"]:
+    """One value per row: the last position, the max or mean over the prompt's positions (from
+    `start`), or the value at position `how` (counted from `start`, or from the end when negative)."""
+    if how == "last":
+        return x[:, -1]
+    if how == "max":
+        return x[:, start:].max(dim=1).values
+    if how == "mean":
+        return x[:, start:].mean(dim=1)
+    pos = int(how)
+    return x[:, start + pos] if pos >= 0 else x[:, pos]
+
+
+def check_reduce(how: Reduce) -> Reduce:
+    """`how` as a valid reduction ('last', 'max', 'mean' or an int position), else ObjectiveError."""
+    if isinstance(how, str) and how in ("last", "max", "mean"):
+        return how
+    if isinstance(how, numbers.Integral) and not isinstance(how, bool):
+        return int(how)
+    raise ObjectiveError(f"reduce must be 'last', 'max', 'mean' or an integer position, got {how!r}")
+
+
+def check_position(how: Reduce, n_pos: int, start: int, what: str) -> None:
+    """A fixed position must fall inside the prompt (`n_pos` tokens, the first `start` not part of it)."""
+    if not isinstance(how, int):
+        return
+    n = n_pos - start
+    if not -n <= how < n:
+        raise ObjectiveError(
+            f"position {how} of {what} is outside the prompt of {n} token(s): use 0..{n - 1} (counted "
+            f"after the start token) or -{n}..-1 (from the end)"
+        )
+
+
+def reduce_suffix(how: Reduce) -> str:
+    """The string form of a reduction: '' for the default 'last', else '@max', '@mean', '@POS'."""
+    return "" if how == "last" else f"@{how}"
+
+
+def as_index(i: Any, what: str) -> int:
+    """`i` as an int index (numpy and torch integers included, bools refused), else ObjectiveError."""
+    if isinstance(i, bool):
+        raise ObjectiveError(f"{what} must be an integer, got {i!r}")
+    try:
+        return operator.index(i)
+    except TypeError:
+        raise ObjectiveError(f"{what} must be an integer, got {i!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The protocol
+
+
+class _OneTerm:
+    """`Objective.terms` of a single objective: itself with coefficient 1. A non-data descriptor, so
+    the `terms` field of a `Combination` (an instance attribute) takes its place there; on the class
+    it raises AttributeError, so that the dataclass `Combination` sees no default for that field."""
+
+    def __get__(self, obj: Objective | None, owner: type | None = None) -> list[tuple[float, Objective]]:
+        if obj is None:
+            raise AttributeError("terms")
+        return [(1.0, obj)]
+
+
+class Objective:
+    """Base of all objectives. Subclasses define `hooks`, `validate`, `value` and `__str__`.
+
+    Objectives combine linearly: `a + b`, `a - 0.5 * b`, `2 * a`, `-a`, `a / 2`, `sum([a, b])`.
+    """
+
+    needs_logits: bool = False
+
+    # The objective as a weighted sum, `[(coefficient, leaf objective), ...]`: `[(1.0, self)]` for a
+    # single objective, the flattened terms for a `Combination`.
+    if TYPE_CHECKING:
+        terms: list[tuple[float, Objective]]
+    else:
+        terms = _OneTerm()
+
+    @property
+    def hooks(self) -> tuple[str, ...]:
+        return ()
+
+    def validate(self, model: HookedTransformer) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def value(self, capture: Capture) -> Float[Tensor, " batch"]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def check_positions(self, model: HookedTransformer, n_pos: int, start: int) -> None:
+        """Fixed positions against the actual prompt length (known only once tokens are given): raise
+        ObjectiveError when one falls outside a prompt of `n_pos` tokens, the first `start` not part of it."""
+        check_position(getattr(self, "reduce", "last"), n_pos, start, str(self))
+
+    def stop_at_layer(self, model: HookedTransformer) -> int | None:
+        """The `stop_at_layer` a forward pass needs to compute this objective (None: the whole model)."""
+        from .forward import stop_at_layer
+
+        return stop_at_layer(model, [self])
+
+    def evaluate(
+        self, model: HookedTransformer, tokens: Int[Tensor, "batch pos"], *, start: int | None = None
+    ) -> Float[Tensor, " batch"]:
+        """The objective for each row of `tokens`, without gradients, stopping the forward early."""
+        from .forward import run_objectives
+
+        with torch.no_grad():
+            values, _ = run_objectives(model, [self], tokens, start=start)
+        return values[0]
+
+    # linear combinations ---------------------------------------------------------------------
+    def __add__(self, other: Objective) -> Objective:
+        from .combination import Combination
+
+        if not isinstance(other, Objective):
+            return NotImplemented
+        return Combination(self.terms + other.terms)
+
+    def __radd__(self, other: Any) -> Objective:
+        if isinstance(other, numbers.Number) and other == 0:  # so that sum([a, b]) works
+            return self
+        return NotImplemented
+
+    def __sub__(self, other: Objective) -> Objective:
+        from .combination import Combination
+
+        if not isinstance(other, Objective):
+            return NotImplemented
+        return Combination(self.terms + [(-c, o) for c, o in other.terms])
+
+    def __mul__(self, k: float) -> Objective:
+        from .combination import Combination
+
+        if not isinstance(k, numbers.Real) or isinstance(k, bool):
+            return NotImplemented
+        return Combination([(float(k) * c, o) for c, o in self.terms])
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, k: float) -> Objective:
+        if not isinstance(k, numbers.Real) or isinstance(k, bool):
+            return NotImplemented
+        if k == 0:
+            raise ObjectiveError("cannot divide an objective by 0")
+        return self * (1.0 / float(k))
+
+    def __neg__(self) -> Objective:
+        return self * -1.0
+
+    def __repr__(self) -> str:
+        return f"objective({str(self)!r})"
+
+
+def leaves(objectives: Sequence[Objective]) -> list[Objective]:
+    """The single objectives that `objectives` are made of, in order (a combination gives its terms,
+    any other objective itself). A forward pass computes these."""
+    return [leaf for o in objectives for _, leaf in o.terms]

@@ -1,0 +1,215 @@
+"""The optimizers' configs: `DreamConfig` holds what every method shares (the span, its context, the
+tokens allowed, batching, the budget, checkpoints, the seed) and its validation; `EPOConfig`,
+`ADAPTConfig` and `GCGConfig` add only their own knobs.
+
+Configs are frozen and keyword-only. A config's dict (what `DreamResult.config` stores, and what a
+resume is checked against) is built from its dataclass fields: `config.to_dict()`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from ..scoring import DreamError
+
+# A check: (condition, message when it fails). Checks are generated lazily, in order, so a later
+# condition is only evaluated once the earlier ones held.
+Check = tuple[bool, str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DreamConfig:
+    """The knobs every optimizer has. Subclasses add their own, and may change a default."""
+
+    length: int = 12  # optimized tokens
+    children: int = 32  # children per member per iteration
+    iters: int = 300
+    seed: int = 0
+    init_text: str | None = None  # start every member from this text instead of random tokens
+    init_ids: tuple[int, ...] | None = None
+    prefix: str = ""  # fixed context before the optimized span
+    suffix: str = ""  # fixed context after it
+    ascii_only: bool = False  # ban tokens with non-ASCII characters
+    ban_whitespace_only: bool = False
+    banned_tokens: tuple[int, ...] = ()  # special tokens are always banned
+    batch_size: int = 64  # prompts per forward pass when scoring children
+    max_batch_tokens: int | None = None  # tokens per pass (None: estimated from free memory)
+    reuse_prefix: bool = True  # compute children from their first changed position, on the parent's KV cache
+    max_token_forwards: int | None = None  # stop once this much compute is spent (see scoring.GRADIENT_COST)
+    checkpoint_every: int | None = None  # save the result every N iterations (atomic)
+    checkpoint_dir: str | None = None
+
+    # Settings that may change when a run is resumed: budgets, and how the work is batched and computed.
+    RESUMABLE = ("iters", "checkpoint_every", "checkpoint_dir", "max_token_forwards", "max_batch_tokens", "reuse_prefix")
+
+    def validate(self) -> None:
+        """Raise a DreamError with the first check that fails (shared checks around the method's own)."""
+        for ok, msg in self.checks():
+            if not ok:
+                raise DreamError(msg)
+
+    def checks(self) -> Iterator[Check]:
+        """Every check of this config, in the order they are made."""
+        yield isinstance(self.length, int) and self.length >= 1, f"length must be at least 1 token, got {self.length!r}"
+        yield from self.method_checks()
+        yield self.children >= 1, f"children must be at least 1 per member, got {self.children}"
+        yield self.iters >= 0, f"iters must be >= 0, got {self.iters}"
+        yield self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"
+        yield (
+            self.max_batch_tokens is None or self.max_batch_tokens >= 1,
+            f"max_batch_tokens must be None (estimated from free memory) or at least 1, got {self.max_batch_tokens}",
+        )
+        yield self.checkpoint_every is None or self.checkpoint_every >= 1, "checkpoint_every must be None or >= 1"
+        yield (
+            self.checkpoint_every is None or self.checkpoint_dir is not None,
+            "checkpoint_every needs checkpoint_dir: where to write the checkpoints",
+        )
+        yield self.init_text is None or self.init_ids is None, "give init_text or init_ids, not both"
+        yield (
+            isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool),
+            f"seed must be an integer, got {self.seed!r}",
+        )
+
+    def method_checks(self) -> Iterator[Check]:
+        """The checks of a method's own knobs (none here)."""
+        return iter(())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field by name, tuples as lists (JSON-ready): what a result stores as its config."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def log_penalties(lam_min: float, lam_max: float, n: int) -> np.ndarray:
+    """n fluency penalties log-spaced from lam_min to lam_max (just lam_min for one)."""
+    if n == 1:
+        return np.array([lam_min])
+    return np.logspace(math.log10(lam_min), math.log10(lam_max), n)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EPOConfig(DreamConfig):
+    """EPO's knobs; defaults are the paper's."""
+
+    population: int = 8  # members M
+    lam_min: float = 0.1  # penalties log-spaced from lam_min to lam_max
+    lam_max: float = 10.0
+    topk: int = 512  # a child's new token is drawn from the top-k of the negative gradient
+    restart_every: int = 50  # 0 disables restarts
+    # Beyond the paper (defaults off): measured in benchmarks/fluency.py.
+    init: str = "random"  # "random" tokens (the paper), or "sample": text sampled from the model itself
+    restart_patience: int = 0  # also restart after this many iterations in which no member improved (0: off)
+    lm_share: float = 0.0  # share of children whose new token is sampled from the model's next-token distribution
+
+    def penalties(self) -> np.ndarray:
+        return log_penalties(self.lam_min, self.lam_max, self.population)
+
+    def method_checks(self) -> Iterator[Check]:
+        yield self.population >= 1, f"population must be at least 1 member, got {self.population}"
+        yield self.topk >= 1, f"topk must be at least 1, got {self.topk}"
+        yield self.restart_every >= 0, f"restart_every must be >= 0 (0 disables restarts), got {self.restart_every}"
+        yield (
+            self.lam_min > 0 and self.lam_max > 0,
+            f"penalties must be positive (they are log-spaced), got lam_min={self.lam_min}, lam_max={self.lam_max}",
+        )
+        yield self.lam_max >= self.lam_min, f"lam_max ({self.lam_max}) must be >= lam_min ({self.lam_min})"
+        yield self.init in ("random", "sample"), f"init must be 'random' or 'sample', got {self.init!r}"
+        yield self.restart_patience >= 0, f"restart_patience must be >= 0 (0: off), got {self.restart_patience}"
+        yield 0.0 <= self.lm_share <= 1.0, f"lm_share must be between 0 and 1, got {self.lm_share}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ADAPTConfig(DreamConfig):
+    """ADAPT's knobs. The paper publishes no hyperparameters: these are ours. The penalties were chosen
+    on four tuning neurons disjoint from the benchmark's targets (0.3..3 and 0.01..0.3 did worse than
+    0.03..1). The mutation sizes were re-chosen on 2026-11-30 on two of those tuning neurons, once the
+    one-hot gradient was exact (40,000 token-forwards, length 12): the earlier greedy mutation (16
+    children, top-8..256 at temperature 0.5..4, up to 3 positions) stopped improving after about 10,000
+    token-forwards; 32 children of one swap each from a wide, nearly uniform top-128..512 kept rising
+    with the budget and ended better at every fluency limit.
+
+    In ADAPT, `children` and `iters` are those of the mutation phase; `init_text` (or `init_ids`)
+    skips the beam search (every member starts from it); `max_token_forwards` includes the beam search."""
+
+    beams: int = 4  # B: partial prompts kept by the beam search, then the members of the mutation phase
+    lam_min: float = 0.03  # penalties of the B slots, log-spaced from lam_min to lam_max, in spreads of
+    lam_max: float = 1.0  # the activation per nat of xe (see the module docstring of optim.adapt)
+    beam_lm: int = 8  # proposals per beam and step from the model's next-token distribution
+    beam_grad: int = 8  # proposals per beam and step from the gradient's top-k
+    beam_share: float = 0.5  # with a token budget, the beam search gets at most this share of it
+    max_positions: int = 1  # strength 0 changes 1 position per child, strength 1 this many
+    topk_min: int = 128  # proposal width at strength 0 ...
+    topk_max: int = 512  # ... and at strength 1 (log-interpolated)
+    temp_min: float = 8.0  # sampling temperature over the proposals at strength 0 ...
+    temp_max: float = 8.0  # ... and at strength 1 (in units of the proposals' score spread)
+    patience: int = 2  # iterations without improvement before the strength rises
+    step: float = 0.25  # how much the strength (0..1) rises on stagnation or falls on improvement
+
+    def penalties(self) -> np.ndarray:
+        return log_penalties(self.lam_min, self.lam_max, self.beams)
+
+    def method_checks(self) -> Iterator[Check]:
+        yield self.beams >= 1, f"beams must be at least 1, got {self.beams}"
+        yield (
+            self.lam_min > 0 and self.lam_max >= self.lam_min,
+            f"need 0 < lam_min <= lam_max, got lam_min={self.lam_min}, lam_max={self.lam_max}",
+        )
+        yield (
+            self.beam_lm >= 1,
+            f"beam_lm must be at least 1 (the model's proposals keep the start fluent), got {self.beam_lm}",
+        )
+        yield self.beam_grad >= 0, f"beam_grad must be >= 0, got {self.beam_grad}"
+        yield 0 < self.beam_share <= 1, f"beam_share must be in (0, 1], got {self.beam_share}"
+        yield self.max_positions >= 1, f"max_positions must be at least 1, got {self.max_positions}"
+        yield (
+            1 <= self.topk_min <= self.topk_max,
+            f"need 1 <= topk_min <= topk_max, got {self.topk_min}, {self.topk_max}",
+        )
+        yield (
+            0 < self.temp_min <= self.temp_max,
+            f"need 0 < temp_min <= temp_max, got {self.temp_min}, {self.temp_max}",
+        )
+        yield self.patience >= 1, f"patience must be at least 1 iteration, got {self.patience}"
+        yield 0 < self.step <= 1, f"step must be in (0, 1], got {self.step}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GCGConfig(DreamConfig):
+    """GCG's knobs; sizes are the GCG paper's (512 candidates per step from the top-256 tokens).
+
+    GCG maximizes `f - lam * xe` with one fixed `lam`; the original attack had no fluency term:
+    a tiny `lam` (1e-6) comes close. `lam` must be positive. Its checkpoints are EPO's (method
+    "epo"); `gcg(resume=)` reads them."""
+
+    lam: float = 1.0
+    children: int = 512  # candidates per step, each one token swapped
+    topk: int = 256
+    iters: int = 500
+
+    def method_checks(self) -> Iterator[Check]:
+        yield (
+            self.lam > 0,
+            f"lam must be positive, got {self.lam}; for GCG without fluency use a tiny lam such as 1e-6",
+        )
+        yield self.topk >= 1, f"topk must be at least 1, got {self.topk}"
+
+    def to_epo(self) -> EPOConfig:
+        """The EPO configuration this GCG is: one member with penalty lam, never restarted."""
+        keep = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lam"}
+        return EPOConfig(**keep, population=1, lam_min=self.lam, lam_max=self.lam, restart_every=0)
+
+    @staticmethod
+    def epo_dict(config: dict[str, Any]) -> dict[str, Any]:
+        """The EPO config dict of a saved GCG config dict (fields it lacks take EPO's defaults)."""
+        d = {k: v for k, v in config.items() if k != "lam"}
+        lam = config.get("lam")
+        return {**EPOConfig().to_dict(), **d, "population": 1, "lam_min": lam, "lam_max": lam, "restart_every": 0}

@@ -1,0 +1,54 @@
+"""Figures and pages of a dream: `plots` (matplotlib Figures: frontier, evolution, thresholds) and
+`report` (one offline HTML page); the plot names are here as before, the report's load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .plots import (
+    DreamFigure,
+    PlotError,
+    best_under_thresholds,
+    frontier_at,
+    plot_evolution,
+    plot_frontier,
+    plot_thresholds,
+    save_plots,
+    save_png,
+    to_png,
+)
+
+# the report needs the attribution code (torch, circuitsvis): loaded when one of its names is used
+_REPORT = {"build_report", "write_report", "load_result", "ReportError"}
+
+__all__ = [
+    "DreamFigure",
+    "PlotError",
+    "best_under_thresholds",
+    "frontier_at",
+    "plot_evolution",
+    "plot_frontier",
+    "plot_thresholds",
+    "save_plots",
+    "save_png",
+    "to_png",
+    "ReportError",
+    "build_report",
+    "load_result",
+    "write_report",
+]
+
+if TYPE_CHECKING:  # the report's names, for a type checker
+    from .report import ReportError, build_report, load_result, write_report
+
+
+def __getattr__(name: str) -> Any:
+    if name in _REPORT:
+        return getattr(importlib.import_module(".report", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_REPORT])

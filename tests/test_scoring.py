@@ -1,0 +1,74 @@
+"""The scoring package's small public pieces: the Evaluator's History and Compute, the one memo of
+banned tokens, and the deprecated dreamlens.optim.core shim."""
+
+import numpy as np
+import pytest
+import torch
+
+import dreamlens as dl
+from dreamlens import scoring
+from dreamlens.scoring import Compute, History, ScoreCache
+
+OBJ = "blocks.1.mlp.hook_post[3]"
+
+
+def test_history_keeps_distinct_prompts_and_their_best():
+    h = History(length=2)
+    assert len(h) == 0 and h.best() is None and h.best_value() == float("-inf")
+    ids, vals, xe, it, text = h.arrays()
+    assert ids.shape == (0, 2) and len(vals) == len(xe) == len(it) == len(text) == 0
+    for row, v in (([1, 2], 0.5), ([3, 4], 2.0), ([5, 6], 2.0)):
+        key = ScoreCache.key(row)
+        assert key not in h
+        h.add(key, torch.tensor(row), v, 1.0, 3, "t")
+        assert key in h
+    assert len(h) == 3 and h.best() == 1 and h.best_value() == 2.0  # the first of equal values
+    ids, vals, xe, it, text = h.arrays()
+    np.testing.assert_array_equal(ids, [[1, 2], [3, 4], [5, 6]])
+    assert vals.dtype == np.float64 and it.dtype == np.int64 and text == ["t"] * 3
+
+
+def test_compute_adds_merges_and_restores():
+    a, b = Compute(), Compute()
+    a.add_forward(2, 10)
+    a.add_gradient(1, 9)
+    a.add_tokens(5)
+    b.add_forward(1, 4)
+    b.add_reused(1, 3)
+    a.merge(b)
+    assert a.counts() == (3, 1, 28) and a.reused_rows == 1 and a.saved_token_forwards == 3
+    a.restore(7, 8, 9)
+    assert a.counts() == (7, 8, 9)
+
+
+def test_evaluator_counts_and_records_through_compute_and_history(tiny_model):
+    layout = scoring.make_layout(tiny_model, 4)
+    ev = scoring.Evaluator(tiny_model, [dl.objective(OBJ)], layout)
+    a = torch.tensor([[500, 600, 700, 800], [501, 600, 700, 800]])
+    f, _, ok = ev.evaluate(a, torch.zeros(2, dtype=torch.long), 0)
+    assert ev.compute.n_forward == 2 and ev.compute.token_forwards == 2 * layout.seq_len
+    h = ev.history[0]
+    assert len(h) == int(ok.sum()) and h.values == [float(v) for v in f[ok]] and h.iteration == [0] * len(h)
+
+
+def test_banned_mask_is_memoized_once_on_the_model(tiny_model):
+    a = scoring.banned_mask(tiny_model, ascii_only=True)
+    a[:] = True  # a fresh copy: changing it changes no later call
+    b = scoring.banned_mask(tiny_model, ascii_only=True, extra=[7])
+    assert not b.all() and b[7]
+    memo = tiny_model.__dict__["_dreamlens_banned"]
+    assert all(isinstance(k, tuple) for k in memo)
+    with pytest.raises(scoring.DreamError, match="outside the vocabulary"):
+        scoring.banned_mask(tiny_model, extra=[10**9])
+
+
+def test_optim_core_is_a_deprecated_shim():
+    from dreamlens.optim import core
+
+    with pytest.warns(DeprecationWarning, match="use dreamlens.scoring"):
+        assert core.Evaluator is scoring.Evaluator
+    with pytest.warns(DeprecationWarning):
+        from dreamlens.optim.core import DreamError, score
+    assert DreamError is scoring.DreamError and score is scoring.score
+    with pytest.raises(AttributeError):
+        core._Batcher  # noqa: B018  (private names are not forwarded)
