@@ -6,8 +6,9 @@ checker reads the same names from the `TYPE_CHECKING` imports below.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import exports
 
 __version__ = "0.1.0"
 
@@ -139,12 +140,7 @@ if TYPE_CHECKING:  # the same names for a type checker (tests/test_public_api.py
     from .viz.report import build_report, write_report
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module 'dreamlens' has no attribute {name!r}")
+__getattr__ = exports(__name__, _EXPORTS, _SUBMODULES)
 
 
 def __dir__() -> list[str]:

@@ -4,7 +4,7 @@ Old imports keep working: each public name resolves here with a DeprecationWarni
 
 from __future__ import annotations
 
-from ._deprecated import moved
+from .lazy import moved
 
 __getattr__ = moved("dreamlens.metrics", {
     "dataset_max": "dreamlens.analysis.metrics",

@@ -34,13 +34,13 @@ MOVED = [
 @pytest.mark.parametrize(("old", "name", "new"), MOVED, ids=[f"{o}.{n}" for o, n, _ in MOVED])
 def test_old_path_warns_and_gives_the_new_object(old, name, new):
     module = importlib.import_module(old)
-    with pytest.warns(DeprecationWarning, match=rf"^{old} is deprecated; use {new}$"):
+    with pytest.warns(DeprecationWarning, match=rf"^{old}.{name} is deprecated; use {new}.{name}$"):
         got = getattr(module, name)
     assert got is getattr(importlib.import_module(new), name)
 
 
 def test_from_import_of_an_old_path():
-    with pytest.warns(DeprecationWarning, match="dreamlens.dataset is deprecated; use dreamlens.analysis.scan"):
+    with pytest.warns(DeprecationWarning, match="dreamlens.dataset.ScanResult is deprecated; use dreamlens.analysis.scan.ScanResult"):
         from dreamlens.dataset import ScanResult
     from dreamlens.analysis.scan import ScanResult as new
 

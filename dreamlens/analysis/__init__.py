@@ -4,8 +4,9 @@ token attribution. Names load lazily; the functions `scan` and `compare` live in
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import exports
 
 # public name -> submodule that defines it. `scan` and `compare` are not here: `dreamlens.analysis.scan`
 # and `dreamlens.analysis.compare` are the submodules (use `dreamlens.scan`, `dreamlens.analysis.scan.scan`).
@@ -104,12 +105,7 @@ if TYPE_CHECKING:  # the same names for a type checker
     from .sketch import QuantileSketch
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = exports(__name__, _EXPORTS, _SUBMODULES)
 
 
 def __dir__() -> list[str]:

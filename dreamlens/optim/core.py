@@ -4,7 +4,7 @@ tokens, reuse, batching, cache, evaluator, checks) and the run loop's SIGTERM ha
 
 from __future__ import annotations
 
-from .._deprecated import moved
+from ..lazy import moved
 
 _SCORING = (
     "CE_CHUNK_ELEMENTS",

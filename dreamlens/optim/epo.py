@@ -17,7 +17,6 @@ Several objectives run as independent populations inside the same forward passes
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from ..lazy import moved
 from ..objectives import Objective
 from ..results import DreamResult
 from ..scoring import Evaluator, Layout, check_not_constant
@@ -199,14 +199,5 @@ def propose_children(
 
 
 # Names that moved out of this module: still importable from here, with a DeprecationWarning.
-_MOVED = {"save_checkpoint": "loop", "save_partial": "loop", "select_members": "members"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        import importlib
-
-        home = f"dreamlens.optim.{_MOVED[name]}"
-        warnings.warn(f"dreamlens.optim.epo.{name} is deprecated; use {home}.{name}", DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module(home), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved(__name__, {"save_checkpoint": "dreamlens.optim.loop", "save_partial": "dreamlens.optim.loop",
+                               "select_members": "dreamlens.optim.members"})

@@ -4,9 +4,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ..lazy import exports
 from .plots import (
     DreamFigure,
     PlotError,
@@ -44,10 +44,7 @@ if TYPE_CHECKING:  # the report's names, for a type checker
     from .report import ReportError, build_report, load_result, write_report
 
 
-def __getattr__(name: str) -> Any:
-    if name in _REPORT:
-        return getattr(importlib.import_module(".report", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = exports(__name__, dict.fromkeys(_REPORT, "report"))
 
 
 def __dir__() -> list[str]:
