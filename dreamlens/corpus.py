@@ -214,7 +214,7 @@ class DocumentWindow:
 
 
 def document_windows(
-    model: Any, docs: Iterable[str], window: int, *, max_tokens: int | None = None
+    model: HookedTransformer, docs: Iterable[str], window: int, *, max_tokens: int | None = None
 ) -> Iterator[DocumentWindow]:
     """Chop documents into consecutive windows of `window` tokens (a document's tail shorter than
     `window` is dropped), with where each came from. Stops after `max_tokens` window tokens, before
