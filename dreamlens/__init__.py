@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "Logit": "objectives.logit",
     "LogitDiff": "objectives.logit",
     "Combination": "objectives.combination",
+    "Max": "objectives.maximum",
     "ObjectiveError": "objectives.base",
     "run_objectives": "objectives.forward",
     "scan": "analysis.scan",
@@ -89,6 +90,7 @@ __all__ = [
     "Logit",
     "LogitDiff",
     "Combination",
+    "Max",
     "ObjectiveError",
     "run_objectives",
     "scan",
@@ -125,6 +127,7 @@ if TYPE_CHECKING:  # the same names for a type checker (tests/test_public_api.py
     from .objectives.direction import Direction
     from .objectives.forward import run_objectives
     from .objectives.logit import Logit, LogitDiff
+    from .objectives.maximum import Max
     from .objectives.neuron import Neuron
     from .objectives.parse import objective
     from .objectives.sae_latent import SAELatent

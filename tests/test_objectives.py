@@ -711,7 +711,7 @@ def test_each_form_of_the_registry_reads_its_own_examples_only():
         "Forms: 'blocks.6.mlp.hook_post[123]', 'blocks.3.attn.hook_z[4,10]', 'blocks.0.attn.hook_pattern[2,-1,0]', "
         "'sae:embedded[42]', 'sae:PATH[42]', 'sae_pre:PATH[42]', 'logit[\" Paris\"]', "
         "'logitdiff[\" Paris\",\" London\"]', 'dir:HOOK:vector.pt'; optional '@max', '@mean' or '@POS' after "
-        "the brackets; combine with ' + ', ' - ' and 'k*'"
+        "the brackets; combine with ' + ', ' - ' and 'k*', or take the largest with 'max(A, B)'"
     )
 
 
@@ -759,3 +759,65 @@ def test_embedded_model_objectives_match_run_with_cache(embedded_model):
     assert stop_at_layer(model, early) == 7
     with torch.no_grad():
         torch.testing.assert_close(run_objectives(model, early, toks)[0], values[:3], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# max(A, B): fires when either does
+
+
+def test_max_values_and_gradients_match_an_independent_computation(tiny_model):
+    from dreamlens.objectives import Max
+
+    a, b = objective("blocks.1.mlp.hook_post[3]"), objective("0.5*blocks.0.mlp.hook_post[5] - blocks.1.hook_resid_post[2]")
+    m = Max(a, b)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 1000, (6, 7), generator=g)
+    tokens[:, 0] = 0
+    got = m.evaluate(tiny_model, tokens)
+    va, vb = a.evaluate(tiny_model, tokens), b.evaluate(tiny_model, tokens)
+    torch.testing.assert_close(got, torch.maximum(va, vb), rtol=0, atol=0)
+    assert (va > vb).any() and (vb > va).any()  # both parts win somewhere: the test means something
+    assert torch.equal(m.larger_part(tiny_model, tokens), (vb > va).long())
+
+    # the gradient through embeddings: that of the larger part, row by row
+    from dreamlens.objectives import run_objectives
+
+    emb = tiny_model.embed(tokens).detach().requires_grad_(True)
+    run_objectives(tiny_model, [m], tokens, embeds=emb)[0][0].sum().backward()
+    grads = []
+    for o in (a, b):
+        e = tiny_model.embed(tokens).detach().requires_grad_(True)
+        run_objectives(tiny_model, [o], tokens, embeds=e)[0][0].sum().backward()
+        grads.append(e.grad)
+    want = torch.where((va >= vb).view(-1, 1, 1), grads[0], grads[1])
+    torch.testing.assert_close(emb.grad, want)
+
+
+def test_max_string_form_round_trips_and_nests():
+    from dreamlens.objectives import Max
+
+    spec = 'max(blocks.1.mlp.hook_post[3], 0.5*blocks.0.mlp.hook_post[2]@max, logit[" a, b"])'
+    m = objective(spec)
+    assert isinstance(m, Max) and len(m.parts) == 3 and str(m) == spec
+    assert str(objective(str(m))) == spec
+    combo = objective("2*max(blocks.1.mlp.hook_post[3], blocks.0.mlp.hook_post[2]) - blocks.1.mlp.hook_post[4]")
+    assert str(combo) == "2*max(blocks.1.mlp.hook_post[3], blocks.0.mlp.hook_post[2]) - blocks.1.mlp.hook_post[4]"
+    assert len(Max(m, objective("blocks.1.mlp.hook_post[9]")).parts) == 4  # max(max(a, b), c) flattens
+    from dreamlens.objectives.base import leaves
+
+    assert [str(o) for o in leaves([combo])] == ["blocks.1.mlp.hook_post[3]", "blocks.0.mlp.hook_post[2]", "blocks.1.mlp.hook_post[4]"]
+
+
+@pytest.mark.parametrize("spec", ["max(blocks.1.mlp.hook_post[3])", "max()", "max(blocks.1.mlp.hook_post[3], )"])
+def test_max_needs_two_objectives(spec):
+    with pytest.raises(ObjectiveError, match=r"max\(\) takes two or more objectives"):
+        objective(spec)
+
+
+def test_max_in_a_scan_is_the_max_of_its_parts_at_every_position(tiny_model):
+    from dreamlens.analysis.scan import position_values
+
+    a, b = objective("blocks.1.mlp.hook_post[3]"), objective("blocks.0.mlp.hook_post[5]@max")
+    tokens = torch.randint(1, 1000, (3, 9), generator=torch.Generator().manual_seed(2))
+    vals = position_values(tiny_model, [objective(f"max({a}, {b})"), a, b], tokens, skip=1)
+    torch.testing.assert_close(vals[0], torch.maximum(vals[1], vals[2]), rtol=0, atol=0)

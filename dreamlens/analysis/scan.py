@@ -26,7 +26,7 @@ from .. import corpus as corpus_mod
 from ..corpus import DocumentWindow
 from ..io import atomic_write_text, digest_file, write_parquet
 from ..models import bos_token_id, decode
-from ..objectives import Capture, Combination, Neuron, NonFiniteError, Objective, objective
+from ..objectives import Capture, Combination, Max, Neuron, NonFiniteError, Objective, objective
 from ..objectives.base import leaves
 from ..objectives.forward import forward_capture, stop_at_layer, unembed
 from ..objectives.logit import token_id
@@ -49,6 +49,8 @@ def per_position(o: Objective) -> Objective:
     reduction over positions (`@max`, `@mean`, `@POS`) does not apply and becomes `last`."""
     if isinstance(o, Combination):
         return Combination([(c, per_position(t)) for c, t in o.terms])
+    if isinstance(o, Max):
+        return Max(*(per_position(p) for p in o.parts))
     if dataclasses.is_dataclass(o) and getattr(o, "reduce", "last") != "last":
         return dataclasses.replace(o, reduce="last")
     return o

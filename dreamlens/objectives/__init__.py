@@ -7,6 +7,7 @@ from .direction import Direction
 from .forward import NonFiniteError, default_start, run_objectives, stop_at_layer, unembed
 from .hooks import hook_shape
 from .logit import Logit, LogitDiff
+from .maximum import Max
 from .neuron import Neuron
 from .parse import load_vector, objective
 from .sae_latent import SAELatent
@@ -17,6 +18,7 @@ __all__ = [
     "Direction",
     "Logit",
     "LogitDiff",
+    "Max",
     "Neuron",
     "NonFiniteError",
     "Objective",

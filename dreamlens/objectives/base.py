@@ -202,5 +202,10 @@ class Objective:
 
 def leaves(objectives: Sequence[Objective]) -> list[Objective]:
     """The single objectives that `objectives` are made of, in order (a combination gives its terms,
-    any other objective itself). A forward pass computes these."""
-    return [leaf for o in objectives for _, leaf in o.terms]
+    a maximum its parts, any other objective itself). A forward pass computes these."""
+    out: list[Objective] = []
+    for o in objectives:
+        for _, leaf in o.terms:
+            parts = getattr(leaf, "parts", None)  # a non-linear composite (`Max`)
+            out.extend(leaves(parts) if parts else [leaf])
+    return out

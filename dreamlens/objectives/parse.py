@@ -18,6 +18,7 @@ from .base import Objective, ObjectiveError, Reduce
 from .combination import Combination
 from .direction import Direction
 from .logit import Logit, LogitDiff
+from .maximum import Max
 from .neuron import Neuron
 from .sae_latent import SAELatent
 
@@ -46,22 +47,39 @@ def _outside_quotes(text: str, quotes_open: Callable[[], bool]) -> Iterator[tupl
 
 
 def _split_terms(spec: str) -> list[str]:
-    """Split a combination at '+' and '-' outside brackets, keeping each sign with its term. A sign
-    separates terms only after a space or a closing bracket (`a - b`, `a[1]-b[2]`), so paths keep their
+    """Split a combination at '+' and '-' outside brackets and parentheses, keeping each sign with its
+    term. A sign separates terms only after a space or a closing bracket (`a - b`, `a[1]-b[2]`), so paths keep their
     dashes and `@-1` stays a position. Quotes count only inside brackets (tokens), so an apostrophe in
     a path is harmless."""
     parts, cur, depth = [], "", 0
     for ch, free in _outside_quotes(spec, lambda: depth > 0):  # noqa: B023  # the depth at each character, on purpose
-        if free and ch == "[":
+        if free and ch in "[(":
             depth += 1
-        elif free and ch == "]":
+        elif free and ch in "])":
             depth = max(depth - 1, 0)
-        elif free and ch in "+-" and depth == 0 and cur.strip() and (cur[-1].isspace() or cur[-1] == "]"):
+        elif free and ch in "+-" and depth == 0 and cur.strip() and (cur[-1].isspace() or cur[-1] in "])"):
             parts.append(cur)
             cur = ""
         cur += ch
     parts.append(cur)
     return [p.strip() for p in parts if p.strip()]
+
+
+def _split_args(inner: str) -> list[str]:
+    """Split the arguments of `max(...)` at commas outside brackets, parentheses and quoted tokens."""
+    parts, cur, depth = [], "", 0
+    for ch, free in _outside_quotes(inner, lambda: depth > 0):  # noqa: B023  # the depth at each character, on purpose
+        if free and ch in "[(":
+            depth += 1
+        elif free and ch in "])":
+            depth = max(depth - 1, 0)
+        elif free and ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts]
 
 
 def _split_tokens(inner: str) -> list[str]:
@@ -187,11 +205,19 @@ FORMS: tuple[Form, ...] = (
 FORMS_HELP = (
     "Forms: "
     + ", ".join(f"'{example}'" for form in FORMS for example in form.examples)
-    + "; optional '@max', '@mean' or '@POS' after the brackets; combine with ' + ', ' - ' and 'k*'"
+    + "; optional '@max', '@mean' or '@POS' after the brackets; combine with ' + ', ' - ' and 'k*', "
+    "or take the largest with 'max(A, B)'"
 )
+MAX_HELP = "the largest of several objectives: 'max(A, B)', e.g. 'max(sae:embedded[1], 0.5*blocks.6.mlp.hook_post[2])'"
 
 
-def _parse_single(spec: str, load_sae: LoadSAE) -> Objective:
+def _parse_single(spec: str, load_sae: LoadSAE, expression: Callable[[str], Objective]) -> Objective:
+    m = re.fullmatch(r"max\s*\((.*)\)", spec.strip(), flags=re.S)
+    if m:
+        args = _split_args(m.group(1))
+        if len(args) < 2 or not all(args):
+            raise ObjectiveError(f"cannot read {spec.strip()!r}: max() takes two or more objectives; {MAX_HELP}")
+        return Max(*(expression(a) for a in args))
     body, how = _parse_reduce(spec.strip())
     for form in FORMS:
         m = form.pattern.fullmatch(body)
@@ -264,14 +290,17 @@ def objective(spec: str | Objective, *, sae_loader: Callable[[str], Any] | None 
                 raise ObjectiveError(f"cannot load the SAE {source!r}: {e}") from e
         return loaded[source]
 
-    terms: list[tuple[float, Objective]] = []
-    for part in _split_terms(spec):
-        m = re.fullmatch(r"([+-]?)\s*(?:((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\*\s*)?(.+)", part, flags=re.S)
-        if not m:  # pragma: no cover - the pattern accepts any non-empty part
-            raise ObjectiveError(f"cannot read {part!r} in {spec!r}. {FORMS_HELP}")
-        sign = -1.0 if m.group(1) == "-" else 1.0
-        coef = float(m.group(2)) if m.group(2) else 1.0
-        terms.append((sign * coef, _parse_single(m.group(3), load_sae)))
-    if len(terms) == 1 and terms[0][0] == 1.0:
-        return terms[0][1]
-    return Combination(terms)
+    def expression(text: str) -> Objective:
+        terms: list[tuple[float, Objective]] = []
+        for part in _split_terms(text):
+            m = re.fullmatch(r"([+-]?)\s*(?:((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\*\s*)?(.+)", part, flags=re.S)
+            if not m:  # pragma: no cover - the pattern accepts any non-empty part
+                raise ObjectiveError(f"cannot read {part!r} in {spec!r}. {FORMS_HELP}")
+            sign = -1.0 if m.group(1) == "-" else 1.0
+            coef = float(m.group(2)) if m.group(2) else 1.0
+            terms.append((sign * coef, _parse_single(m.group(3), load_sae, expression)))
+        if len(terms) == 1 and terms[0][0] == 1.0:
+            return terms[0][1]
+        return Combination(terms)
+
+    return expression(spec)
