@@ -42,6 +42,8 @@ _EXPORTS: dict[str, str] = {
     "gcg": "optim.gcg",
     "GCGConfig": "optim.config",
     "dream": "optim.dream",
+    "Modes": "optim.modes",
+    "ModeSettings": "optim.modes",
     "DreamResult": "results",
     "DreamError": "scoring.checks",
     "DreamlensError": "errors",
@@ -103,6 +105,8 @@ __all__ = [
     "gcg",
     "GCGConfig",
     "dream",
+    "Modes",
+    "ModeSettings",
     "DreamResult",
     "DreamError",
     "DreamlensError",
@@ -136,6 +140,7 @@ if TYPE_CHECKING:  # the same names for a type checker (tests/test_public_api.py
     from .optim.dream import dream
     from .optim.epo import epo
     from .optim.gcg import gcg
+    from .optim.modes import Modes, ModeSettings
     from .results import DreamResult
     from .sae import load_sae
     from .scoring.checks import DreamError

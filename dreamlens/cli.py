@@ -156,6 +156,7 @@ def _run_dream(args: argparse.Namespace) -> tuple[HookedTransformer, DreamResult
     from .models import load_model
     from .objectives import objective
     from .optim.dream import DEFAULT_METHOD, METHODS, dream, make_config
+    from .results import DreamResult
 
     method = args.method or DEFAULT_METHOD
     fields = {f.name for _, cls in METHODS.values() for f in dataclasses.fields(cls)}
@@ -169,7 +170,7 @@ def _run_dream(args: argparse.Namespace) -> tuple[HookedTransformer, DreamResult
     target = objective(args.objective)  # a malformed objective fails before the model loads too
     model = load_model(args.model)
     result = dream(model, target, method, config=cfg, resume=resume)
-    assert not isinstance(result, list)  # one objective, one result
+    assert isinstance(result, DreamResult)  # one objective, one result
     _print_frontier(result)
     if args.out:
         result.save(args.out, overwrite=True)  # the folder was checked above; it may hold our checkpoint

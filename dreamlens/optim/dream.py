@@ -17,6 +17,7 @@ from .config import ADAPTConfig, DreamConfig, EPOConfig, GCGConfig
 from .epo import epo
 from .gcg import gcg
 from .loop import Callback
+from .modes import Modes, ModeSettings, dream_modes
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -59,12 +60,26 @@ def dream(
     callback: Callback | None = None,
     resume: DreamResult | str | Path | Sequence[Any] | None = None,
     progress: bool = True,
+    modes: int | None = None,
+    mode_settings: ModeSettings | None = None,
     **options: Any,
-) -> DreamResult | list[DreamResult]:
+) -> DreamResult | list[DreamResult] | Modes:
     """Dream with `method` ("adapt", the default; "epo"; or "gcg"). `options` are fields of the
     method's config (`ADAPTConfig`, `EPOConfig`, `GCGConfig`), e.g. `dream(model, obj, "epo", iters=50)`;
     `config=` starts from a config object instead of the defaults. Every method returns a DreamResult
-    (a list of them for a list of objectives)."""
+    (a list of them for a list of objectives).
+
+    `modes=K` returns `Modes`: K dreams of one objective, distinct by construction (each later one
+    without the key tokens of those before it, see `dreamlens.optim.modes`), ranked by activation at a
+    fluency limit (`mode_settings`); the first one found is the ordinary dream with the same seed."""
     cfg = make_config(method, config, **options)
     run = METHODS[method][0]
+    if modes is not None:
+        if not isinstance(objective, (Objective, str)):
+            raise DreamError("modes= dreams one objective at a time; pass a single objective (or its string form)")
+        if resume is not None:
+            raise DreamError("modes= cannot resume a run; dream the modes again (with a fixed seed they come out the same)")
+        return dream_modes(model, objective, run, cfg, modes, settings=mode_settings, callback=callback, progress=progress)
+    if mode_settings is not None:
+        raise DreamError("mode_settings= applies only with modes=K; pass modes=2 or more, or drop mode_settings")
     return run(model, objective, cfg, callback=callback, resume=resume, progress=progress)

@@ -1,0 +1,89 @@
+"""Activation patterns: what the model computes at an objective's hooks for a prompt, and which top
+dataset examples resemble each mode of a dream most (cosine of centered patterns).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..objectives import Objective, objective as parse_objective
+from ..objectives.base import leaves
+from ..objectives.forward import forward_capture
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from ..optim.modes import Modes
+    from .scan import ScanResult
+
+
+def activation_patterns(
+    model: HookedTransformer, objective: Objective | str, prompts: Sequence[Sequence[int]]
+) -> Float[Tensor, "n d"]:
+    """Each prompt's pattern at the objective's hooks: the activation of every hook the objective reads,
+    at the position it is read (the last one, or its fixed position `@POS`), flattened and concatenated.
+    Prompts are full token sequences (start token included) and may differ in length."""
+    obj = parse_objective(objective)
+    parts = leaves([obj])
+    hooks = list(dict.fromkeys(h for o in parts for h in o.hooks))
+    pos = {h: -1 for h in hooks}
+    for o in parts:
+        r = getattr(o, "reduce", "last")
+        if isinstance(r, int):
+            pos.update(dict.fromkeys(o.hooks, r))
+    out: list[Tensor] = []
+    with torch.no_grad():
+        for ids in prompts:  # one at a time: lengths differ, and the prompts are few
+            tokens = torch.as_tensor([list(ids)], dtype=torch.long, device=model.cfg.device)
+            cap, _ = forward_capture(model, parts, tokens)
+            out.append(torch.cat([cap.acts[h][0, pos[h]].flatten().float() for h in hooks]))
+    return torch.stack(out).cpu() if out else torch.zeros((0, 0))
+
+
+def nearest_examples(model: HookedTransformer, modes: Modes, scan: ScanResult, objective_index: int | None = None,
+                     k: int = 5) -> list[pd.DataFrame]:
+    """For each mode (its best prompt at the fluency limit), the `k` top dataset examples whose
+    patterns are closest in cosine, after subtracting the examples' mean pattern (what all of them
+    share would otherwise dominate). Each frame: the example's rank in the scan, text, activation,
+    xe and `cosine`, closest first. A mode with no prompt at the limit gets an empty frame."""
+    from ..models import bos_token_id
+
+    top = scan.top(scan.index(modes.objective) if objective_index is None else objective_index)
+    bos = bos_token_id(model)
+    head = [bos] if bos is not None else []
+    examples = [head + [int(t) for t in ids] for ids in top["ids"]]
+    prompts, which = [], []
+    for i in range(len(modes)):
+        b = modes.best(i)
+        if b is not None:
+            r = modes.dreams[i]
+            pre = _encode(model, r.prefix)
+            post = _encode(model, r.suffix)
+            prompts.append(head + pre + [int(t) for t in b["ids"]] + post)
+            which.append(i)
+    pats = activation_patterns(model, modes.objective, examples + prompts)
+    ex, dr = pats[: len(examples)], pats[len(examples):]
+    mean = ex.mean(dim=0, keepdim=True)
+    ex_c = torch.nn.functional.normalize(ex - mean, dim=-1)
+    dr_c = torch.nn.functional.normalize(dr - mean, dim=-1)
+    cos = (dr_c @ ex_c.T).numpy()  # [modes with a prompt, examples]
+    out = [pd.DataFrame(columns=["rank", "text", "activation", "xe", "cosine"]) for _ in range(len(modes))]
+    for row, i in enumerate(which):
+        order = np.argsort(-cos[row], kind="stable")[:k]
+        t = top.iloc[order]
+        out[i] = pd.DataFrame({"rank": order + 1, "text": t["text"].to_numpy(), "activation": t["activation"].to_numpy(),
+                               "xe": t["xe"].to_numpy(), "cosine": cos[row][order]}).reset_index(drop=True)
+    return out
+
+
+def _encode(model: HookedTransformer, text: str) -> list[int]:
+    from ..models import encode
+
+    return list(encode(model, text)) if text else []
