@@ -55,6 +55,8 @@ _EXPORTS: dict[str, str] = {
     "plot_thresholds": "viz.plots",
     "build_report": "viz.report",
     "write_report": "viz.report",
+    "build_modes_report": "viz.report",
+    "write_modes_report": "viz.report",
 }
 # submodules reachable as attributes (`dl.viz`); dataset, metrics, attribution and report are the
 # deprecated old homes of what analysis/ and viz/ hold now
@@ -118,6 +120,8 @@ __all__ = [
     "plot_thresholds",
     "build_report",
     "write_report",
+    "build_modes_report",
+    "write_modes_report",
 ]
 
 if TYPE_CHECKING:  # the same names for a type checker (tests/test_public_api.py keeps the three lists equal)
@@ -145,7 +149,7 @@ if TYPE_CHECKING:  # the same names for a type checker (tests/test_public_api.py
     from .sae import load_sae
     from .scoring.checks import DreamError
     from .viz.plots import plot_evolution, plot_frontier, plot_thresholds
-    from .viz.report import build_report, write_report
+    from .viz.report import build_modes_report, build_report, write_modes_report, write_report
 
 
 __getattr__ = exports(__name__, _EXPORTS, _SUBMODULES)

@@ -19,6 +19,7 @@ from .errors import DreamlensError, OutputError
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
+    from .optim.modes import Modes
     from .results import DreamResult
 
 DEMO_OBJECTIVE = "blocks.12.mlp.hook_post[1256]"  # fires on lists of media: "film, radio,"
@@ -145,7 +146,18 @@ def _print_frontier(result, rows: int = 12) -> None:
 
 
 def _cmd_dream(args: argparse.Namespace) -> int:
-    _run_dream(args)
+    from .scoring import DreamError
+
+    if args.modes is not None:
+        if args.resume:
+            raise DreamError("--modes cannot resume a run; dream the modes again (with a fixed --seed they come out the same)")
+        if args.checkpoint_every is not None:
+            raise DreamError("--checkpoint-every does not apply with --modes (modes cannot be resumed); drop it")
+        _run_modes(args)
+    elif args.mode_limit is not None:
+        raise DreamError("--mode-limit applies only with --modes K; add --modes 2 (or more), or drop --mode-limit")
+    else:
+        _run_dream(args)
     return 0
 
 
@@ -176,6 +188,63 @@ def _run_dream(args: argparse.Namespace) -> tuple[HookedTransformer, DreamResult
         result.save(args.out, overwrite=True)  # the folder was checked above; it may hold our checkpoint
         print(f"\nsaved to {args.out} (result.json, history.parquet)")
     return model, result
+
+
+def check_modes_out(out: str, *, force: bool) -> None:
+    """A --modes run's --out, refused before any compute wherever `Modes.save` would refuse it after:
+    modes already there need --force; a dream result or other files are never replaced."""
+    from .results import check_output_folder
+
+    check_out_folder(out, "modes.json", "set of modes", force=force)
+    path = Path(out)
+    if not (path / "modes.json").exists():
+        if (path / "result.json").exists():
+            raise OutputError(f"--out {out!r} holds a dream result; modes go to a folder of their own: choose another folder")
+        check_output_folder(path)
+
+
+def _run_modes(args: argparse.Namespace) -> tuple[HookedTransformer, Modes]:
+    """`dream --modes K`: dream the modes, print each one's header and frontier (best first), save them."""
+    import dataclasses
+
+    from .models import decode, load_model
+    from .objectives import objective
+    from .optim.dream import DEFAULT_METHOD, METHODS, dream, make_config
+    from .optim.modes import Modes, ModeSettings
+
+    method = args.method or DEFAULT_METHOD
+    fields = {f.name for _, cls in METHODS.values() for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if args.out:
+        check_modes_out(args.out, force=args.force)  # no checkpoints: each mode is a run of its own
+    cfg = make_config(method, None, **kw)
+    cfg.validate()
+    settings = ModeSettings() if args.mode_limit is None else ModeSettings(limit=args.mode_limit)
+    settings.validate()
+    target = objective(args.objective)
+    model = load_model(args.model)
+    modes = dream(model, target, method, config=cfg, modes=args.modes, mode_settings=settings)
+    assert isinstance(modes, Modes)
+    for i, r in enumerate(modes.dreams):
+        keys = ", ".join(repr(decode(model, [t])) for t in modes.key_tokens[i])
+        if not keys:
+            keys = "none (found last: no mode was dreamed without them)" if modes.found[i] == len(modes) else "none"
+        print(f"\n=== mode {i + 1} of {len(modes)} (found {_ordinal(modes.found[i])}; key tokens: {keys}; "
+              f"dreamed without {len(modes.banned[i])} tokens) ===")
+        b = modes.best(i)
+        if b is None:
+            print(f"no prompt at xe <= {modes.limit:g}")
+        else:
+            print(f"best at xe <= {modes.limit:g}: {float(b['activation']):.3f} (xe {float(b['xe']):.2f})  {b['text']!r}")
+        _print_frontier(r)
+    if args.out:
+        modes.save(args.out, overwrite=True)  # the folder was checked above
+        print(f"\nsaved to {args.out} (modes.json, mode_1/ .. mode_{len(modes)}/)")
+    return model, modes
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def demo_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -279,7 +348,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_for(result: DreamResult, name: str | None) -> HookedTransformer:
+def _model_for(result: DreamResult, name: str | None, why: str = "token attributions",
+               skip: str = "--attributions 0 to skip them") -> HookedTransformer:
     from .models import ModelLoadError, load_model, smollm2_config
 
     if name is None and result.model_name not in ("", smollm2_config().model_name):
@@ -287,16 +357,15 @@ def _model_for(result: DreamResult, name: str | None) -> HookedTransformer:
     try:
         return load_model(name)
     except Exception as e:
-        raise ModelLoadError(
-            f"cannot load the model {name or 'embedded'!r} for token attributions ({e}); pass --model, or "
-            "--attributions 0 to skip them"
-        ) from e
+        raise ModelLoadError(f"cannot load the model {name or 'embedded'!r} for {why} ({e}); pass --model, or {skip}") from e
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from . import viz
     from .viz.report import write_report
 
+    if (Path(args.result_dir) / "modes.json").is_file():
+        return _report_modes(args)
     result = _load_result(args.result_dir, "RESULT_DIR")
     check_out_file(args.out, "report", force=args.force)
     scan = None
@@ -304,8 +373,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
         from .analysis.scan import ScanResult
 
         scan = ScanResult.load(args.scan)
-    model = _model_for(result, args.model) if args.attributions > 0 else None
-    out = write_report(args.out, result, model=model, scan=scan, max_attributions=args.attributions,
+    n_attr = 6 if args.attributions is None else args.attributions
+    model = _model_for(result, args.model) if n_attr > 0 else None
+    out = write_report(args.out, result, model=model, scan=scan, max_attributions=n_attr,
                        objective_index=args.objective_index)
     stem = out.with_suffix("")
     pngs = [
@@ -314,6 +384,38 @@ def _cmd_report(args: argparse.Namespace) -> int:
         viz.save_png(viz.plot_thresholds(result), f"{stem}_thresholds.png"),
     ]
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {', '.join(p.name for p in pngs)}")
+    return 0
+
+
+def _report_modes(args: argparse.Namespace) -> int:
+    """`report` of a modes folder: the modes side by side, and each mode's frontier PNG beside the page."""
+    from . import viz
+    from .optim.modes import Modes
+    from .results import ResultError
+    from .viz.report import write_modes_report
+
+    try:
+        modes = Modes.load(args.result_dir)
+    except ResultError as e:
+        raise ResultError(f"RESULT_DIR: {e}") from e
+    check_out_file(args.out, "report", force=args.force)
+    scan = None
+    if args.scan:
+        from .analysis.scan import ScanResult
+
+        scan = ScanResult.load(args.scan)
+    n_attr = 3 if args.attributions is None else args.attributions
+    model = None
+    if len(modes) and (n_attr > 0 or scan is not None):  # the nearest examples need the model too
+        why = "token attributions and nearest dataset examples" if scan is not None else "token attributions"
+        skip = "--attributions 0 and no --scan to skip them" if scan is not None else "--attributions 0 to skip them"
+        model = _model_for(modes.dreams[0], args.model, why, skip)
+    out = write_modes_report(args.out, modes, model=model, scan=scan, max_attributions=n_attr,
+                             objective_index=args.objective_index)
+    stem = out.with_suffix("")
+    pngs = [viz.save_png(viz.plot_frontier(r), f"{stem}_mode_{i + 1}_frontier.png") for i, r in enumerate(modes) if len(r)]
+    names = ", ".join(p.name for p in pngs) or "no PNG (no mode holds a prompt)"
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB: {len(modes)} modes) and {names}")
     return 0
 
 
@@ -384,8 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-token-forwards", type=positive, default=None, help="compute budget in token-forwards")
     p.add_argument("--checkpoint-every", type=positive, default=None, help="save to --out every N iterations")
     p.add_argument("--resume", default=None, help="continue the run saved in this folder")
-    p.add_argument("--out", default=None, help="folder for the result (result.json + history.parquet)")
-    p.add_argument("--force", action="store_true", help="replace a result already in --out")
+    p.add_argument("--modes", type=positive, default=None, metavar="K",
+                   help="dream K distinct modes, each without the key tokens of those before it (saved as a modes folder)")
+    p.add_argument("--mode-limit", type=_positive_float, default=None, metavar="XE",
+                   help="the fluency limit (xe, nats/token) modes are ranked at (default 6)")
+    p.add_argument("--out", default=None, help="folder for the result (result.json + history.parquet; with --modes: "
+                   "modes.json + mode_1/ ..)")
+    p.add_argument("--force", action="store_true", help="replace a result (or modes) already in --out")
 
     p = command("scan", _cmd_scan, "max-activating dataset examples and activation statistics of objectives")
     p.add_argument("objective", nargs="+", help="objectives, e.g. 'blocks.6.mlp.hook_post[123]' (many: one pass)")
@@ -407,13 +514,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a comparison already in --out")
 
     p = command("report", _cmd_report, "one offline HTML page: objective, frontier, plots, attributions, dataset comparison")
-    p.add_argument("result_dir", help="a dream result folder")
-    p.add_argument("--scan", default=None, help="a scan folder (from `dreamlens scan --out`) to compare with")
+    p.add_argument("result_dir", help="a dream result folder, or a modes folder (from `dreamlens dream --modes K --out`)")
+    p.add_argument("--scan", default=None, help="a scan folder (from `dreamlens scan --out`) to compare with "
+                   "(modes: each mode's nearest top examples)")
     p.add_argument("--objective-index", type=_integer(), default=None, help="the scan's objective (default: the dream's)")
     p.add_argument("--out", required=True, help="the HTML file to write (PNG plots are written beside it)")
     p.add_argument("--force", action="store_true", help="replace the file --out if it exists")
     p.add_argument("--model", default=None, help="model for token attributions (default: the dream's model)")
-    p.add_argument("--attributions", type=count, default=6, help="frontier prompts to attribute (0: none, no model loaded)")
+    p.add_argument("--attributions", type=count, default=None,
+                   help="frontier prompts to attribute (default 6; per mode 3; 0: none, no model loaded)")
     return parser
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import dreamlens as dl
+from dreamlens.errors import OutputError
 from dreamlens.optim.modes import Modes, ModeSettings, attribution_cost, embedding_neighbours, key_tokens
-from dreamlens.results import ResultError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,8 +90,11 @@ def test_modes_save_and_load(tmp_path, modes):
     for a, b in zip(back, modes):
         pd.testing.assert_frame_equal(a.history, b.history, check_exact=True)
     pd.testing.assert_frame_equal(back.to_frame(), modes.to_frame())
-    with pytest.raises(ResultError, match="already holds modes"):
+    with pytest.raises(OutputError, match="already holds modes"):
         modes.save(tmp_path / "m")
+    one = Modes(modes.objective, modes.dreams[:1], [1], [[]], [[]], modes.limit)
+    one.save(tmp_path / "m", overwrite=True)  # fewer modes: the earlier save's extra folders go
+    assert sorted(p.name for p in (tmp_path / "m").glob("mode_*")) == ["mode_1"] and len(Modes.load(tmp_path / "m")) == 1
 
 
 @pytest.mark.parametrize(("kw", "match"), [

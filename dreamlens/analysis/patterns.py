@@ -13,7 +13,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..objectives import Objective, objective as parse_objective
+from ..objectives import Objective
+from ..objectives import objective as parse_objective
 from ..objectives.base import leaves
 from ..objectives.forward import forward_capture
 
@@ -33,7 +34,7 @@ def activation_patterns(
     obj = parse_objective(objective)
     parts = leaves([obj])
     hooks = list(dict.fromkeys(h for o in parts for h in o.hooks))
-    pos = {h: -1 for h in hooks}
+    pos = dict.fromkeys(hooks, -1)
     for o in parts:
         r = getattr(o, "reduce", "last")
         if isinstance(r, int):

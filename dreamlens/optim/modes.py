@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from ..errors import OutputError
 from ..io import atomic_write_text
 from ..objectives import Objective
 from ..objectives import objective as parse_objective
@@ -91,9 +93,16 @@ class Modes:
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """A folder: mode_1/ .. mode_K/ (each a DreamResult folder) and modes.json, written last."""
         path = Path(path)
-        if path.exists() and (path / "modes.json").exists() and not overwrite:
-            raise ResultError(f"{str(path)!r} already holds modes; pass overwrite=True to replace them, or choose another folder")
-        if not (path / "modes.json").exists():
+        if (path / "modes.json").exists():
+            if not overwrite:
+                raise OutputError(
+                    f"{str(path)!r} already holds modes; pass overwrite=True to replace them, or choose another folder"
+                )
+            (path / "modes.json").unlink()  # written again last: a crash leaves no modes.json over mixed folders
+            for old in path.glob("mode_*"):  # an earlier save may have had more modes
+                if old.is_dir() and (old / "result.json").exists():
+                    shutil.rmtree(old)
+        else:
             check_output_folder(path)
         path.mkdir(parents=True, exist_ok=True)
         for i, r in enumerate(self.dreams):

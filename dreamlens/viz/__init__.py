@@ -1,5 +1,6 @@
 """Figures and pages of a dream: `plots` (matplotlib Figures: frontier, evolution, thresholds) and
-`report` (one offline HTML page); the plot names are here as before, the report's load on first use.
+`report` (one offline HTML page of a dream, or of its modes side by side); the plot names are here as
+before, the report's load on first use.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .plots import (
 )
 
 # the report needs the attribution code (torch, circuitsvis): loaded when one of its names is used
-_REPORT = {"build_report", "write_report", "load_result", "ReportError"}
+_REPORT = {"build_report", "write_report", "build_modes_report", "write_modes_report", "load_result", "ReportError"}
 
 __all__ = [
     "DreamFigure",
@@ -38,10 +39,12 @@ __all__ = [
     "build_report",
     "load_result",
     "write_report",
+    "build_modes_report",
+    "write_modes_report",
 ]
 
 if TYPE_CHECKING:  # the report's names, for a type checker
-    from .report import ReportError, build_report, load_result, write_report
+    from .report import ReportError, build_modes_report, build_report, load_result, write_modes_report, write_report
 
 
 __getattr__ = exports(__name__, dict.fromkeys(_REPORT, "report"))

@@ -1,5 +1,6 @@
 """One self-contained, offline HTML page about a dream: the objective, the frontier, the plots, token
-attributions and, given a scan, the comparison with max-activating dataset examples (`dreamlens report`).
+attributions and, given a scan, the comparison with max-activating dataset examples (`dreamlens report`);
+and one about a dream's modes, side by side (`build_modes_report`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from ..analysis.scan import ScanResult
+    from ..optim.modes import Modes
 
 
 class ReportError(DreamlensError, ValueError):
@@ -198,13 +200,142 @@ def build_report(
     if scan is not None:
         sections.append(("Dreams and max-activating dataset examples", _dataset_section(result, scan, objective_index)))
     body = "\n".join(f"<h2>{_esc(h)}</h2>\n{content}" for h, content in sections)
+    return _page(title, body, scripts=bool(attributions))
+
+
+_MODES_CSS = """
+body.modes-page { max-width: none; }
+.modes { display: grid; grid-template-columns: repeat(var(--modes), minmax(360px, 1fr)); gap: 1.2em; align-items: start;
+  overflow-x: auto; }
+.mode { min-width: 0; border: 1px solid #ddd; border-radius: 6px; padding: 0 0.8em 0.8em; }
+.mode h2 { margin-top: 0.5em; } .mode h3 { font-size: 1em; margin: 1.2em 0 0.3em; }
+.mode table { width: 100%; } .mode td.prompt, .mode td { overflow-wrap: anywhere; }
+"""
+
+
+def _page(title: str, body: str, *, scripts: bool, css: str = "", body_class: str = "") -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M")
+    cls = f' class="{_esc(body_class)}"' if body_class else ""
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_esc(title)}</title>"
-        f"<style>{_CSS}</style>{head_scripts() if attributions else ''}</head><body>"
+        f"<style>{_CSS}{css}</style>{head_scripts() if scripts else ''}</head><body{cls}>"
         f"<h1>{_esc(title)}</h1><p class=\"note\">Written by dreamlens on {stamp}.</p>\n{body}\n</body></html>\n"
     )
+
+
+def _tokens(model: HookedTransformer | None, ids: Sequence[int]) -> str:
+    """Token ids as their texts (repr) when a model (tokenizer) is at hand, else as ids."""
+    if not ids:
+        return "none"
+    if model is None:
+        return "ids " + ", ".join(str(int(t)) for t in ids)
+    from ..models import decode
+
+    return ", ".join(repr(decode(model, [int(t)])) for t in ids)
+
+
+def _mode_column(modes: Modes, i: int, model: HookedTransformer | None, attrs: Sequence[Attribution] | None,
+                 nearest: pd.DataFrame | None, scan_note: str) -> str:
+    r, b = modes.dreams[i], modes.best(i)
+    found = modes.found[i]
+    keys = _tokens(model, modes.key_tokens[i])
+    if not modes.key_tokens[i] and found == len(modes):
+        keys = "none (found last: no mode was dreamed without them)"
+    pairs: list[tuple[str, Any]] = [("rank", f"{i + 1} of {len(modes)}"), ("found", f"{found} of {len(modes)}")]
+    if b is None:
+        pairs.append((f"best at xe <= {modes.limit:g}", "none: no prompt this fluent"))
+    else:
+        pairs += [(f"best at xe <= {modes.limit:g}", repr(b["text"])),
+                  ("activation, xe", f"{_num(b['activation'])}, {_num(b['xe'])}")]
+    if len(r):
+        u = r.best()
+        pairs += [("unconstrained best", repr(u["text"])), ("activation, xe", f"{_num(u['activation'])}, {_num(u['xe'])}")]
+    pairs += [("key tokens", keys), ("dreamed without", f"{len(modes.banned[i])} tokens"),
+              ("prompts evaluated", len(r)), ("compute (token-forwards)", f"{r.token_forwards:,}")]
+    parts = [f'<h2>Mode {i + 1}</h2>', _kv(pairs)]
+    if not len(r):
+        parts.append('<p class="note">This mode holds no evaluated prompts.</p>')
+    else:
+        front = r.frontier[["activation", "xe", "iteration", "text"]]
+        parts += [f"<h3>Pareto frontier ({len(front)} prompts)</h3>", _table(front),
+                  _img(plots.plot_frontier(r, max_labels=8, width=44), f"Pareto frontier of mode {i + 1}")]
+    parts.append("<h3>Token attribution</h3>")
+    parts.append(_attribution_section(attrs) if attrs else '<p class="note">Not computed (no model given).</p>')
+    if nearest is not None:
+        parts.append("<h3>Nearest dataset examples</h3>")
+        parts.append(_table(nearest) if len(nearest) else f'<p class="note">{_esc(scan_note)}</p>')
+    return f'<div class="mode">{"".join(parts)}</div>'
+
+
+def build_modes_report(
+    modes: Modes,
+    *,
+    model: HookedTransformer | None = None,
+    scan: ScanResult | None = None,
+    objective_index: int | None = None,
+    attributions: Sequence[Sequence[Attribution]] | None = None,
+    max_attributions: int = 3,
+    n_gradient: int = 8,
+    n_random: int = 8,
+    k_examples: int = 5,
+    title: str | None = None,
+) -> str:
+    """One offline page of a `Modes`, the modes side by side (a column each, best first): summary,
+    frontier table and plot, token attributions (up to `max_attributions` frontier prompts per mode when
+    `model` is given, or ready in `attributions`, one list per mode) and, given a `scan` and a `model`,
+    the `k_examples` top dataset examples nearest each mode's best prompt (`nearest_examples`)."""
+    from ..optim.modes import Modes
+
+    if not isinstance(modes, Modes):
+        got = type(modes).__name__
+        raise NotAResultError(f"build_modes_report needs Modes (from dream(..., modes=K) or Modes.load), got {got}")
+    if not len(modes):
+        raise ReportError(f"the modes of {modes.objective!r} hold no dream: nothing to report; dream with modes=1 or more")
+    if attributions is not None and len(attributions) != len(modes):
+        raise ReportError(f"attributions holds {len(attributions)} list(s) for {len(modes)} modes; pass one list per mode")
+    title = title or f"Modes report: {modes.objective}"
+    if attributions is None and model is not None and max_attributions > 0:
+        names = {r.model_name for r in modes if r.model_name}
+        if names and str(model.cfg.model_name) not in names:
+            used = model.cfg.model_name
+            warnings.warn(f"the modes were dreamed with {sorted(names)}, the attributions use {used!r}", stacklevel=2)
+        attributions = [attribute_frontier(model, r, max_prompts=max_attributions, n_gradient=n_gradient, n_random=n_random)
+                        if len(r) else [] for r in modes]
+    nearest: list[pd.DataFrame | None] = [None] * len(modes)
+    scan_note = ""
+    intro = [f'<p class="note">{len(modes)} modes of <code>{_esc(modes.objective)}</code>, each later one found without '
+             "the key tokens (and their embedding neighbours) of those found before it; ranked by the best activation "
+             f"at xe &lt;= {modes.limit:g} nats/token.</p>"]
+    overview = modes.to_frame()
+    overview["key_tokens"] = [_tokens(model, k) for k in modes.key_tokens]
+    intro.append(_table(overview))
+    if scan is not None:
+        if model is None:
+            intro.append('<p class="note">Nearest dataset examples: not computed (they need the model; pass model=).</p>')
+        else:
+            from ..analysis.patterns import nearest_examples
+
+            nearest = list(nearest_examples(model, modes, scan, objective_index=objective_index, k=k_examples))
+            scan_note = f"No prompt of this mode is at xe <= {modes.limit:g}: nothing to compare."
+            meta = getattr(scan, "meta", {}) or {}
+            where = ", ".join(f"{k} {meta[k]}" for k in ("corpus", "n_tokens", "window") if k in meta)
+            intro.append(f'<p class="note">Nearest dataset examples: the scan\'s top examples whose activation pattern at '
+                         "the objective's hooks is closest (cosine, centered) to the mode's best prompt. Scan: "
+                         f"{_esc(where or repr(scan))}</p>")
+    cols = [_mode_column(modes, i, model, attributions[i] if attributions else None, nearest[i], scan_note)
+            for i in range(len(modes))]
+    body = "\n".join(intro) + f'<div class="modes" style="--modes: {len(modes)}">{"".join(cols)}</div>'
+    return _page(title, body, scripts=bool(attributions and any(attributions)), css=_MODES_CSS, body_class="modes-page")
+
+
+def write_modes_report(path: str | os.PathLike, modes: Modes, **kwargs: Any) -> Path:
+    """Write `build_modes_report(modes, **kwargs)` to `path` (atomically)."""
+    path = Path(path)
+    page = build_modes_report(modes, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, page)
+    return path
 
 
 def write_report(path: str | os.PathLike, result: DreamResult, **kwargs: Any) -> Path:
