@@ -267,7 +267,7 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
-    monkeypatch.setattr(cli, "_cmd_info", lambda args: 1 / 0)
+    monkeypatch.setattr(cli, "cmd_info", lambda args: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         cli.main(["info"])
 
@@ -281,7 +281,7 @@ def test_as_a_process(tmp_path):
 
     user = run(f"import sys; from dreamlens import cli; sys.exit(cli.main(['report', {str(tmp_path / 'nothing')!r}, '--out', 'r.html']))")
     assert user.returncode == 2 and user.stderr.startswith("error: ") and len(user.stderr.splitlines()) == 1, user.stderr
-    bug = run("import sys; from dreamlens import cli; cli._cmd_info = lambda a: 1 / 0; sys.exit(cli.main(['info']))")
+    bug = run("import sys; from dreamlens import cli; cli.cmd_info = lambda a: 1 / 0; sys.exit(cli.main(['info']))")
     assert bug.returncode == 1 and "Traceback" in bug.stderr and "ZeroDivisionError" in bug.stderr
     usage = run("import sys; from dreamlens import cli; sys.exit(cli.main(['dream', 'x', '--iters', '-1']))")
     assert usage.returncode == 2 and usage.stderr == "error: argument --iters: must be at least 0, got -1 (see `dreamlens dream --help`)\n"

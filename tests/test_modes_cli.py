@@ -160,7 +160,7 @@ def test_save_and_load_round_trip(modes, tmp_path):
     assert back.to_frame().equals(modes.to_frame())
     for a, b in zip(back, modes, strict=True):
         assert a.history.drop(columns=["ids"]).equals(b.history.drop(columns=["ids"]))
-    with pytest.raises(ResultError, match="already holds modes"):
+    with pytest.raises(OutputError, match="already holds modes"):
         modes.save(folder)
     modes.save(folder, overwrite=True)
     (tmp_path / "other").mkdir()

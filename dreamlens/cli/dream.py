@@ -1,0 +1,198 @@
+"""The `info`, `dream` (one dream, or its modes with --modes K) and `demo` subcommands and their printing:
+the frontier, each mode's header, and the demo's dream next to the top dataset examples."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .checks import check_dream_out, check_modes_out, load_result
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from ..optim.modes import Modes
+    from ..results import DreamResult
+
+DEMO_OBJECTIVE = "blocks.12.mlp.hook_post[1256]"  # fires on lists of media: "film, radio,"
+# SmolLM2-Instruct's user turn: after it, "fluent" means a user's English message. After the bare
+# start token the model expects code, and a short dream's fluent end reads as code.
+DEMO_PREFIX = "<|im_start|>user\n"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ..models import load_model
+
+    model = load_model(args.model)
+    text = model.generate(args.prompt, max_new_tokens=args.tokens, do_sample=False, prepend_bos=False, verbose=False)
+    print(f"model: {model.cfg.model_name} ({model.cfg.n_layers} layers, d_model {model.cfg.d_model})")
+    print(f"greedy continuation: {text!r}")
+    names = list(model.hook_dict)
+    print(f"{len(names)} hook points: these, and the same for every block (blocks.N.*):")
+    for name in [n for n in names if not n.startswith("blocks.")] + [n for n in names if n.startswith("blocks.0.")]:
+        print(f"  {name}")
+    return 0
+
+
+def _print_frontier(result, rows: int = 12) -> None:
+    fr = result.frontier
+    print(f"\n{result.method.upper()} dream of {result.objective}: {len(result)} prompts evaluated in "
+          f"{result.iterations} iterations, {result.wall_time:.0f} s ({result.stopped})")
+    print(f"Pareto frontier ({len(fr)} prompts; xe = mean next-token cross-entropy in nats, lower is more fluent):")
+    print(f"{'activation':>10} {'xe':>6}  text")
+    idx = list(range(len(fr)))
+    if len(idx) > rows:  # keep both ends and an even spread between them
+        idx = sorted({round(i * (len(fr) - 1) / (rows - 1)) for i in range(rows)})
+    for i in idx:
+        r = fr.iloc[i]
+        print(f"{r.activation:>10.3f} {r.xe:>6.2f}  {r.text!r}")
+
+
+def cmd_dream(args: argparse.Namespace) -> int:
+    from ..scoring import DreamError
+
+    if args.modes is not None:
+        if args.resume:
+            raise DreamError("--modes cannot resume a run; dream the modes again (with a fixed --seed they come out the same)")
+        if args.checkpoint_every is not None:
+            raise DreamError("--checkpoint-every does not apply with --modes (modes cannot be resumed); drop it")
+        _run_modes(args)
+    elif args.mode_limit is not None:
+        raise DreamError("--mode-limit applies only with --modes K; add --modes 2 (or more), or drop --mode-limit")
+    else:
+        _run_dream(args)
+    return 0
+
+
+def _run_dream(args: argparse.Namespace) -> tuple[HookedTransformer, DreamResult]:
+    """Dream as the `dream` arguments say: print the frontier, save the result; (model, result)."""
+    import dataclasses
+
+    from ..models import load_model
+    from ..objectives import objective
+    from ..optim.dream import DEFAULT_METHOD, METHODS, dream, make_config
+    from ..results import DreamResult
+
+    method = args.method or DEFAULT_METHOD
+    fields = {f.name for _, cls in METHODS.values() for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    resume = load_result(args.resume, "--resume") if args.resume else None
+    if args.out:
+        check_dream_out(args.out, force=args.force or resume is not None)
+        kw["checkpoint_dir"] = args.out  # checkpoints, and the partial result of a run that fails
+    cfg = make_config(method, None, **kw)  # an option the method does not have fails here, before loading
+    cfg.validate()
+    target = objective(args.objective)  # a malformed objective fails before the model loads too
+    model = load_model(args.model)
+    result = dream(model, target, method, config=cfg, resume=resume)
+    assert isinstance(result, DreamResult)  # one objective, one result
+    _print_frontier(result)
+    if args.out:
+        result.save(args.out, overwrite=True)  # the folder was checked above; it may hold our checkpoint
+        print(f"\nsaved to {args.out} (result.json, history.parquet)")
+    return model, result
+
+
+def _run_modes(args: argparse.Namespace) -> tuple[HookedTransformer, Modes]:
+    """`dream --modes K`: dream the modes, print each one's header and frontier (best first), save them."""
+    import dataclasses
+
+    from ..models import decode, load_model
+    from ..objectives import objective
+    from ..optim.dream import DEFAULT_METHOD, METHODS, dream, make_config
+    from ..optim.modes import Modes, ModeSettings
+
+    method = args.method or DEFAULT_METHOD
+    fields = {f.name for _, cls in METHODS.values() for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if args.out:
+        check_modes_out(args.out, force=args.force)  # no checkpoints: each mode is a run of its own
+    cfg = make_config(method, None, **kw)
+    cfg.validate()
+    settings = ModeSettings() if args.mode_limit is None else ModeSettings(limit=args.mode_limit)
+    settings.validate()
+    target = objective(args.objective)
+    model = load_model(args.model)
+    modes = dream(model, target, method, config=cfg, modes=args.modes, mode_settings=settings)
+    assert isinstance(modes, Modes)
+    for i, r in enumerate(modes.dreams):
+        keys = ", ".join(repr(decode(model, [t])) for t in modes.key_tokens[i])
+        if not keys:
+            keys = "none (found last: no mode was dreamed without them)" if modes.found[i] == len(modes) else "none"
+        print(f"\n=== mode {i + 1} of {len(modes)} (found {_ordinal(modes.found[i])}; key tokens: {keys}; "
+              f"dreamed without {len(modes.banned[i])} tokens) ===")
+        b = modes.best(i)
+        if b is None:
+            print(f"no prompt at xe <= {modes.limit:g}")
+        else:
+            print(f"best at xe <= {modes.limit:g}: {float(b['activation']):.3f} (xe {float(b['xe']):.2f})  {b['text']!r}")
+        _print_frontier(r)
+    if args.out:
+        modes.save(args.out, overwrite=True)  # the folder was checked above
+        print(f"\nsaved to {args.out} (modes.json, mode_1/ .. mode_{len(modes)}/)")
+    return model, modes
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def demo_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The `dream` arguments of the demo: the default method, 8 tokens, on the embedded model after
+    its chat template's user turn (no prefix for another `--model`, whose template may differ)."""
+    from ..optim.dream import DEFAULT_METHOD
+
+    return argparse.Namespace(
+        objective=DEMO_OBJECTIVE, model=args.model, out=args.out, resume=None, checkpoint_every=None,
+        length=8, iters=None, max_token_forwards=args.budget, seed=0, method=DEFAULT_METHOD,
+        prefix=DEMO_PREFIX if args.model is None else None,
+        force=getattr(args, "force", False) or _is_demo_result(args.out),
+    )
+
+
+def _is_demo_result(out: str | None) -> bool:
+    """The demo replaces its own earlier result (`make demo` twice), never anything else."""
+    import json
+
+    if out is None:
+        return False
+    try:
+        meta = json.loads((Path(out) / "result.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+    return meta.get("objective") == DEMO_OBJECTIVE and meta.get("config", {}).get("length") == 8
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    dream_args = demo_args(args)
+    if dream_args.out:  # before the model loads, like dream's own check
+        check_dream_out(dream_args.out, force=dream_args.force, resume=False)
+    cmd_info(args)
+    print(f"\nDreaming {DEMO_OBJECTIVE} with {dream_args.method.upper()} after {DEMO_PREFIX!r} "
+          f"({args.budget:,} token-forwards: a couple of minutes on a 2-core CPU)...")
+    model, result = _run_dream(dream_args)
+    _print_dataset_side(model, result, args.scan_tokens)
+    return 0
+
+
+def _print_dataset_side(model: HookedTransformer, result: DreamResult, tokens: int) -> None:
+    """The demo's dream next to the objective's top dataset examples (windows as long as the dream,
+    scored like dreams): does the frontier reach their fluency, and how high does it go there?"""
+    from ..analysis.metrics import dataset_max, median_top_xe
+    from ..analysis.scan import scan
+
+    print(f"\nThe top dataset examples: a scan of {tokens:,} tokens of the embedded corpora (cached after the first run)...")
+    found = scan(model, [result.objective], None, tokens=tokens, window=int(result.ids.shape[1]), top_k=32)
+    top, d_max, x_med = found.top(0), dataset_max(found), median_top_xe(found)
+    print(f"top example: {top['text'].iloc[0]!r} (activation {top['activation'].iloc[0]:.3f}, xe {top['xe'].iloc[0]:.2f})")
+    print(f"dataset max {d_max:.3f}; median xe of the top {len(top)} examples {x_med:.2f}")
+    fluent = result.xe <= x_med
+    if fluent.any():
+        b = result.best(max_xe=x_med)
+        verdict = "beats the dataset max" if b.activation > d_max else f"{b.activation / d_max:.2f} of the dataset max"
+        print(
+            f"the dream's best prompt at xe <= {x_med:.2f}: {b.text!r} (activation {b.activation:.3f}, xe {b.xe:.2f}: {verdict})"
+        )
+    else:
+        print(f"no prompt of the dream is as fluent as the median top example (its lowest xe is {result.xe.min():.2f})")

@@ -1,0 +1,86 @@
+"""The `report` subcommand: one offline HTML page of a dream result, or of a modes folder (the modes side
+by side), with its PNG plots beside it; the model for token attributions loads only when needed."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .checks import check_out_file, load_result
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from ..results import DreamResult
+
+
+def _model_for(result: DreamResult, name: str | None, why: str = "token attributions",
+               skip: str = "--attributions 0 to skip them") -> HookedTransformer:
+    from ..models import ModelLoadError, load_model, smollm2_config
+
+    if name is None and result.model_name not in ("", smollm2_config().model_name):
+        name = result.model_name
+    try:
+        return load_model(name)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the model {name or 'embedded'!r} for {why} ({e}); pass --model, or {skip}") from e
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .. import viz
+    from ..viz.report import write_report
+
+    if (Path(args.result_dir) / "modes.json").is_file():
+        return _report_modes(args)
+    result = load_result(args.result_dir, "RESULT_DIR")
+    check_out_file(args.out, "report", force=args.force)
+    scan = None
+    if args.scan:
+        from ..analysis.scan import ScanResult
+
+        scan = ScanResult.load(args.scan)
+    n_attr = 6 if args.attributions is None else args.attributions
+    model = _model_for(result, args.model) if n_attr > 0 else None
+    out = write_report(args.out, result, model=model, scan=scan, max_attributions=n_attr,
+                       objective_index=args.objective_index)
+    stem = out.with_suffix("")
+    pngs = [
+        viz.save_png(viz.plot_frontier(result), f"{stem}_frontier.png"),
+        viz.save_png(viz.plot_evolution(result), f"{stem}_evolution.png"),
+        viz.save_png(viz.plot_thresholds(result), f"{stem}_thresholds.png"),
+    ]
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {', '.join(p.name for p in pngs)}")
+    return 0
+
+
+def _report_modes(args: argparse.Namespace) -> int:
+    """`report` of a modes folder: the modes side by side, and each mode's frontier PNG beside the page."""
+    from .. import viz
+    from ..optim.modes import Modes
+    from ..results import ResultError
+    from ..viz.report import write_modes_report
+
+    try:
+        modes = Modes.load(args.result_dir)
+    except ResultError as e:
+        raise ResultError(f"RESULT_DIR: {e}") from e
+    check_out_file(args.out, "report", force=args.force)
+    scan = None
+    if args.scan:
+        from ..analysis.scan import ScanResult
+
+        scan = ScanResult.load(args.scan)
+    n_attr = 3 if args.attributions is None else args.attributions
+    model = None
+    if len(modes) and (n_attr > 0 or scan is not None):  # the nearest examples need the model too
+        why = "token attributions and nearest dataset examples" if scan is not None else "token attributions"
+        skip = "--attributions 0 and no --scan to skip them" if scan is not None else "--attributions 0 to skip them"
+        model = _model_for(modes.dreams[0], args.model, why, skip)
+    out = write_modes_report(args.out, modes, model=model, scan=scan, max_attributions=n_attr,
+                             objective_index=args.objective_index)
+    stem = out.with_suffix("")
+    pngs = [viz.save_png(viz.plot_frontier(r), f"{stem}_mode_{i + 1}_frontier.png") for i, r in enumerate(modes) if len(r)]
+    names = ", ".join(p.name for p in pngs) or "no PNG (no mode holds a prompt)"
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB: {len(modes)} modes) and {names}")
+    return 0
