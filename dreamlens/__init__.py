@@ -57,6 +57,9 @@ _EXPORTS: dict[str, str] = {
     "write_report": "viz.report",
     "build_modes_report": "viz.report",
     "write_modes_report": "viz.report",
+    "sweep": "sweeps",
+    "load_sweep": "sweeps.store",
+    "Sweep": "sweeps.store",
 }
 # submodules reachable as attributes (`dl.viz`); dataset, metrics, attribution and report are the
 # deprecated old homes of what analysis/ and viz/ hold now
@@ -72,6 +75,7 @@ _SUBMODULES = {
     "scoring",
     "analysis",
     "viz",
+    "sweeps",
     "attribution",
     "report",
     "dataset",
@@ -122,6 +126,9 @@ __all__ = [
     "write_report",
     "build_modes_report",
     "write_modes_report",
+    "sweep",
+    "load_sweep",
+    "Sweep",
 ]
 
 if TYPE_CHECKING:  # the same names for a type checker (tests/test_public_api.py keeps the three lists equal)
@@ -148,6 +155,8 @@ if TYPE_CHECKING:  # the same names for a type checker (tests/test_public_api.py
     from .results import DreamResult
     from .sae import load_sae
     from .scoring.checks import DreamError
+    from .sweeps import sweep
+    from .sweeps.store import Sweep, load_sweep
     from .viz.plots import plot_evolution, plot_frontier, plot_thresholds
     from .viz.report import build_modes_report, build_report, write_modes_report, write_report
 

@@ -24,22 +24,12 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tokenizer):
-    """2 layers, d_model 64, the embedded tokenizer and SmolLM2's architecture (GQA, rotary, gated)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+def tiny_model():
+    """2 layers, d_model 64, the embedded tokenizer and SmolLM2's architecture (GQA, rotary, gated): the
+    model `dreamlens.testing.tiny_model` builds (a model spec string names it for a sweep's workers)."""
+    from dreamlens.testing import tiny_model
 
-    from dreamlens.models import set_bos_token_id
-
-    cfg = HookedTransformerConfig(
-        n_layers=2, d_model=64, n_heads=4, n_key_value_heads=2, d_head=16, d_mlp=128, d_vocab=49152,
-        n_ctx=64, act_fn="silu", normalization_type="RMS", final_rms=True, positional_embedding_type="rotary",
-        rotary_dim=16, rotary_adjacent_pairs=False, gated_mlp=True, original_architecture="LlamaForCausalLM",
-        default_prepend_bos=False, tokenizer_prepends_bos=False, seed=0, model_name="tiny-llama",
-    )
-    model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
-    model.eval()
-    set_bos_token_id(model, 0)
-    return model
+    return tiny_model()
 
 
 @pytest.fixture(scope="session")

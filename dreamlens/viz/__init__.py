@@ -1,6 +1,6 @@
 """Figures and pages of a dream: `plots` (matplotlib Figures: frontier, evolution, thresholds) and
-`report` (one offline HTML page of a dream, or of its modes side by side); the plot names are here as
-before, the report's load on first use.
+`report` (one offline HTML page of a dream, or of its modes side by side), `sweep_report` (a sweep's table);
+the plot names are here as before, the pages' load on first use.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .plots import (
 
 # the report needs the attribution code (torch, circuitsvis): loaded when one of its names is used
 _REPORT = {"build_report", "write_report", "build_modes_report", "write_modes_report", "load_result", "ReportError"}
+_SWEEP_REPORT = {"build_sweep_report", "write_sweep_report"}  # a sweep's page (`sweep_report`)
 
 __all__ = [
     "DreamFigure",
@@ -41,14 +42,17 @@ __all__ = [
     "write_report",
     "build_modes_report",
     "write_modes_report",
+    "build_sweep_report",
+    "write_sweep_report",
 ]
 
 if TYPE_CHECKING:  # the report's names, for a type checker
     from .report import ReportError, build_modes_report, build_report, load_result, write_modes_report, write_report
+    from .sweep_report import build_sweep_report, write_sweep_report
 
 
-__getattr__ = exports(__name__, dict.fromkeys(_REPORT, "report"))
+__getattr__ = exports(__name__, {**dict.fromkeys(_REPORT, "report"), **dict.fromkeys(_SWEEP_REPORT, "sweep_report")})
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_REPORT])
+    return sorted([*globals(), *_REPORT, *_SWEEP_REPORT])

@@ -1,0 +1,41 @@
+"""The `sweep` subcommand: dream, scan and measure every objective of a SPEC into a resumable sweep folder,
+then print the objectives whose dreams beat the dataset by the most."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from ..sweeps import sweep
+    from ..sweeps.store import SweepError, load_sweep
+
+    if args.ray is None and args.workers is not None:
+        raise SweepError("--workers is the number of Ray workers: pass --ray [ADDRESS] with it, or drop it")
+    options = {k: v for k, v in (("length", args.length), ("seed", args.seed), ("iters", args.iters)) if v is not None}
+    before = len(load_sweep(args.out).summary) if (Path(args.out) / "sweep.json").is_file() else 0
+    result = sweep(
+        args.spec, args.out, model=args.model, method=args.method, budget=args.budget, corpus=args.corpus,
+        tokens=args.tokens, window=args.window, top_k=args.top_k, per_document=args.per_document,
+        chunk_size=args.chunk_size, engine="local" if args.ray is None else "ray", address=args.ray or None,
+        workers=args.workers, progress=not args.quiet, **options,
+    )
+    s = result.summary
+    limits = result.config.get("limits") or []
+    limit = 6.0 if 6.0 in limits else (limits[-1] if limits else None)
+    print(f"{len(result)} objectives in {args.out}: {len(result) - before} computed now, {before} from before")
+    failed = s[s["stopped"] == "error"] if "stopped" in s.columns else s.iloc[:0]
+    if len(failed):
+        print(f"{len(failed)} could not be dreamed (the summary's `error` column says why), e.g. {failed['objective'].iloc[0]}: "
+              f"{failed['error'].iloc[0]}")
+    if limit is not None and len(s):
+        col = f"ratio_xe{float(limit):g}"
+        beats = int(s["beats_dataset"].sum())
+        print(f"dreams that beat the dataset: {beats} of {len(s)}; highest ratios at xe <= {limit:g} "
+              "(best dream / dataset max):")
+        for _, r in s.sort_values(col, ascending=False, na_position="last").head(10).iterrows():
+            print(f"  {r[col]:8.3g}  {r['objective']}  {r[f'best_xe{float(limit):g}_text']!r}")
+    page = Path(args.out) / "report.html"
+    print(f"read it with dl.load_sweep({str(args.out)!r}); a page: dreamlens report {args.out} --out {page}")
+    return 0

@@ -1,0 +1,124 @@
+"""Sweeps: many objectives dreamed, scanned and measured in one resumable run (`sweep`), stored as Parquet
+tables in a folder that `load_sweep` reads back; run locally or on a Ray cluster (`engine="ray"`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .spec import SweepSpecError, expand
+from .store import Sweep, SweepConfigError, SweepError, SweepStore, load_sweep
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from ..objectives import Objective
+
+__all__ = ["sweep", "load_sweep", "Sweep", "SweepError", "SweepConfigError", "SweepSpecError", "expand", "ENGINES"]
+
+ENGINES = ("local", "ray")
+
+
+def _model_spec(model: Any, engine: str) -> tuple[str | None, HookedTransformer | None]:
+    """The model spec the config records (and workers load), and the loaded model if one was given."""
+    if model is None or isinstance(model, str):
+        return model, None
+    if isinstance(model, os.PathLike):
+        return str(model), None
+    if not hasattr(model, "cfg"):
+        raise SweepError(
+            f"model must be None (embedded), a name or folder, 'package.module:function', or a loaded model, got {model!r}"
+        )
+    if engine != "local":
+        raise SweepError(
+            "the Ray engine's workers load the model themselves and cannot take a loaded one: pass its name or folder, "
+            "or 'package.module:function' (a factory that builds it)"
+        )
+    return f"in-memory:{model.cfg.model_name}", model
+
+
+def sweep(
+    objectives: str | os.PathLike | Sequence[str | Objective],
+    out: str | os.PathLike,
+    *,
+    model: str | os.PathLike | HookedTransformer | None = None,
+    method: str | None = None,
+    budget: int = 12_000,
+    corpus: str | os.PathLike | Sequence[str] | None = None,
+    tokens: int = 100_000,
+    window: int = 24,
+    top_k: int = 16,
+    per_document: int = 4,
+    chunk_size: int = 32,
+    limits: Sequence[float] = (4.0, 6.0, 8.0),
+    engine: str = "local",
+    address: str | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> Sweep:
+    """Dream every objective `objectives` names (a SPEC: `'sae:embedded[0:256]'`, several separated by ';',
+    a file with one per line, or a list), with dataset statistics and top examples from one shared scan per
+    chunk of `chunk_size` objectives, and dataset-grounded metrics; store everything in the folder `out`.
+
+    model: None (embedded), a name or folder, "package.module:function" (a factory; what Ray workers load),
+    or a loaded model (local engine only). method: "adapt" (default), "epo", "gcg"; `budget`: each
+    objective's token-forwards; `options`: fields of the method's config (e.g. length=8, seed=1).
+    corpus/tokens/window/top_k/per_document: the scan's. limits: the fluency limits (xe) of the summary.
+
+    Resumable and idempotent: run again, the finished chunks are kept and only the rest is computed; a
+    folder holding a sweep of another config is refused (`SweepConfigError` names the differing keys).
+    Ctrl-C or SIGTERM keeps every finished chunk. Returns `load_sweep(out)`."""
+    from ..optim.dream import DEFAULT_METHOD
+    from .chunk import SweepSettings, load_model_spec, parse_objectives
+
+    if engine not in ENGINES:
+        raise SweepError(f"unknown engine {engine!r}; choose 'local' (this process) or 'ray' (a Ray cluster)")
+    if engine == "local" and (address is not None or workers is not None):
+        raise SweepError("address= and workers= apply to the Ray engine; pass engine='ray', or drop them")
+    names = expand(objectives if isinstance(objectives, (str, os.PathLike)) else [str(o) for o in objectives])
+    spec, loaded = _model_spec(model, engine)
+    if corpus is not None and not isinstance(corpus, (str, os.PathLike)):
+        corpus = tuple(str(d) for d in corpus)
+    elif corpus is not None:
+        from ..corpus import check_source
+
+        corpus = str(corpus)
+        check_source(corpus)
+    settings = SweepSettings(
+        model=spec, method=method or DEFAULT_METHOD, budget=budget, options=dict(options), corpus=corpus, tokens=tokens,
+        window=window, top_k=top_k, per_document=per_document, chunk_size=chunk_size, limits=tuple(float(x) for x in limits),
+    )
+    settings.check()
+    store = SweepStore.check(out, settings.to_config(), names)
+    todo = store.todo()
+    if not todo:
+        return load_sweep(out)
+    try:
+        if engine == "local":
+            from .local import run_local
+
+            net = loaded if loaded is not None else load_model_spec(spec)
+            saes: dict[str, Any] = {}
+            for o in parse_objectives(names, saes):
+                o.validate(net)
+            store.create()
+            run_local(store, settings, net, saes=saes, progress=progress)
+        else:
+            from .ray_engine import run_ray
+
+            parse_objectives(names)  # every objective readable before any worker starts
+            store.create()
+            run_ray(todo, settings, store.write_chunk, model=spec, address=address, workers=workers, progress=progress)
+    except KeyboardInterrupt:
+        done = len(load_sweep(out).summary) if (Path(out) / "sweep.json").is_file() else 0
+        warnings.warn(
+            f"sweep interrupted: {done} of {len(names)} objectives are done and kept in {str(out)!r}; run the same "
+            "sweep again to compute the rest", stacklevel=2,
+        )
+        raise
+    return load_sweep(out)

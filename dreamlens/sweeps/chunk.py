@@ -1,0 +1,318 @@
+"""One chunk of a sweep, as every engine runs it: one shared scan of the chunk's objectives, their dreams,
+and the metrics, as three DataFrames (summary, frontiers, examples); the settings and the model spec.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from .store import SweepError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from ..analysis.scan import ScanResult
+    from ..objectives import Objective
+    from ..optim.config import DreamConfig
+    from ..results import DreamResult
+
+# methods that dream a list of objectives as one run sharing its forward passes (and its token budget)
+SHARED_BUDGET = frozenset({"epo", "gcg"})
+# options a sweep sets itself: the budget, and no checkpoints (the store is the sweep's checkpoint)
+RESERVED = {"max_token_forwards": "budget=", "checkpoint_every": None, "checkpoint_dir": None}
+# performance knobs, not part of a sweep's identity (a sweep may resume with other values)
+NOT_IDENTITY = ("max_token_forwards", "checkpoint_every", "checkpoint_dir", "batch_size", "max_batch_tokens")
+FRONTIER_COLUMNS = ["index", "objective", "rank", "text", "ids", "activation", "xe", "iteration"]
+EXAMPLE_COLUMNS = ["index", "objective", "rank", "text", "ids", "activation", "xe", "scan_activation", "doc", "pos"]
+N_STARTS = 3  # top examples tried as the start of a dream that cannot start from random prompts
+_FACTORY = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepSettings:
+    """Everything that decides a sweep's results but its objectives; plain and picklable (what a worker
+    gets). `budget` is each objective's dream budget in token-forwards; `options` are fields of the
+    method's config (e.g. length, seed); the scan reads `tokens` tokens of `corpus` for every chunk."""
+
+    model: str | None = None  # None: the embedded model; a name or folder for load_model; "package.module:function"
+    method: str = "adapt"
+    budget: int = 12_000
+    options: dict[str, Any] = field(default_factory=dict)
+    corpus: str | tuple[str, ...] | None = None  # as scan takes it; a list of texts becomes a tuple
+    tokens: int = 100_000
+    window: int = 24
+    top_k: int = 16
+    per_document: int = 4
+    scan_batch_size: int = 64
+    chunk_size: int = 32
+    limits: tuple[float, ...] = (4.0, 6.0, 8.0)  # the fluency limits (xe) of the summary's best activations
+
+    def check(self) -> None:
+        """Raise `SweepError` (or the method's `DreamError`) naming the first bad setting and its fix."""
+        for name in ("budget", "tokens", "window", "top_k", "per_document", "scan_batch_size", "chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise SweepError(f"{name} must be a positive integer, got {value!r}")
+        if not self.limits or any(not (isinstance(x, (int, float)) and x > 0 and math.isfinite(x)) for x in self.limits):
+            raise SweepError(f"limits must be positive numbers (fluency limits, nats/token, e.g. (4, 6, 8)), got {self.limits!r}")
+        for key, instead in RESERVED.items():
+            if key in self.options:
+                fix = f"pass {instead} instead" if instead else "drop it (the sweep's store is its checkpoint)"
+                raise SweepError(f"the option {key!r} is set by the sweep itself; {fix}")
+        self.dream_config(1).validate()
+
+    def dream_config(self, n: int) -> DreamConfig:
+        """The method's config for a run of `n` objectives (the budget is shared by a run of a list with EPO/GCG)."""
+        from ..optim.dream import make_config
+
+        share = n if self.method in SHARED_BUDGET else 1
+        return make_config(self.method, None, **self.options, max_token_forwards=self.budget * share)
+
+    def scan_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `scan` besides the corpus."""
+        return {"tokens": self.tokens, "window": self.window, "top_k": self.top_k, "per_document": self.per_document,
+                "batch_size": self.scan_batch_size}
+
+    def to_config(self) -> dict[str, Any]:
+        """The sweep's identity as JSON: what sweep.json records and a later run must match. The method's
+        config is written out in full (its defaults too); performance knobs are left out."""
+        from ..corpus import describe
+        from ..io import digest
+
+        opts = self.dream_config(1).to_dict()
+        if isinstance(self.corpus, tuple):
+            corpus = f"texts:{len(self.corpus)}:{digest(repr(self.corpus).encode())}"
+        else:
+            corpus = describe(self.corpus)
+        out = {k: v for k, v in asdict(self).items() if k not in ("options", "corpus", "scan_batch_size")}
+        out.update(model=self.model or "embedded", corpus=corpus, limits=[float(x) for x in self.limits],
+                   options={k: v for k, v in opts.items() if k not in NOT_IDENTITY})
+        return out
+
+
+class ChunkFrames(NamedTuple):
+    """What a chunk gives: one summary row per objective, every objective's frontier and top examples."""
+
+    summary: pd.DataFrame
+    frontiers: pd.DataFrame
+    examples: pd.DataFrame
+
+
+def limit_name(limit: float) -> str:
+    """The suffix of the summary columns at a fluency limit: 6.0 -> 'xe6', 5.5 -> 'xe5.5'."""
+    return f"xe{float(limit):g}"
+
+
+def load_model_spec(spec: str | None) -> HookedTransformer:
+    """The model a spec names: None (or "embedded") the embedded model, "package.module:function" a
+    factory called with no arguments, anything else a name or folder for `dreamlens.load_model`."""
+    from ..models import load_model
+
+    if spec is None or spec == "embedded":
+        return load_model()
+    if not _FACTORY.fullmatch(spec):
+        return load_model(spec)
+    module, func = spec.split(":")
+    try:
+        factory = getattr(importlib.import_module(module), func)
+    except ImportError as e:
+        raise SweepError(
+            f"cannot import {module!r} for the model spec {spec!r} ({e}); make the module importable in every worker "
+            "(installed, or on PYTHONPATH), or give a model name or folder"
+        ) from e
+    except AttributeError:
+        raise SweepError(f"the module {module!r} has no {func!r} (the model spec {spec!r}); name its model factory") from None
+    from transformer_lens import HookedTransformer
+
+    model = factory()
+    if not isinstance(model, HookedTransformer):
+        raise SweepError(f"the factory {spec!r} returned a {type(model).__name__}, not a HookedTransformer; return the model")
+    return model
+
+
+def parse_objectives(objectives: Sequence[str], saes: dict[str, Any] | None = None) -> list[Objective]:
+    """The objectives from their string forms, each SAE loaded once (into `saes`, which may be kept
+    between chunks), so latents of one SAE share one encoding in a forward pass."""
+    from ..objectives import objective
+    from ..sae import load_sae
+
+    cache: dict[str, Any] = {} if saes is None else saes
+
+    def loader(source: str) -> Any:
+        if source not in cache:
+            cache[source] = load_sae(source)
+        return cache[source]
+
+    return [objective(o, sae_loader=loader) for o in objectives]
+
+
+def example_starts(scan: ScanResult, i: int, length: int) -> list[tuple[int, tuple[int, ...]]]:
+    """Where a dream of objective `i` that cannot start from random prompts may start instead: the last
+    `length` tokens of its top examples where it fires (activation > 0), best first, at most `N_STARTS`,
+    each with its rank."""
+    top = scan.top(i)
+    out: list[tuple[int, tuple[int, ...]]] = []
+    for rank, (ids, a) in enumerate(zip(top["ids"], top["activation"])):
+        span = tuple(int(t) for t in list(ids)[-length:])
+        if len(span) == length and a > 0 and span not in [s for _, s in out]:
+            out.append((rank, span))
+        if len(out) == N_STARTS:
+            break
+    return out
+
+
+def _dreams(
+    model: HookedTransformer, objs: list[Objective], settings: SweepSettings, starts: list[list[tuple[int, tuple[int, ...]]]]
+) -> tuple[list[DreamResult | str], list[str], list[int]]:
+    """Each objective's dream, where it started ("random", "given": the options' init, "example N": its top
+    example of rank N) and how many objectives shared its run: one run of the list with EPO/GCG, one run
+    each otherwise. An objective that cannot start from random prompts (a `DreamError` before any search,
+    e.g. an SAE latent that fires nowhere near them: nothing to climb) leaves the list (the error names it;
+    if it does not, every objective of the list goes alone) and is dreamed alone from its `starts` in turn;
+    if none takes, the error's message stands in for its dream. A Ctrl-C (or SIGTERM) inside a run ends it
+    early: raised again here, so no partial dream is ever stored."""
+    import dataclasses
+
+    from ..optim.dream import dream
+    from ..scoring import DreamError
+
+    def run(batch: list[Objective], config: DreamConfig) -> list[DreamResult]:
+        results = dream(model, batch, settings.method, config=config, progress=False)
+        assert isinstance(results, list)  # a list of objectives gives a list of results
+        if any(r.stopped == "interrupted" for r in results):
+            raise KeyboardInterrupt("the sweep was interrupted during a dream")
+        return results
+
+    base = settings.dream_config(1)
+    first = "given" if base.init_text is not None or base.init_ids is not None else "random"
+    out: list[DreamResult | str] = [""] * len(objs)
+    how, share = [""] * len(objs), [1] * len(objs)
+    batch = list(range(len(objs))) if settings.method in SHARED_BUDGET else []
+    while len(batch) > 1:
+        try:
+            for k, r in zip(batch, run([objs[k] for k in batch], settings.dream_config(len(batch)))):
+                out[k], how[k], share[k] = r, first, len(batch)
+            break
+        except DreamError as e:
+            named = [k for k in batch if repr(str(objs[k])) in str(e)] or batch
+            batch = [k for k in batch if k not in named]
+    for k, o in enumerate(objs):
+        if how[k]:
+            continue
+        tries = [(first, base)] + ([] if first == "given" else
+                                   [(f"example {rank}", dataclasses.replace(base, init_ids=ids)) for rank, ids in starts[k]])
+        error = ""
+        for label, config in tries:
+            try:
+                (out[k],), how[k] = run([o], config), label
+                break
+            except DreamError as e:
+                error = error or f"{type(e).__name__}: {e}"
+        else:
+            out[k] = error
+    return out, how, share
+
+
+def _no_frontier() -> pd.DataFrame:
+    """The frontier of an objective that could not be dreamed: no rows, the columns of `DreamResult.frontier`."""
+    return pd.DataFrame({"text": pd.Series(dtype=str), "ids": pd.Series(dtype=object), "activation": pd.Series(dtype=float),
+                         "xe": pd.Series(dtype=float), "iteration": pd.Series(dtype="int64")})
+
+
+def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    """The frames one under the other (empty ones left out: they carry no column types)."""
+    full = [f for f in frames if len(f)]
+    return pd.concat(full, ignore_index=True) if full else frames[0] if frames else pd.DataFrame(columns=columns)
+
+
+def _best(frontier: pd.DataFrame, limit: float) -> tuple[float, float, str]:
+    """The frontier prompt of highest activation at xe <= limit: (activation, xe, text), NaNs if none."""
+    ok = frontier[frontier["xe"] <= limit]
+    if not len(ok):
+        return math.nan, math.nan, ""
+    r = ok.iloc[int(np.argmax(ok["activation"].to_numpy(float)))]
+    return float(r["activation"]), float(r["xe"]), str(r["text"])
+
+
+def _summary_row(i: int, name: str, scan: ScanResult, dream: DreamResult | str, frontier: pd.DataFrame,
+                 settings: SweepSettings, share: int) -> dict[str, Any]:
+    from ..analysis.metrics import activation_ratio, beats_dataset, dataset_max, dataset_percentile, median_top_xe
+
+    stats = scan.stats.iloc[i]
+    top = scan.top(i)
+    best, best_xe, best_text = _best(frontier, math.inf)
+    row: dict[str, Any] = {
+        "objective": name,
+        "dataset_max": dataset_max(scan, i), "dataset_mean": float(stats["mean"]), "frac_active": float(stats["frac_active"]),
+        "dataset_q99": float(stats["q99"]), "median_top_xe": median_top_xe(scan, i),
+        "best": best, "best_xe": best_xe, "best_text": best_text,
+        "ratio": activation_ratio(best, scan, i), "percentile": dataset_percentile(best, scan, i),
+    }
+    for limit in settings.limits:
+        a, x, text = _best(frontier, limit)
+        s = limit_name(limit)
+        row.update({f"best_{s}": a, f"best_{s}_xe": x, f"best_{s}_text": text, f"ratio_{s}": activation_ratio(a, scan, i),
+                    f"percentile_{s}": dataset_percentile(a, scan, i)})
+    fa, fx = frontier["activation"].to_numpy(float), frontier["xe"].to_numpy(float)
+    row["beats_dataset"] = bool(np.any(beats_dataset(fa, fx, scan, i))) if len(fa) else False
+    first = top.iloc[0] if len(top) else None
+    row.update({
+        "top_text": "" if first is None else str(first["text"]),
+        "top_activation": math.nan if first is None else float(first["activation"]),
+        "top_xe": math.nan if first is None else float(first["xe"]),
+    })
+    if isinstance(dream, str):  # no dream: the error says why and what to do instead
+        row.update({"n_prompts": 0, "iterations": 0, "token_forwards": 0, "seconds": 0.0, "stopped": "error", "error": dream})
+        return row
+    row.update({
+        "n_prompts": len(dream), "iterations": int(dream.iterations),
+        # a run of a list shares its compute and time: each objective's share
+        "token_forwards": round(dream.token_forwards / share), "seconds": dream.wall_time / share, "stopped": dream.stopped,
+        "error": dream.error,
+    })
+    return row
+
+
+def run_chunk(
+    model: HookedTransformer, objectives: list[str], settings: SweepSettings, scan: ScanResult | None = None, *,
+    first: int = 0, saes: dict[str, Any] | None = None,
+) -> ChunkFrames:
+    """Scan, dream and measure the objectives of one chunk (`first`: the sweep index of the first one).
+
+    `scan`: the chunk's scan when it was made elsewhere (the Ray engine merges the scans of corpus
+    slices); its objectives are these, in order; unscored top examples are scored here. Deterministic:
+    the dreams are seeded (`options["seed"]`, default 0), so the same chunk gives the same frames."""
+    from ..analysis.scan import scan as scan_corpus
+
+    objs = parse_objectives(objectives, saes)
+    if scan is None:
+        scan = scan_corpus(model, objs, settings.corpus, tokens=settings.tokens, window=settings.window, top_k=settings.top_k,
+                           per_document=settings.per_document, batch_size=settings.scan_batch_size, score=True, cache=False,
+                           progress=False)
+    elif len(scan.objectives) != len(objs):
+        raise SweepError(
+            f"the scan given has {len(scan.objectives)} objective(s), the chunk {len(objs)}; scan the chunk's objectives"
+        )
+    elif not scan.scored:
+        scan.score(model, objs)
+    length = settings.dream_config(1).length
+    dreams, how, share = _dreams(model, objs, settings, [example_starts(scan, i, length) for i in range(len(objs))])
+    summary, fronts, examples = [], [], []
+    for i, (name, d) in enumerate(zip(objectives, dreams)):
+        index = first + i
+        f = _no_frontier() if isinstance(d, str) else d.frontier
+        summary.append({"index": index, **_summary_row(i, name, scan, d, f, settings, share[i]), "start": how[i]})
+        f = f.assign(rank=np.arange(len(f)))
+        fronts.append(f.assign(index=index, objective=name)[FRONTIER_COLUMNS])
+        ex = scan.top(i).drop(columns=["rank"]).assign(index=index, objective=name)
+        ex = ex.assign(rank=np.arange(len(ex)))
+        examples.append(ex[EXAMPLE_COLUMNS])
+    return ChunkFrames(pd.DataFrame(summary), _concat(fronts, FRONTIER_COLUMNS), _concat(examples, EXAMPLE_COLUMNS))

@@ -1,0 +1,217 @@
+"""A sweep's folder: sweep.json (config, objectives, format) and one Parquet file per chunk under summary/,
+frontiers/ and examples/ (summary written last: a chunk is done iff its summary file exists); `load_sweep`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import DreamlensError, OutputError
+from ..io import atomic_write_text, write_parquet
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .chunk import ChunkFrames
+
+FORMAT, VERSION = "dreamlens.Sweep", 1
+TABLES = ("frontiers", "examples", "summary")  # the order a chunk is written in: summary last
+
+
+class SweepError(DreamlensError, ValueError):
+    """A sweep cannot run or be read: a bad setting, a folder that is not a sweep, a missing chunk."""
+
+
+class SweepConfigError(SweepError):
+    """The sweep folder holds a sweep with another config (or other objectives)."""
+
+
+def chunk_name(number: int) -> str:
+    return f"chunk-{number:05d}.parquet"
+
+
+def plan_chunks(objectives: Sequence[str], chunk_size: int) -> list[list[str]]:
+    """The objectives in chunks of `chunk_size` (the last one may be shorter); chunk k starts at k * chunk_size."""
+    return [list(objectives[i : i + chunk_size]) for i in range(0, len(objectives), chunk_size)]
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """The keys whose values differ, each as 'key (OLD there, NEW now)'; nested dicts by 'key.sub'."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} ({a!r} there, {b!r} now)")
+    return out
+
+
+def _objective_difference(old: list[str], new: list[str]) -> str:
+    if len(old) != len(new):
+        return f"objectives ({len(old)} there, {len(new)} now)"
+    i = next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)
+    return f"objectives (number {i} is {old[i]!r} there, {new[i]!r} now)"
+
+
+class SweepStore:
+    """The files of one sweep folder. `open` checks (or, with `create`, writes) its sweep.json; `write_chunk`
+    stores a finished chunk; `done` says which chunks are finished."""
+
+    def __init__(self, folder: str | os.PathLike, config: dict[str, Any], objectives: list[str]):
+        self.folder, self.config, self.objectives = Path(folder), config, objectives
+        self.chunks = plan_chunks(objectives, int(config["chunk_size"]))
+
+    @classmethod
+    def check(cls, folder: str | os.PathLike, config: dict[str, Any], objectives: list[str]) -> SweepStore:
+        """The store for this config and these objectives, refusing (`SweepConfigError`, naming each differing
+        key) a folder that holds another sweep, and (`OutputError`) a file or a folder of other things.
+        Writes nothing: `create` does, once the sweep is ready to run."""
+        path = Path(folder)
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"{str(path)!r} is a file; a sweep is written to a folder: choose another path")
+        meta_file = path / "sweep.json"
+        if meta_file.is_file():
+            meta = read_meta(path)
+            diff = _differences(meta.get("config", {}), config)
+            if meta.get("objectives") != objectives:
+                diff.append(_objective_difference(list(meta.get("objectives", [])), objectives))
+            if diff:
+                raise SweepConfigError(
+                    f"{str(path)!r} holds a sweep with another config: {'; '.join(diff)}. Resume it with the same "
+                    "settings, or sweep into another folder"
+                )
+        elif path.is_dir() and any(p for p in path.iterdir() if not p.name.startswith(".")):
+            raise OutputError(
+                f"{str(path)!r} holds other files, not a sweep (no sweep.json): a sweep needs a new or empty folder; "
+                "choose another one"
+            )
+        return cls(path, config, objectives)
+
+    def create(self) -> None:
+        """Write sweep.json and the table folders (nothing if sweep.json exists: it was checked)."""
+        try:
+            for name in TABLES:
+                (self.folder / name).mkdir(parents=True, exist_ok=True)
+            if not (self.folder / "sweep.json").is_file():
+                meta = {"format": FORMAT, "version": VERSION, "config": self.config, "objectives": self.objectives}
+                atomic_write_text(self.folder / "sweep.json", json.dumps(meta, indent=1))
+        except OSError as e:
+            where = str(self.folder)
+            raise OutputError(f"cannot write the sweep to {where!r} ({e.strerror or e}); choose a writable folder") from e
+
+    def done(self, number: int) -> bool:
+        return (self.folder / "summary" / chunk_name(number)).is_file()
+
+    def todo(self) -> list[tuple[int, list[str]]]:
+        """The unfinished chunks: (chunk number, its objectives)."""
+        return [(k, c) for k, c in enumerate(self.chunks) if not self.done(k)]
+
+    def write_chunk(self, number: int, frames: ChunkFrames | tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]) -> None:
+        """Store a finished chunk: frontiers, examples, then its summary (each atomically), so a chunk is
+        done exactly when its summary file exists. The rows must be the chunk's objectives, in order."""
+        summary, frontiers, examples = frames
+        expect = self.chunks[number]
+        if list(summary["objective"]) != expect:
+            raise SweepError(f"chunk {number} came back with other objectives than it holds ({expect[:3]}...); this is a bug")
+        tables = {"summary": summary, "frontiers": frontiers, "examples": examples}
+        for name in TABLES:
+            write_parquet(tables[name], self.folder / name / chunk_name(number))
+
+
+def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """sweep.json of a sweep folder; `SweepError` if there is none, or it is not a sweep of this version."""
+    path = Path(folder)
+    meta_file = path / "sweep.json"
+    if not meta_file.is_file():
+        raise SweepError(f"{str(path)!r} is not a sweep folder (no sweep.json); pass the folder given to sweep(out=) or --out")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SweepError(f"{meta_file} is unreadable ({e}); the sweep folder is damaged") from e
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise SweepError(
+            f"{str(path)!r} holds format {meta.get('format')!r} version {meta.get('version')!r}; this dreamlens reads "
+            f"{FORMAT} version {VERSION}"
+        )
+    return meta
+
+
+@dataclass
+class Sweep:
+    """A sweep read back: its `config`, `objectives`, and the finished chunks' rows, by objective (`index`
+    is its place in the sweep): `summary` (one row each: dataset statistics, best dream overall and at
+    each fluency limit, ratio, percentile, beats-dataset, top example), `frontiers`, `examples`."""
+
+    folder: Path
+    config: dict[str, Any]
+    objectives: list[str]
+    summary: pd.DataFrame
+    frontiers: pd.DataFrame
+    examples: pd.DataFrame
+
+    @property
+    def n_done(self) -> int:
+        return len(self.summary)
+
+    @property
+    def complete(self) -> bool:
+        return self.n_done == len(self.objectives)
+
+    def _index(self, objective: int | str) -> int:
+        if isinstance(objective, str):
+            if objective not in self.objectives:
+                raise SweepError(f"{objective!r} is not an objective of this sweep (it has {self.objectives[:3]}...)")
+            return self.objectives.index(objective)
+        if not 0 <= int(objective) < len(self.objectives):
+            raise SweepError(f"objective index {objective} is out of range: this sweep has {len(self.objectives)}")
+        return int(objective)
+
+    def frontier(self, objective: int | str) -> pd.DataFrame:
+        """One objective's dream frontier (by its string form or index), sorted by xe."""
+        i = self._index(objective)
+        return self.frontiers[self.frontiers["index"] == i].sort_values("rank").reset_index(drop=True)
+
+    def top(self, objective: int | str) -> pd.DataFrame:
+        """One objective's top dataset examples, best first."""
+        i = self._index(objective)
+        return self.examples[self.examples["index"] == i].sort_values("rank").reset_index(drop=True)
+
+    def __len__(self) -> int:
+        return len(self.objectives)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Sweep({str(self.folder)!r}: {self.n_done} of {len(self.objectives)} objectives done, "
+                f"{c.get('method')} at {c.get('budget')} token-forwards each, model {c.get('model')!r})")
+
+
+def load_sweep(folder: str | os.PathLike) -> Sweep:
+    """The sweep in `folder` (finished chunks only: a running or interrupted sweep reads as far as it got).
+    The Parquet files can also be read directly: `pd.read_parquet(folder / "summary")`."""
+    import pandas as pd
+
+    path = Path(folder)
+    meta = read_meta(path)
+    done = sorted(p.name for p in (path / "summary").glob("chunk-*.parquet")) if (path / "summary").is_dir() else []
+    frames: dict[str, pd.DataFrame] = {}
+    for name in ("summary", "frontiers", "examples"):
+        parts = []
+        for file in done:
+            try:
+                parts.append(pd.read_parquet(path / name / file))
+            except Exception as e:
+                raise SweepError(f"cannot read {path / name / file} ({e}); delete that chunk's files to compute it again") from e
+        parts = [p for p in parts if len(p.columns)]
+        frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"index": [], "objective": []})
+        sort = ["index", "rank"] if "rank" in frame.columns else ["index"]
+        frame = frame.sort_values(sort, kind="stable").reset_index(drop=True)
+        if "ids" in frame.columns:  # Parquet gives arrays: token ids as lists of ints, as a scan's examples
+            frame["ids"] = [[int(t) for t in w] for w in frame["ids"]]
+        frames[name] = frame
+    return Sweep(path, meta["config"], list(meta["objectives"]), frames["summary"], frames["frontiers"], frames["examples"])
