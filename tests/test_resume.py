@@ -131,19 +131,10 @@ def test_a_crashing_callback_saves_the_partial_result_then_raises(tiny_model, re
 
 _KILLED_RUN = """
 import os, signal, sys, torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 import dreamlens as dl
-from dreamlens.models import load_embedded_tokenizer, set_bos_token_id
+from dreamlens.testing import tiny_model
 torch.set_num_threads(1)
-cfg = HookedTransformerConfig(
-    n_layers=2, d_model=64, n_heads=4, n_key_value_heads=2, d_head=16, d_mlp=128, d_vocab=49152,
-    n_ctx=64, act_fn="silu", normalization_type="RMS", final_rms=True, positional_embedding_type="rotary",
-    rotary_dim=16, rotary_adjacent_pairs=False, gated_mlp=True, original_architecture="LlamaForCausalLM",
-    default_prepend_bos=False, tokenizer_prepends_bos=False, seed=0, model_name="tiny-llama",
-)
-model = HookedTransformer(cfg, tokenizer=load_embedded_tokenizer(), default_padding_side="right")
-model.eval()
-set_bos_token_id(model, 0)
+model = tiny_model()
 
 def kill(info):
     if info.iteration == 3:

@@ -65,21 +65,27 @@ def _split_terms(spec: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def _split_args(inner: str) -> list[str]:
-    """Split the arguments of `max(...)` at commas outside brackets, parentheses and quoted tokens."""
+def split_outside(text: str, sep: str) -> list[str]:
+    """Split `text` at `sep` outside brackets, parentheses and quoted tokens (quotes count only inside
+    brackets, where tokens are written, so an apostrophe in a path is harmless); parts are not stripped."""
     parts, cur, depth = [], "", 0
-    for ch, free in _outside_quotes(inner, lambda: depth > 0):  # noqa: B023  # the depth at each character, on purpose
+    for ch, free in _outside_quotes(text, lambda: depth > 0):  # noqa: B023  # the depth at each character, on purpose
         if free and ch in "[(":
             depth += 1
         elif free and ch in "])":
             depth = max(depth - 1, 0)
-        elif free and ch == "," and depth == 0:
+        elif free and ch == sep and depth == 0:
             parts.append(cur)
             cur = ""
             continue
         cur += ch
     parts.append(cur)
-    return [p.strip() for p in parts]
+    return parts
+
+
+def _split_args(inner: str) -> list[str]:
+    """Split the arguments of `max(...)` at commas outside brackets, parentheses and quoted tokens."""
+    return [p.strip() for p in split_outside(inner, ",")]
 
 
 def _split_tokens(inner: str) -> list[str]:

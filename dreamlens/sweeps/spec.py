@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DreamlensError
+from ..objectives.parse import split_outside
 
 
 class SweepSpecError(DreamlensError, ValueError):
@@ -28,33 +29,6 @@ _BRACKETS = re.compile(r"\[([^\[\]]*)\]")
 _INT = re.compile(r"\s*(\d+)\s*")
 _NEGATIVE = re.compile(r"\s*-\d+\s*")
 _SLICE = re.compile(r"\s*(-?\d*)\s*:\s*(-?\d+)\s*(?::\s*(-?\d+)\s*)?")
-
-
-def _split_outside(text: str, sep: str) -> list[str]:
-    """Split `text` at `sep` outside brackets, parentheses and quoted tokens (quotes count only inside
-    brackets, where tokens are written, so an apostrophe in a path is harmless)."""
-    parts, cur, depth, quote, escaped = [], "", 0, None, False
-    for ch in text:
-        if quote:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == quote:
-                quote = None
-        elif ch in "\"'" and depth > 0:
-            quote = ch
-        elif ch in "[(":
-            depth += 1
-        elif ch in "])":
-            depth = max(depth - 1, 0)
-        elif ch == sep and depth == 0:
-            parts.append(cur)
-            cur = ""
-            continue
-        cur += ch
-    parts.append(cur)
-    return parts
 
 
 def _axis(item: str, spec: str) -> range:
@@ -136,7 +110,7 @@ def expand(spec: str | os.PathLike | Sequence[Any]) -> list[str]:
         raise SweepSpecError(f"a SPEC is a string, a path or a list of objectives, got {type(spec).__name__}; {SPEC_HELP}")
     out: list[str] = []
     for item in items:
-        for part in _split_outside(item, ";"):
+        for part in split_outside(item, ";"):
             if part.strip():
                 out += expand_one(part)
     if not out:
