@@ -331,20 +331,19 @@ def build_modes_report(
 
 def write_modes_report(path: str | os.PathLike, modes: Modes, **kwargs: Any) -> Path:
     """Write `build_modes_report(modes, **kwargs)` to `path` (atomically)."""
-    path = Path(path)
-    page = build_modes_report(modes, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, page)
-    return path
+    return write_page(path, build_modes_report(modes, **kwargs))
 
 
 def write_report(path: str | os.PathLike, result: DreamResult, **kwargs: Any) -> Path:
     """Write `build_report(result, **kwargs)` to `path` (atomically)."""
+    return write_page(path, build_report(result, **kwargs))
+
+
+def write_page(path: str | os.PathLike, page: str) -> Path:
+    """Write an HTML page to `path` atomically, creating its folder."""
     path = Path(path)
-    page = build_report(result, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, page)
-    return path
+    return atomic_write_text(path, page)
 
 
 def load_result(path: str | os.PathLike) -> DreamResult:

@@ -12,8 +12,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from ..io import atomic_write_text
-
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -163,6 +161,6 @@ def build_sweep_report(sweep: Sweep, *, limit: float = 6.0, examples: int = 5, t
 
 def write_sweep_report(path: str | os.PathLike, sweep: Sweep, *, limit: float = 6.0, examples: int = 5) -> Path:
     """Write `build_sweep_report` to `path` (atomically); returns the path."""
-    path = Path(path)
-    atomic_write_text(path, build_sweep_report(sweep, limit=limit, examples=examples))
-    return path
+    from .report import write_page
+
+    return write_page(path, build_sweep_report(sweep, limit=limit, examples=examples))
