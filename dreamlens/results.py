@@ -145,13 +145,17 @@ class DreamResult:
         keep = pareto_front(self.activation, self.xe)
         return self.history.iloc[keep].reset_index(drop=True)[["text", "ids", "activation", "xe", "iteration"]]
 
+    def best_index(self, max_xe: float = float("inf")) -> int | None:
+        """The row of the prompt with the highest activation among those with xe <= max_xe (None if none)."""
+        ok = np.flatnonzero(self.xe <= max_xe)
+        return int(ok[np.argmax(self.activation[ok])]) if ok.size else None
+
     def best(self, max_xe: float = float("inf")) -> pd.Series:
         """The prompt with the highest activation among those with xe <= max_xe."""
-        ok = np.flatnonzero(self.xe <= max_xe)
-        if ok.size == 0:
+        i = self.best_index(max_xe)
+        if i is None:
             lo = float(np.min(self.xe)) if self.xe.size else float("nan")
             raise ResultError(f"no prompt has xe <= {max_xe}; the lowest xe in this result is {lo:.3f}")
-        i = ok[np.argmax(self.activation[ok])]
         return self.history.iloc[i][["text", "ids", "activation", "xe", "iteration"]]
 
     def __len__(self) -> int:

@@ -135,3 +135,17 @@ def test_a_folder_of_the_current_format_loads(tmp_path):
     for f in optional:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         assert _same(getattr(bare, f.name), default), f.name
+
+
+@pytest.mark.parametrize("limit", [0.5, 3.0, 6.0, float("inf")])
+def test_best_index_is_the_row_best_returns(limit):
+    r = _full_result(n=12)
+    ok = r.xe <= limit
+    i = r.best_index(limit)
+    if not ok.any():
+        assert i is None
+        with pytest.raises(Exception, match=f"no prompt has xe <= {limit}"):
+            r.best(limit)
+        return
+    assert r.activation[i] == r.activation[ok].max() and r.xe[i] <= limit
+    assert r.best(limit)["text"] == r.text[i]

@@ -5,7 +5,7 @@ dataset examples resemble each mode of a dream most (cosine of centered patterns
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import pandas as pd
@@ -30,7 +30,8 @@ def activation_patterns(
 ) -> Float[Tensor, "n d"]:
     """Each prompt's pattern at the objective's hooks: the activation of every hook the objective reads,
     at the position it is read (the last one, or its fixed position `@POS`), flattened and concatenated.
-    Prompts are full token sequences (start token included) and may differ in length."""
+    Prompts are full token sequences (start token included) and may differ in length; those of one
+    length share a forward pass."""
     obj = parse_objective(objective)
     parts = leaves([obj])
     hooks = list(dict.fromkeys(h for o in parts for h in o.hooks))
@@ -39,13 +40,18 @@ def activation_patterns(
         r = getattr(o, "reduce", "last")
         if isinstance(r, int):
             pos.update(dict.fromkeys(o.hooks, r))
-    out: list[Tensor] = []
+    rows: dict[int, list[int]] = {}  # prompts of one length go through the model together
+    for j, ids in enumerate(prompts):
+        rows.setdefault(len(ids), []).append(j)
+    out: list[Tensor | None] = [None] * len(prompts)
     with torch.no_grad():
-        for ids in prompts:  # one at a time: lengths differ, and the prompts are few
-            tokens = torch.as_tensor([list(ids)], dtype=torch.long, device=model.cfg.device)
+        for idx in rows.values():
+            tokens = torch.tensor([list(prompts[j]) for j in idx], dtype=torch.long, device=model.cfg.device)
             cap, _ = forward_capture(model, parts, tokens)
-            out.append(torch.cat([cap.acts[h][0, pos[h]].flatten().float() for h in hooks]))
-    return torch.stack(out).cpu() if out else torch.zeros((0, 0))
+            pats = torch.cat([cap.acts[h][:, pos[h]].flatten(1).float() for h in hooks], dim=1).cpu()
+            for j, p in zip(idx, pats):
+                out[j] = p
+    return torch.stack(cast("list[Tensor]", out)) if out else torch.zeros((0, 0))
 
 
 def nearest_examples(model: HookedTransformer, modes: Modes, scan: ScanResult, objective_index: int | None = None,
@@ -54,20 +60,20 @@ def nearest_examples(model: HookedTransformer, modes: Modes, scan: ScanResult, o
     patterns are closest in cosine, after subtracting the examples' mean pattern (what all of them
     share would otherwise dominate). Each frame: the example's rank in the scan, text, activation,
     xe and `cosine`, closest first. A mode with no prompt at the limit gets an empty frame."""
-    from ..models import bos_token_id
+    from ..scoring import make_layout
+
+    def scored_as(ids: Sequence[int], prefix: str = "", suffix: str = "") -> list[int]:
+        """The whole sequence a prompt is scored as: start token, prefix, the tokens, suffix."""
+        return make_layout(model, len(ids), prefix, suffix).assemble(torch.tensor([list(ids)])).tolist()[0]
 
     top = scan.top(scan.index(modes.objective) if objective_index is None else objective_index)
-    bos = bos_token_id(model)
-    head = [bos] if bos is not None else []
-    examples = [head + [int(t) for t in ids] for ids in top["ids"]]
+    examples = [scored_as([int(t) for t in ids]) for ids in top["ids"]]
     prompts, which = [], []
     for i in range(len(modes)):
         b = modes.best(i)
         if b is not None:
             r = modes.dreams[i]
-            pre = _encode(model, r.prefix)
-            post = _encode(model, r.suffix)
-            prompts.append(head + pre + [int(t) for t in b["ids"]] + post)
+            prompts.append(scored_as([int(t) for t in b["ids"]], r.prefix, r.suffix))
             which.append(i)
     pats = activation_patterns(model, modes.objective, examples + prompts)
     ex, dr = pats[: len(examples)], pats[len(examples):]
@@ -83,8 +89,3 @@ def nearest_examples(model: HookedTransformer, modes: Modes, scan: ScanResult, o
                                "xe": t["xe"].to_numpy(), "cosine": cos[row][order]}).reset_index(drop=True)
     return out
 
-
-def _encode(model: HookedTransformer, text: str) -> list[int]:
-    from ..models import encode
-
-    return list(encode(model, text)) if text else []

@@ -15,7 +15,8 @@ import dataclasses
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,13 +66,13 @@ class Modes:
     def __getitem__(self, i: int) -> DreamResult:
         return self.dreams[i]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[DreamResult]:
         return iter(self.dreams)
 
     def best(self, i: int) -> pd.Series | None:
         """Mode i's best prompt at xe <= limit (None when it has none that fluent)."""
         r = self.dreams[i]
-        return None if not len(r) or float(np.min(r.xe)) > self.limit else r.best(self.limit)
+        return None if r.best_index(self.limit) is None else r.best(self.limit)
 
     def to_frame(self) -> pd.DataFrame:
         """One row per mode, best first: its best prompt at the fluency limit (text, activation, xe),
@@ -143,7 +144,7 @@ class ModeSettings:
     neighbours: int = 8  # embedding neighbours banned with each key token (itself included)
     n_alternatives: int = 8  # replacements per position in the attribution (half gradient, half random)
     limit: float = DEFAULT_LIMIT
-    exclude: tuple[int, ...] = field(default=())  # never banned (e.g. the start token)
+    exclude: tuple[int, ...] = ()  # never banned (the start token never is)
 
     def validate(self) -> None:
         for name in ("n_key", "neighbours", "n_alternatives"):
@@ -247,11 +248,11 @@ def _best_ids(r: DreamResult, limit: float) -> Int[Tensor, " length"] | None:
     """The span of the result's best prompt at xe <= limit (its most fluent prompt if none is)."""
     if not len(r):
         return None
-    ok = np.flatnonzero(r.xe <= limit)
-    i = int(ok[np.argmax(r.activation[ok])]) if ok.size else int(np.argmin(r.xe))
+    i = r.best_index(limit)
+    i = int(np.argmin(r.xe)) if i is None else i
     return torch.as_tensor(np.asarray(r.ids[i]), dtype=torch.long)
 
 
 def _rank_value(r: DreamResult, limit: float) -> float:
-    ok = r.xe <= limit
-    return float(np.max(r.activation[ok])) if len(r) and ok.any() else float("-inf")
+    i = r.best_index(limit)
+    return float("-inf") if i is None else float(r.activation[i])
