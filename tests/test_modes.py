@@ -127,3 +127,17 @@ def test_nearest_examples_rank_examples_by_pattern_cosine(tiny_model, modes):
         cos = torch.nn.functional.cosine_similarity(mode - mean, ex - mean, dim=-1)
         np.testing.assert_allclose(frame.cosine.to_numpy(), np.sort(cos.numpy())[::-1][:3], rtol=1e-5, atol=1e-6)
         assert list(frame.text) == [top.text.iloc[r - 1] for r in frame["rank"]]
+
+
+def test_activation_patterns_read_a_fixed_position_as_the_objective_does(tiny_model):
+    from dreamlens.analysis.patterns import activation_patterns
+
+    ids = [0, 11, 12, 13, 14]  # start token, then the prompt
+    tokens = torch.tensor([ids])
+    _, cache = tiny_model.run_with_cache(tokens, names_filter="blocks.1.mlp.hook_post")
+    acts = cache["blocks.1.mlp.hook_post"][0]
+    pat = activation_patterns(tiny_model, "blocks.1.mlp.hook_post[3]@1", [ids])[0]
+    torch.testing.assert_close(pat, acts[2].float())  # position 1 of the prompt: token 12
+    assert float(pat[3]) == pytest.approx(float(dl.objective("blocks.1.mlp.hook_post[3]@1").evaluate(tiny_model, tokens)[0]))
+    last = activation_patterns(tiny_model, "blocks.1.mlp.hook_post[3]", [ids])[0]
+    torch.testing.assert_close(last, acts[-1].float())

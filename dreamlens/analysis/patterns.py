@@ -48,7 +48,9 @@ def activation_patterns(
         for idx in rows.values():
             tokens = torch.tensor([list(prompts[j]) for j in idx], dtype=torch.long, device=model.cfg.device)
             cap, _ = forward_capture(model, parts, tokens)
-            pats = torch.cat([cap.acts[h][:, pos[h]].flatten(1).float() for h in hooks], dim=1).cpu()
+            # a fixed position counts from the start of the prompt (after the start token), as the objective reads it
+            at = {h: cap.start + p if p >= 0 else p for h, p in pos.items()}
+            pats = torch.cat([cap.acts[h][:, at[h]].flatten(1).float() for h in hooks], dim=1).cpu()
             for j, p in zip(idx, pats):
                 out[j] = p
     return torch.stack(cast("list[Tensor]", out)) if out else torch.zeros((0, 0))
