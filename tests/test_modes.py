@@ -141,3 +141,11 @@ def test_activation_patterns_read_a_fixed_position_as_the_objective_does(tiny_mo
     assert float(pat[3]) == pytest.approx(float(dl.objective("blocks.1.mlp.hook_post[3]@1").evaluate(tiny_model, tokens)[0]))
     last = activation_patterns(tiny_model, "blocks.1.mlp.hook_post[3]", [ids])[0]
     torch.testing.assert_close(last, acts[-1].float())
+
+
+def test_modes_never_replace_a_dream_result(tmp_path, modes):
+    modes[0].save(tmp_path / "r")
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="holds a dream result; modes go to a folder of their own"):
+            modes.save(tmp_path / "r", overwrite=overwrite)
+    assert (tmp_path / "r" / "result.json").exists() and not (tmp_path / "r" / "modes.json").exists()

@@ -48,14 +48,10 @@ def check_dream_out(out: str, *, force: bool, resume: bool = True) -> None:
 def check_modes_out(out: str, *, force: bool) -> None:
     """A --modes run's --out, refused before any compute wherever `Modes.save` would refuse it after:
     modes already there need --force; a dream result or other files are never replaced."""
-    from ..results import check_output_folder
+    from ..optim.modes import check_modes_folder
 
     check_out_folder(out, "modes.json", "set of modes", force=force)
-    path = Path(out)
-    if not (path / "modes.json").exists():
-        if (path / "result.json").exists():
-            raise OutputError(f"--out {out!r} holds a dream result; modes go to a folder of their own: choose another folder")
-        check_output_folder(path)
+    check_modes_folder(Path(out), overwrite=True)
 
 
 def check_out_file(out: str, kind: str, *, force: bool) -> None:

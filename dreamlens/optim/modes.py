@@ -94,17 +94,12 @@ class Modes:
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """A folder: mode_1/ .. mode_K/ (each a DreamResult folder) and modes.json, written last."""
         path = Path(path)
+        check_modes_folder(path, overwrite=overwrite)
         if (path / "modes.json").exists():
-            if not overwrite:
-                raise OutputError(
-                    f"{str(path)!r} already holds modes; pass overwrite=True to replace them, or choose another folder"
-                )
             (path / "modes.json").unlink()  # written again last: a crash leaves no modes.json over mixed folders
             for old in path.glob("mode_*"):  # an earlier save may have had more modes
                 if old.is_dir() and (old / "result.json").exists():
                     shutil.rmtree(old)
-        else:
-            check_output_folder(path)
         path.mkdir(parents=True, exist_ok=True)
         for i, r in enumerate(self.dreams):
             r.save(path / f"mode_{i + 1}", overwrite=True)
@@ -134,6 +129,18 @@ class Modes:
             b = self.best(i)
             parts.append(f"{i + 1}: " + ("none at this fluency" if b is None else f"{float(b['activation']):.3f} {b['text']!r}"))
         return f"Modes({self.objective!r}, xe <= {self.limit:g}; " + "; ".join(parts) + ")"
+
+
+def check_modes_folder(path: Path, *, overwrite: bool = False) -> None:
+    """Refuse (`OutputError`) to save modes to `path` where that would destroy something: modes already
+    there unless `overwrite`, and never a dream result, a file or a folder holding other things."""
+    if (path / "modes.json").exists():
+        if not overwrite:
+            raise OutputError(f"{str(path)!r} already holds modes; pass overwrite=True to replace them, or choose another folder")
+        return
+    if (path / "result.json").exists():
+        raise OutputError(f"{str(path)!r} holds a dream result; modes go to a folder of their own: choose another folder")
+    check_output_folder(path)
 
 
 @dataclass(frozen=True)
