@@ -8,10 +8,13 @@ prompt (at the fluency limit) of at least one mode.
 
 Standardized: each latent's pre-activation divided by its maximum over a scan of the embedded corpora
 (so both are 1.0 at their top example); the pre-activation, because a TopK latent is 0 (with zero
-gradient) where it does not fire. Each mode is a `dl.dream(..., modes=2)` of the default method at the
-budget of one ordinary dream (`--budget` token-forwards per mode; a later mode's budget leaves room for
-the attribution that separates it). Also: for one real (non-synthetic) latent, modes=3, the activation
-of modes 2 and 3 relative to mode 1 at the same fluency limit (what diversity costs).
+gradient) where it does not fire. Each mode is a `dl.dream(..., modes=2, examples=scan)` of the default
+method at the budget of one ordinary dream (`--budget` token-forwards per mode; a later mode's budget
+leaves room for what separates it: the attribution, the top examples' patterns). `examples=scan`: the
+synthetic feature's own top examples (a second scan, of the pair objectives); the later mode starts from
+the one least like mode 1 (`--no-examples`: bans only, random starts). Also: for one real
+(non-synthetic) latent, modes=3, the activation of modes 2 and 3 relative to mode 1 at the same fluency
+limit (what diversity costs).
 
 Prints per pair the larger term of each mode's best prompt and whether both were recovered; last line
 `mode_recovery: X` (share of pairs with both recovered).
@@ -38,6 +41,7 @@ PAIRS = [(2261, 2448), (221, 4004), (1387, 3272), (2261, 221), (2448, 1387), (40
 SINGLE = 2261  # the real feature whose cost of diversity is measured
 LENGTH = 12
 LIMIT = 6.0  # nats/token: the fluency limit modes are ranked and judged at
+TOP_K = 32  # top examples per objective (where later modes may start)
 OUT = "benchmarks/results/modes"
 
 
@@ -47,6 +51,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=None, help="token-forwards per mode (default 12000; quick 2500)")
     ap.add_argument("--scan-tokens", type=int, default=None, help="corpus tokens scanned (default 100000; quick 10000)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-examples", action="store_true", help="later modes start at random (bans only), not from the dataset")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help=f"where the modes and summary.json go (default {OUT}, quick {OUT}_quick)")
     args = ap.parse_args()
@@ -66,7 +71,7 @@ def main() -> None:
     model = dl.load_model()
     latents = sorted({i for p in pairs for i in p} | ({SINGLE} if not q else set()))
     specs = [f"sae_pre:embedded[{i}]" for i in latents]
-    scan = dl.scan(model, specs, None, tokens=scan_tokens, window=LENGTH, top_k=8, progress=False)
+    scan = dl.scan(model, specs, None, tokens=scan_tokens, window=LENGTH, top_k=TOP_K, progress=False)
     stats = scan.stats.set_index("objective")
     top = {i: float(stats.loc[str(dl.objective(s)), "max"]) for i, s in zip(latents, specs)}
     print(f"# {scan.meta.get('n_tokens', 0):,}-token scan of {len(latents)} latents' pre-activations "
@@ -75,13 +80,18 @@ def main() -> None:
           f"fluency limit xe <= {LIMIT}; {machine()}", flush=True)
 
     settings = ModeSettings(limit=LIMIT)
+    pair_specs = [f"max({1 / top[a]:.6g}*sae_pre:embedded[{a}], {1 / top[b]:.6g}*sae_pre:embedded[{b}])" for a, b in pairs]
+    pair_scan = None
+    if not args.no_examples:
+        t = time.perf_counter()
+        pair_scan = dl.scan(model, pair_specs, None, tokens=scan_tokens, window=LENGTH, top_k=TOP_K, progress=False)
+        print(f"# the pair objectives' scan: {time.perf_counter() - t:.0f} s", flush=True)
     rows = []
-    for a, b in pairs:
-        spec = f"max({1 / top[a]:.6g}*sae_pre:embedded[{a}], {1 / top[b]:.6g}*sae_pre:embedded[{b}])"
+    for (a, b), spec in zip(pairs, pair_specs):
         obj = dl.objective(spec)
         t = time.perf_counter()
         modes = dl.dream(model, obj, modes=2, mode_settings=settings, length=LENGTH, max_token_forwards=budget,
-                         seed=args.seed, progress=False)
+                         seed=args.seed, progress=False, examples=pair_scan)
         larger, detail = [], []
         for i in range(len(modes)):
             best = modes.best(i)
@@ -93,10 +103,11 @@ def main() -> None:
                 vals, _ = dl.run_objectives(model, list(obj.parts), ids)
             k = int(vals[:, 0].argmax())
             larger.append((a, b)[k])
-            detail.append(f"mode {i + 1} ({float(best['activation']):.2f} at xe {float(best['xe']):.2f}): "
+            detail.append(f"mode {i + 1} (found {modes.found[i]}, start {modes.starts[i]}; "
+                          f"{float(best['activation']):.2f} at xe {float(best['xe']):.2f}): "
                           f"{a} {float(vals[0, 0]):.2f} / {b} {float(vals[1, 0]):.2f} -> {(a, b)[k]}  {best['text']!r}")
         recovered = {a, b} <= set(larger)
-        rows.append({"pair": [a, b], "objective": spec, "larger": larger, "recovered": recovered,
+        rows.append({"pair": [a, b], "objective": spec, "larger": larger, "recovered": recovered, "starts": modes.starts,
                      "seconds": time.perf_counter() - t, "token_forwards": [int(r.token_forwards) for r in modes]})
         modes.save(out / f"pair_{a}_{b}", overwrite=True)
         print(f"pair ({a}, {b}): {'both recovered' if recovered else 'NOT both'} ({time.perf_counter() - t:.0f} s)")
@@ -107,7 +118,8 @@ def main() -> None:
     if not q:
         t = time.perf_counter()
         single = dl.dream(model, f"sae_pre:embedded[{SINGLE}]", modes=3, mode_settings=settings, length=LENGTH,
-                          max_token_forwards=budget, seed=args.seed, progress=False)
+                          max_token_forwards=budget, seed=args.seed, progress=False,
+                          examples=None if args.no_examples else scan)
         single.save(out / f"single_{SINGLE}", overwrite=True)
         by_found = {f: i for i, f in enumerate(single.found)}
         best = [single.best(by_found[f]) for f in (1, 2, 3)]
@@ -120,6 +132,7 @@ def main() -> None:
     rate = sum(r["recovered"] for r in rows) / len(rows)
     summary = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "method": DEFAULT_METHOD, "length": LENGTH,
                "budget_per_mode": budget, "scan_tokens": int(scan.meta.get("n_tokens", 0)), "limit": LIMIT,
+               "examples": not args.no_examples, "top_k": TOP_K,
                "seed": args.seed, "pairs": rows, "cost_of_diversity": cost, "mode_recovery": rate,
                "seconds": time.perf_counter() - t0}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")

@@ -3,6 +3,8 @@ tokens of an earlier mode, nor their embedding neighbours); K = 1 is the ordinar
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -108,7 +110,7 @@ def test_bad_mode_arguments_are_refused(tiny_model, kw, match):
         dl.dream(tiny_model, OBJ, "epo", progress=False, **EPO, **kw)
 
 
-def test_nearest_examples_rank_examples_by_pattern_cosine(tiny_model, modes):
+def test_nearest_examples_rank_examples_by_pattern_similarity(tiny_model, modes):
     from dreamlens.analysis.patterns import activation_patterns, nearest_examples
 
     docs = ["The committee met on Tuesday to discuss the budget for the coming year.",
@@ -119,13 +121,14 @@ def test_nearest_examples_rank_examples_by_pattern_cosine(tiny_model, modes):
     assert len(near) == len(modes)
     top = scan.top(0)
     for i, frame in enumerate(near):
-        assert len(frame) == 3 and list(frame.cosine) == sorted(frame.cosine, reverse=True)
-        # independently: the cosine of the mode's pattern with each example's, centered on the examples' mean
+        assert len(frame) == 3 and list(frame.similarity) == sorted(frame.similarity, reverse=True)
+        # independently: a neuron reads one direction everywhere (its own unit), so the similarity is the mean
+        # of 1 and the cosine of the mode's pattern with each example's, centered on the examples' mean
         ex = activation_patterns(tiny_model, OBJ, [[0, *map(int, ids)] for ids in top["ids"]])
         mode = activation_patterns(tiny_model, OBJ, [[0, *map(int, modes.best(i)["ids"])]])
         mean = ex.mean(0, keepdim=True)
         cos = torch.nn.functional.cosine_similarity(mode - mean, ex - mean, dim=-1)
-        np.testing.assert_allclose(frame.cosine.to_numpy(), np.sort(cos.numpy())[::-1][:3], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(frame.similarity.to_numpy(), (1 + np.sort(cos.numpy())[::-1][:3]) / 2, rtol=1e-5, atol=1e-6)
         assert list(frame.text) == [top.text.iloc[r - 1] for r in frame["rank"]]
 
 
@@ -149,3 +152,120 @@ def test_modes_never_replace_a_dream_result(tmp_path, modes):
         with pytest.raises(OutputError, match="holds a dream result; modes go to a folder of their own"):
             modes.save(tmp_path / "r", overwrite=overwrite)
     assert (tmp_path / "r" / "result.json").exists() and not (tmp_path / "r" / "modes.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Where later modes start: the top example least like the earlier modes (readouts and patterns)
+
+MAX_OBJ = "max(blocks.1.mlp.hook_post[3], 2*blocks.1.mlp.hook_post[5])"
+DOCS = ["The committee met on Tuesday to discuss the budget for the coming year.",
+        "Rivers carry water from the mountains to the sea, and feed farms.",
+        "Coffee was first grown in Ethiopia and Yemen, then carried across the sea.",
+        "A quiet morning in the village began with bread, tea and the news from the harbour."]
+
+
+@pytest.fixture(scope="module")
+def max_scan(tiny_model):
+    return dl.scan(tiny_model, [MAX_OBJ], DOCS, tokens=50, window=5, top_k=10, per_document=3, cache=False, progress=False)
+
+
+def test_readouts_follow_the_larger_term_of_a_max(tiny_model):
+    from dreamlens.analysis.patterns import readouts
+
+    prompts = [[0, 11, 12, 13, 14], [0, 40, 41, 42, 43], [0, 7, 99, 3, 18], [0, 5, 5, 5, 5]]
+    pats, reads = readouts(tiny_model, MAX_OBJ, prompts)
+    _, cache = tiny_model.run_with_cache(torch.tensor(prompts), names_filter="blocks.1.mlp.hook_post")
+    last = cache["blocks.1.mlp.hook_post"][:, -1].float()
+    torch.testing.assert_close(pats, last)
+    for row, a in zip(reads, last):
+        want = torch.zeros_like(a)
+        if float(a[3]) >= 2 * float(a[5]):
+            want[3] = 1.0
+        else:
+            want[5] = 2.0
+        torch.testing.assert_close(row, want)
+
+
+def test_pattern_similarity_is_the_mean_of_two_cosines():
+    from dreamlens.analysis.patterns import pattern_similarity
+
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(3, 6, generator=g), torch.randn(3, 4, generator=g))
+    b = (torch.randn(2, 6, generator=g), torch.randn(2, 4, generator=g))
+    center = torch.randn(6, generator=g)
+    sim = pattern_similarity(a, b, center)
+    for i in range(3):
+        for j in range(2):
+            cos_a = torch.nn.functional.cosine_similarity(a[0][i] - center, b[0][j] - center, dim=0)
+            cos_r = torch.nn.functional.cosine_similarity(a[1][i], b[1][j], dim=0)
+            assert float(sim[i, j]) == pytest.approx(float(cos_a + cos_r) / 2, abs=1e-6)
+
+
+def test_a_later_mode_starts_from_the_example_least_like_the_earlier(tiny_model, max_scan):
+    from dreamlens.analysis.patterns import pattern_similarity, readouts
+    from dreamlens.analysis.scan import example_spans
+    from dreamlens.scoring import make_layout
+
+    budget = 3000
+    settings = ModeSettings(limit=50.0)
+    m = dl.dream(tiny_model, MAX_OBJ, "epo", modes=2, examples=max_scan, progress=False, max_token_forwards=budget,
+                 mode_settings=settings, **{**EPO, "iters": 50})
+    first, second = m.found.index(1), m.found.index(2)
+    assert m.starts[first] == "random"
+    spans = example_spans(max_scan, 0, EPO["length"])
+    assert len(spans) > 2
+    rank = int(m.starts[second].removeprefix("example "))
+    start = dict(spans)[rank]
+    assert tuple(m[second].config["init_ids"]) == start
+    assert not set(start) & set(m.banned[second]), "a later mode started from a banned token"
+    # independently of Starts: the allowed example of lowest similarity to mode 1's best prompt
+    layout = make_layout(tiny_model, EPO["length"])
+    ex = readouts(tiny_model, MAX_OBJ, layout.assemble(torch.tensor([s for _, s in spans])).tolist())
+    mine = readouts(tiny_model, MAX_OBJ, layout.assemble(torch.tensor([list(map(int, m.best(first)["ids"]))])).tolist())
+    sim = pattern_similarity(ex, mine, ex[0].mean(dim=0))[:, 0]
+    allowed = torch.tensor([not set(s) & set(m.banned[second]) for _, s in spans])
+    sim[~allowed] = float("inf")
+    assert spans[int(sim.argmin())][0] == rank
+    # the budget leaves room for the attribution and for the examples' patterns
+    cost = attribution_cost(layout.seq_len, EPO["length"], settings.n_alternatives)
+    patterns = layout.seq_len * (len(spans) + 1)  # every example's forward pass, and mode 1's best prompt's
+    assert m[second].config["max_token_forwards"] == budget - cost - patterns
+    assert m.attribution_token_forwards == cost + patterns
+
+
+def test_starts_never_pick_an_example_with_a_banned_token(tiny_model, max_scan):
+    from dreamlens.analysis.scan import example_spans
+    from dreamlens.optim.config import EPOConfig
+    from dreamlens.optim.modes import Starts
+
+    spans = example_spans(max_scan, 0, 5, k=3)
+    (r0, s0), (_, s1), (r2, s2) = spans
+    cfg = EPOConfig(length=5)
+    starts = Starts(tiny_model, dl.objective(MAX_OBJ), cfg, spans)
+    earlier = [torch.tensor(s0)]
+    only = dataclasses.replace(cfg, banned_tokens=(s0[1], s1[2]))
+    assert not {s0[1], s1[2]} & set(s2)
+    assert starts.pick(earlier, only) == (r2, list(s2))
+    assert starts.pick(earlier, dataclasses.replace(cfg, banned_tokens=(s0[1], s1[2], s2[3]))) is None
+    assert starts.pick([], cfg) == (r0, list(s0))  # nothing to be unlike: the best example
+    with pytest.raises(dl.DreamError, match="has 3 tokens but the dream has 5"):
+        Starts(tiny_model, dl.objective(MAX_OBJ), cfg, [(0, (1, 2, 3))])
+
+
+def test_examples_are_refused_without_modes_and_short_windows_are_named(tiny_model, max_scan):
+    with pytest.raises(dl.DreamError, match="examples= applies only with modes"):
+        dl.dream(tiny_model, MAX_OBJ, "epo", examples=max_scan, progress=False, **EPO)
+    with pytest.raises(dl.DreamError, match="scan with window >= 8"):
+        dl.dream(tiny_model, MAX_OBJ, "epo", modes=2, examples=max_scan, progress=False, **{**EPO, "length": 8})
+
+
+def test_modes_of_format_1_load_with_random_starts(tmp_path, modes):
+    import json
+
+    modes.save(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "modes.json").read_text())
+    meta["version"] = 1
+    del meta["starts"]
+    (tmp_path / "m" / "modes.json").write_text(json.dumps(meta))
+    back = Modes.load(tmp_path / "m")
+    assert back.starts == ["random"] * len(modes) and back.found == modes.found

@@ -21,6 +21,11 @@ _EXPORTS: dict[str, str] = {
     "per_position": "scan",
     "position_values": "scan",
     "score_windows": "scan",
+    "example_spans": "scan",
+    "activation_patterns": "patterns",
+    "readouts": "patterns",
+    "pattern_similarity": "patterns",
+    "nearest_examples": "patterns",
     "merge_scans": "merge",
     "model_fingerprint": "scan_cache",
     "objective_fingerprint": "scan_cache",
@@ -46,7 +51,7 @@ _EXPORTS: dict[str, str] = {
     "page": "attribution",
     "STYLE": "attribution",
 }
-_SUBMODULES = {"errors", "sketch", "scan", "scan_cache", "merge", "compare", "metrics", "attribution"}
+_SUBMODULES = {"errors", "sketch", "scan", "scan_cache", "merge", "compare", "metrics", "attribution", "patterns"}
 
 __all__ = [
     "ScanError",
@@ -59,6 +64,11 @@ __all__ = [
     "per_position",
     "position_values",
     "score_windows",
+    "example_spans",
+    "activation_patterns",
+    "readouts",
+    "pattern_similarity",
+    "nearest_examples",
     "merge_scans",
     "model_fingerprint",
     "objective_fingerprint",
@@ -103,7 +113,8 @@ if TYPE_CHECKING:  # the same names for a type checker
     from .errors import CompareError, ScanCacheError, ScanError, ScanLookupError
     from .merge import merge_scans
     from .metrics import activation_ratio, beats_dataset, dataset_max, dataset_percentile, dream_summary, median_top_xe
-    from .scan import STAT_QUANTILES, ScanResult, per_position, position_values, score_windows
+    from .patterns import activation_patterns, nearest_examples, pattern_similarity, readouts
+    from .scan import STAT_QUANTILES, ScanResult, example_spans, per_position, position_values, score_windows
     from .scan_cache import cache_folder, cache_key, corpus_fingerprint, model_fingerprint, objective_fingerprint
     from .sketch import QuantileSketch
 

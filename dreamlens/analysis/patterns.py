@@ -1,5 +1,6 @@
-"""Activation patterns: what the model computes at an objective's hooks for a prompt, and which top
-dataset examples resemble each mode of a dream most (cosine of centered patterns).
+"""Activation patterns: what the model computes at an objective's hooks for a prompt and how the
+objective reads it there (its readout); how alike two prompts are by both; which top dataset examples
+resemble each mode of a dream most.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from ..objectives import Objective
 from ..objectives import objective as parse_objective
-from ..objectives.base import leaves
+from ..objectives.base import Capture, leaves
 from ..objectives.forward import forward_capture
 
 if TYPE_CHECKING:
@@ -32,6 +33,38 @@ def activation_patterns(
     at the position it is read (the last one, or its fixed position `@POS`), flattened and concatenated.
     Prompts are full token sequences (start token included) and may differ in length; those of one
     length share a forward pass."""
+    return _patterns(model, objective, prompts, readout=False)[0]
+
+
+def readouts(
+    model: HookedTransformer, objective: Objective | str, prompts: Sequence[Sequence[int]]
+) -> tuple[Float[Tensor, "n d"], Float[Tensor, "n r"]]:
+    """Each prompt's activation pattern (as `activation_patterns`) and its *readout*: the gradient of the
+    objective with respect to every hook activation it reads, summed over positions, flattened and
+    concatenated: the direction in which the objective reads the hook at that prompt. A single SAE
+    latent or neuron reads one direction everywhere; `max(A, B)` reads A's where A is the larger term."""
+    pats, reads = _patterns(model, objective, prompts, readout=True)
+    assert reads is not None
+    return pats, reads
+
+
+def pattern_similarity(
+    a: tuple[Float[Tensor, "na d"], Float[Tensor, "na r"]],
+    b: tuple[Float[Tensor, "nb d"], Float[Tensor, "nb r"]],
+    center: Float[Tensor, " d"],
+) -> Float[Tensor, "na nb"]:
+    """How alike two sets of prompts are at an objective's hooks, from their `readouts`: the mean of the
+    cosine of the activation patterns (after subtracting `center`, e.g. the top examples' mean pattern,
+    which all of them share) and the cosine of the readouts. 1: the same activation read the same way."""
+    norm = torch.nn.functional.normalize
+    acts = norm(a[0] - center, dim=-1) @ norm(b[0] - center, dim=-1).T
+    reads = norm(a[1], dim=-1) @ norm(b[1], dim=-1).T
+    return (acts + reads) / 2
+
+
+def _patterns(
+    model: HookedTransformer, objective: Objective | str, prompts: Sequence[Sequence[int]], readout: bool
+) -> tuple[Float[Tensor, "n d"], Float[Tensor, "n r"] | None]:
     obj = parse_objective(objective)
     parts = leaves([obj])
     hooks = list(dict.fromkeys(h for o in parts for h in o.hooks))
@@ -44,24 +77,48 @@ def activation_patterns(
     for j, ids in enumerate(prompts):
         rows.setdefault(len(ids), []).append(j)
     out: list[Tensor | None] = [None] * len(prompts)
-    with torch.no_grad():
-        for idx in rows.values():
-            tokens = torch.tensor([list(prompts[j]) for j in idx], dtype=torch.long, device=model.cfg.device)
+    grads: list[Tensor | None] = [None] * len(prompts)
+    for idx in rows.values():
+        tokens = torch.tensor([list(prompts[j]) for j in idx], dtype=torch.long, device=model.cfg.device)
+        with torch.no_grad():
             cap, _ = forward_capture(model, parts, tokens)
-            # a fixed position counts from the start of the prompt (after the start token), as the objective reads it
-            at = {h: cap.start + p if p >= 0 else p for h, p in pos.items()}
-            pats = torch.cat([cap.acts[h][:, at[h]].flatten(1).float() for h in hooks], dim=1).cpu()
-            for j, p in zip(idx, pats):
-                out[j] = p
-    return torch.stack(cast("list[Tensor]", out)) if out else torch.zeros((0, 0))
+        # a fixed position counts from the start of the prompt (after the start token), as the objective reads it
+        at = {h: cap.start + p if p >= 0 else p for h, p in pos.items()}
+        pats = torch.cat([cap.acts[h][:, at[h]].flatten(1).float() for h in hooks], dim=1).cpu()
+        for j, p in zip(idx, pats):
+            out[j] = p
+        if readout:
+            for j, g in zip(idx, _readout(model, obj, cap, hooks)):
+                grads[j] = g
+    width = (0, 0)
+    pats_out = torch.stack(cast("list[Tensor]", out)) if out else torch.zeros(width)
+    if not readout:
+        return pats_out, None
+    return pats_out, torch.stack(cast("list[Tensor]", grads)) if grads else torch.zeros(width)
+
+
+def _readout(model: HookedTransformer, obj: Objective, cap: Capture, hooks: list[str]) -> Float[Tensor, "batch r"]:
+    """The gradient of the objective's value with respect to the captured hook activations (no model
+    pass: the objective is computed again from them), summed over positions."""
+    with torch.enable_grad():
+        acts = {h: a.detach().float().requires_grad_(True) for h, a in cap.acts.items()}
+        fresh = Capture(acts=acts, logits=None if cap.logits is None else cap.logits.detach(), start=cap.start, model=model)
+        obj.value(fresh).sum().backward()
+    n = next(iter(cap.acts.values())).shape[0] if cap.acts else 0
+    cols = [torch.zeros(n, 0)]
+    for h in hooks:
+        g = acts[h].grad
+        g = torch.zeros_like(acts[h]) if g is None else g
+        cols.append(g[:, cap.start:].sum(dim=1).flatten(1).cpu())
+    return torch.cat(cols, dim=1)
 
 
 def nearest_examples(model: HookedTransformer, modes: Modes, scan: ScanResult, objective_index: int | None = None,
                      k: int = 5) -> list[pd.DataFrame]:
-    """For each mode (its best prompt at the fluency limit), the `k` top dataset examples whose
-    patterns are closest in cosine, after subtracting the examples' mean pattern (what all of them
-    share would otherwise dominate). Each frame: the example's rank in the scan, text, activation,
-    xe and `cosine`, closest first. A mode with no prompt at the limit gets an empty frame."""
+    """For each mode (its best prompt at the fluency limit), the `k` top dataset examples most like it
+    by `pattern_similarity` (activation patterns centered on the examples' mean, which all of them
+    share, and readouts). Each frame: the example's rank in the scan, text, activation, xe and
+    `similarity`, closest first. A mode with no prompt at the limit gets an empty frame."""
     from ..scoring import make_layout
 
     def scored_as(ids: Sequence[int], prefix: str = "", suffix: str = "") -> list[int]:
@@ -77,17 +134,15 @@ def nearest_examples(model: HookedTransformer, modes: Modes, scan: ScanResult, o
             r = modes.dreams[i]
             prompts.append(scored_as([int(t) for t in b["ids"]], r.prefix, r.suffix))
             which.append(i)
-    pats = activation_patterns(model, modes.objective, examples + prompts)
-    ex, dr = pats[: len(examples)], pats[len(examples):]
-    mean = ex.mean(dim=0, keepdim=True)
-    ex_c = torch.nn.functional.normalize(ex - mean, dim=-1)
-    dr_c = torch.nn.functional.normalize(dr - mean, dim=-1)
-    cos = (dr_c @ ex_c.T).numpy()  # [modes with a prompt, examples]
-    out = [pd.DataFrame(columns=["rank", "text", "activation", "xe", "cosine"]) for _ in range(len(modes))]
+    pats, reads = readouts(model, modes.objective, examples + prompts)
+    n = len(examples)
+    center = pats[:n].mean(dim=0)
+    sim = pattern_similarity((pats[n:], reads[n:]), (pats[:n], reads[:n]), center).numpy()  # [modes with a prompt, examples]
+    out = [pd.DataFrame(columns=["rank", "text", "activation", "xe", "similarity"]) for _ in range(len(modes))]
     for row, i in enumerate(which):
-        order = np.argsort(-cos[row], kind="stable")[:k]
+        order = np.argsort(-sim[row], kind="stable")[:k]
         t = top.iloc[order]
         out[i] = pd.DataFrame({"rank": order + 1, "text": t["text"].to_numpy(), "activation": t["activation"].to_numpy(),
-                               "xe": t["xe"].to_numpy(), "cosine": cos[row][order]}).reset_index(drop=True)
+                               "xe": t["xe"].to_numpy(), "similarity": sim[row][order]}).reset_index(drop=True)
     return out
 

@@ -22,6 +22,8 @@ from .modes import Modes, ModeSettings, dream_modes
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
+    from ..analysis.scan import ScanResult
+
 METHODS: dict[str, tuple[Callable[..., Any], type[DreamConfig]]] = {
     "adapt": (adapt, ADAPTConfig),
     "epo": (epo, EPOConfig),
@@ -62,6 +64,7 @@ def dream(
     progress: bool = True,
     modes: int | None = None,
     mode_settings: ModeSettings | None = None,
+    examples: ScanResult | Sequence[tuple[int, Sequence[int]]] | None = None,
     **options: Any,
 ) -> DreamResult | list[DreamResult] | Modes:
     """Dream with `method` ("adapt", the default; "epo"; or "gcg"). `options` are fields of the
@@ -71,7 +74,9 @@ def dream(
 
     `modes=K` returns `Modes`: K dreams of one objective, distinct by construction (each later one
     without the key tokens of those before it, see `dreamlens.optim.modes`), ranked by activation at a
-    fluency limit (`mode_settings`); the first one found is the ordinary dream with the same seed."""
+    fluency limit (`mode_settings`); the first one found is the ordinary dream with the same seed.
+    `examples` (a scan of the objective, or its top examples as (rank, ids)): later modes start from
+    the top example least like the modes before them (see `dreamlens.optim.modes`)."""
     cfg = make_config(method, config, **options)
     run = METHODS[method][0]
     if modes is not None:
@@ -79,7 +84,17 @@ def dream(
             raise DreamError("modes= dreams one objective at a time; pass a single objective (or its string form)")
         if resume is not None:
             raise DreamError("modes= cannot resume a run; dream the modes again (with a fixed seed they come out the same)")
-        return dream_modes(model, objective, run, cfg, modes, settings=mode_settings, callback=callback, progress=progress)
-    if mode_settings is not None:
-        raise DreamError("mode_settings= applies only with modes=K; pass modes=2 or more, or drop mode_settings")
+        if examples is not None and not isinstance(examples, (list, tuple)):
+            from ..analysis.scan import example_spans
+
+            window = int(examples.meta.get("window", cfg.length))
+            examples = example_spans(examples, objective, cfg.length)
+            if not examples and window < cfg.length:
+                raise DreamError(f"the scan's examples have {window} tokens, the dream {cfg.length}; scan with window >= "
+                                 f"{cfg.length} to start modes from them")
+        return dream_modes(model, objective, run, cfg, modes, settings=mode_settings, examples=examples, callback=callback,
+                           progress=progress)
+    for name, value in (("mode_settings", mode_settings), ("examples", examples)):
+        if value is not None:
+            raise DreamError(f"{name}= applies only with modes=K; pass modes=2 or more, or drop {name}")
     return run(model, objective, cfg, callback=callback, resume=resume, progress=progress)

@@ -1,5 +1,6 @@
 """Modes: several distinct dreams of one objective, for features that respond to unrelated things.
-Mode 1 is an ordinary dream; each later mode is dreamed without the tokens that carried the modes before it.
+Mode 1 is an ordinary dream; each later mode is dreamed without the tokens that carried the modes before
+it and, given the objective's top dataset examples, starts from the one least like the modes before it.
 
 Distinct, by definition: mode j's prompts contain none of the *key tokens* of modes 1..j-1, nor their
 nearest neighbours in the embedding. A mode's key tokens are the `n_key` tokens of its best prompt at the
@@ -7,6 +8,12 @@ fluency limit whose swap costs the most activation (causal attribution: the prom
 the median activation over the token's replacements, kept where that drop is positive); its neighbours
 are the `neighbours` tokens whose embedding rows are closest to it in cosine (W_E), so that " North",
 "north" and " northern" go together.
+
+Where a later mode starts: with `examples` (the top examples' spans), the example without banned tokens
+whose `pattern_similarity` to the earlier modes' best prompts is lowest: what the objective's hooks hold
+there, and the direction the objective reads them in (for `max(A, B)`: A's where A is the larger term).
+So a later mode begins in a part of the dataset that the earlier modes do not explain; without examples
+it starts at random, like mode 1.
 """
 
 from __future__ import annotations
@@ -15,8 +22,8 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +47,7 @@ if TYPE_CHECKING:
     from ..analysis.attribution import Attribution
     from .loop import Callback
 
-MODES_FORMAT = 1
+MODES_FORMAT = 2  # 2 added `starts`; format 1 still loads
 DEFAULT_LIMIT = 6.0  # nats/token: modes are ranked by their best activation at xe <= this
 
 
@@ -50,7 +57,8 @@ class Modes:
 
     `dreams[i]` is a full DreamResult (history, frontier); `found[i]` the order it was dreamed in (1 is
     the ordinary dream); `key_tokens[i]` its key tokens (banned for every mode found after it);
-    `banned[i]` the tokens it was dreamed without (from the modes found before it)."""
+    `banned[i]` the tokens it was dreamed without (from the modes found before it); `starts[i]` where
+    it started: "random" (or "given": the config's init) or "example N" (the top example of rank N)."""
 
     objective: str
     dreams: list[DreamResult]
@@ -58,7 +66,12 @@ class Modes:
     key_tokens: list[list[int]]
     banned: list[list[int]]
     limit: float = DEFAULT_LIMIT
-    attribution_token_forwards: int = 0  # spent finding key tokens (counted in the later modes' budgets)
+    attribution_token_forwards: int = 0  # spent separating modes: key tokens, starts (in the later modes' budgets)
+    starts: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.starts:  # modes saved before starts were recorded started at random
+            self.starts = ["random"] * len(self.dreams)
 
     def __len__(self) -> int:
         return len(self.dreams)
@@ -76,8 +89,8 @@ class Modes:
 
     def to_frame(self) -> pd.DataFrame:
         """One row per mode, best first: its best prompt at the fluency limit (text, activation, xe),
-        its unconstrained best, the order it was found in, its key tokens and how many tokens it was
-        dreamed without."""
+        its unconstrained best, the order it was found in, its key tokens, how many tokens it was
+        dreamed without and where it started."""
         rows = []
         for i, r in enumerate(self.dreams):
             b = self.best(i)
@@ -87,7 +100,7 @@ class Modes:
                 "activation": float("nan") if b is None else float(b["activation"]),
                 "xe": float("nan") if b is None else float(b["xe"]),
                 "best_activation": float(np.max(r.activation)) if len(r) else float("nan"),
-                "key_tokens": list(self.key_tokens[i]), "n_banned": len(self.banned[i]),
+                "key_tokens": list(self.key_tokens[i]), "n_banned": len(self.banned[i]), "start": self.starts[i],
             })
         return pd.DataFrame(rows)
 
@@ -105,7 +118,7 @@ class Modes:
             r.save(path / f"mode_{i + 1}", overwrite=True)
         meta = {"format": "dreamlens.Modes", "version": MODES_FORMAT, "objective": self.objective, "limit": self.limit,
                 "found": self.found, "key_tokens": self.key_tokens, "banned": self.banned,
-                "attribution_token_forwards": self.attribution_token_forwards}
+                "attribution_token_forwards": self.attribution_token_forwards, "starts": self.starts}
         atomic_write_text(path / "modes.json", json.dumps(meta, indent=1) + "\n")
         return path
 
@@ -116,12 +129,12 @@ class Modes:
         if not f.is_file():
             raise ResultError(f"{str(path)!r} holds no modes (no modes.json); pass the folder Modes.save wrote")
         meta = json.loads(f.read_text())
-        if meta.get("format") != "dreamlens.Modes" or meta.get("version") != MODES_FORMAT:
+        if meta.get("format") != "dreamlens.Modes" or meta.get("version") not in (1, MODES_FORMAT):
             got = f"{meta.get('format')!r} {meta.get('version')!r}"
             raise ResultError(f"{f} is not a modes file of format {MODES_FORMAT} (got {got})")
         dreams = [DreamResult.load(path / f"mode_{i + 1}") for i in range(len(meta["found"]))]
         return cls(meta["objective"], dreams, meta["found"], meta["key_tokens"], meta["banned"], meta["limit"],
-                   meta.get("attribution_token_forwards", 0))
+                   meta.get("attribution_token_forwards", 0), meta.get("starts", []))
 
     def __repr__(self) -> str:
         parts = []
@@ -194,13 +207,17 @@ def dream_modes(
     modes: int,
     *,
     settings: ModeSettings | None = None,
+    examples: Sequence[tuple[int, Sequence[int]]] | None = None,
     callback: Callback | None = None,
     progress: bool = True,
 ) -> Modes:
     """`modes` dreams of `objective` with the optimizer `run` (e.g. `adapt`) and its config `cfg`, each
     later one without the key tokens (and their neighbours) of those before it; ranked by activation at
-    xe <= `settings.limit`. With a token budget, a later mode's budget leaves room for the attribution
-    that found its bans, so no mode costs more than one ordinary dream."""
+    xe <= `settings.limit`. `examples`: the objective's top dataset examples as (rank, span of
+    `cfg.length` ids), e.g. `analysis.example_spans(scan, objective, length)`; a later mode starts from
+    the one least like the modes before it (see the module docstring), at random without them. With a
+    token budget, a later mode's budget leaves room for what separated it (the attribution, the
+    examples' patterns), so no mode costs more than one ordinary dream."""
     from ..analysis.attribution import attribute
     from ..models import bos_token_id
     from ..scoring import make_layout
@@ -213,26 +230,41 @@ def dream_modes(
     layout = make_layout(model, cfg.length, cfg.prefix, cfg.suffix)
     n_grad = settings.n_alternatives // 2
     cost = attribution_cost(layout.seq_len, cfg.length, settings.n_alternatives)
-    if cfg.max_token_forwards is not None and modes > 1 and cfg.max_token_forwards <= cost:
-        raise DreamError(
-            f"a budget of {cfg.max_token_forwards} token-forwards leaves nothing for a mode after the attribution that "
-            f"separates it ({cost} token-forwards); raise max_token_forwards or lower ModeSettings.n_alternatives"
-        )
+    starts = Starts(model, obj, cfg, examples) if examples is not None and modes > 1 else None
+    if cfg.max_token_forwards is not None and modes > 1:
+        need = cost + (starts.cost(1) if starts else 0)
+        if cfg.max_token_forwards <= need:
+            raise DreamError(
+                f"a budget of {cfg.max_token_forwards} token-forwards leaves nothing for a mode after what separates it "
+                f"({need} token-forwards); raise max_token_forwards, lower ModeSettings.n_alternatives or pass fewer examples"
+            )
     keep = set(settings.exclude) | ({b} if (b := bos_token_id(model)) is not None else set())
+    first = "given" if cfg.init_text is not None or cfg.init_ids is not None else "random"
     dreams: list[DreamResult] = []
     keys: list[list[int]] = []
     banned: list[list[int]] = []
+    how: list[str] = []
     extra: set[int] = set()
     spent = 0
     for k in range(modes):
-        cfg_k = cfg
+        cfg_k, start = cfg, first
         if k:
             cfg_k = dataclasses.replace(cfg, banned_tokens=tuple(sorted(set(cfg.banned_tokens) | extra)))
+            budget_k = cost
+            if starts is not None:
+                picked = starts.pick([_best_ids(r, settings.limit) for r in dreams], cfg_k)
+                budget_k += starts.cost(k)
+                spent += starts.cost(k)
+                if picked is not None:
+                    rank, span = picked
+                    cfg_k = dataclasses.replace(cfg_k, init_ids=tuple(span), init_text=None)
+                    start = f"example {rank}"
             if cfg.max_token_forwards is not None:
-                cfg_k = dataclasses.replace(cfg_k, max_token_forwards=cfg.max_token_forwards - cost)
+                cfg_k = dataclasses.replace(cfg_k, max_token_forwards=cfg.max_token_forwards - budget_k)
         r = run(model, obj, cfg_k, callback=callback, progress=progress)
         dreams.append(r)
         banned.append(sorted(extra))
+        how.append(start)
         if k == modes - 1:
             keys.append([])
             break
@@ -248,7 +280,70 @@ def dream_modes(
         extra |= {t for t in embedding_neighbours(model, key, settings.neighbours) if t not in keep}
     order = sorted(range(len(dreams)), key=lambda i: -_rank_value(dreams[i], settings.limit))
     return Modes(str(obj), [dreams[i] for i in order], [i + 1 for i in order], [keys[i] for i in order],
-                 [banned[i] for i in order], settings.limit, spent)
+                 [banned[i] for i in order], settings.limit, spent, [how[i] for i in order])
+
+
+class Starts:
+    """Where later modes start: the objective's top examples (their activation patterns and readouts,
+    computed once), and for each later mode the example least like the modes before it."""
+
+    def __init__(self, model: HookedTransformer, obj: Objective, cfg: DreamConfig,
+                 examples: Sequence[tuple[int, Sequence[int]]]):
+        from ..scoring import make_layout
+
+        self.model, self.obj = model, obj
+        self.layout = make_layout(model, cfg.length, cfg.prefix, cfg.suffix)
+        self.ranks: list[int] = []
+        spans: list[tuple[int, ...]] = []
+        for rank, span in examples:
+            span = tuple(int(t) for t in span)
+            if len(span) != cfg.length:
+                raise DreamError(
+                    f"example {rank} has {len(span)} tokens but the dream has {cfg.length}; pass spans of the dream's "
+                    "length (analysis.example_spans(scan, objective, length) cuts them)"
+                )
+            self.ranks.append(int(rank))
+            spans.append(span)
+        self.spans = torch.tensor(spans, dtype=torch.long).reshape(len(spans), cfg.length)
+        self._patterns: tuple[Tensor, Tensor] | None = None
+
+    def cost(self, k: int) -> int:
+        """Token-forwards spent on the patterns before later mode `k` (1, 2, ...): the examples' with the
+        first later mode, one prompt per earlier mode."""
+        return self.layout.seq_len * ((len(self.spans) if k == 1 else 0) + k)
+
+    def patterns(self, spans: Tensor) -> tuple[Tensor, Tensor]:
+        from ..analysis.patterns import readouts
+
+        return readouts(self.model, self.obj, self.layout.assemble(spans).tolist())
+
+    def pick(self, earlier: list[Tensor | None], cfg: DreamConfig) -> tuple[int, list[int]] | None:
+        """The example (rank, span) least like the `earlier` modes' best prompts, among those a dream with
+        `cfg` may start from (no banned token; the text tokenizes back to itself); None if there is none."""
+        from ..analysis.patterns import pattern_similarity
+        from ..scoring import banned_mask, retokenizes
+
+        if not len(self.spans):
+            return None
+        if self._patterns is None:
+            self._patterns = self.patterns(self.spans)
+        ex = self._patterns
+        mask = banned_mask(self.model, ascii_only=cfg.ascii_only, ban_whitespace_only=cfg.ban_whitespace_only,
+                           extra=cfg.banned_tokens).cpu()
+        ok = ~mask[self.spans].any(dim=1)
+        ok &= retokenizes(self.model, self.spans, self.layout, cfg.prefix, cfg.suffix)[0].cpu()
+        prompts = [p for p in earlier if p is not None]
+        if not ok.any():
+            return None
+        if not prompts:
+            j = int(torch.nonzero(ok)[0])
+        else:
+            mine = self.patterns(torch.stack(prompts))
+            center = ex[0].mean(dim=0)
+            worst = pattern_similarity(ex, mine, center).max(dim=1).values  # each example vs its closest earlier mode
+            worst[~ok] = float("inf")
+            j = int(worst.argmin())  # ties: the better-ranked example
+        return self.ranks[j], self.spans[j].tolist()
 
 
 def _best_ids(r: DreamResult, limit: float) -> Int[Tensor, " length"] | None:

@@ -305,7 +305,8 @@ def build_modes_report(
     nearest: list[pd.DataFrame | None] = [None] * len(modes)
     scan_note = ""
     intro = [f'<p class="note">{len(modes)} modes of <code>{_esc(modes.objective)}</code>, each later one found without '
-             "the key tokens (and their embedding neighbours) of those found before it; ranked by the best activation "
+             "the key tokens (and their embedding neighbours) of those found before it (column start: where it began); "
+             "ranked by the best activation "
              f"at xe &lt;= {modes.limit:g} nats/token.</p>"]
     overview = modes.to_frame()
     overview["key_tokens"] = [_tokens(model, k) for k in modes.key_tokens]
@@ -321,8 +322,8 @@ def build_modes_report(
             meta = getattr(scan, "meta", {}) or {}
             where = ", ".join(f"{k} {meta[k]}" for k in ("corpus", "n_tokens", "window") if k in meta)
             intro.append(f'<p class="note">Nearest dataset examples: the scan\'s top examples whose activation pattern at '
-                         "the objective's hooks is closest (cosine, centered) to the mode's best prompt. Scan: "
-                         f"{_esc(where or repr(scan))}</p>")
+                         "the objective's hooks, and the way the objective reads it there, are most like the mode's best "
+                         f"prompt's. Scan: {_esc(where or repr(scan))}</p>")
     cols = [_mode_column(modes, i, model, attributions[i] if attributions else None, nearest[i], scan_note)
             for i in range(len(modes))]
     body = "\n".join(intro) + f'<div class="modes" style="--modes: {len(modes)}">{"".join(cols)}</div>'
