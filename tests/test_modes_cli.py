@@ -182,6 +182,7 @@ def test_save_and_load_round_trip(modes, tmp_path):
     (["--modes", "2", "--resume", "somewhere"], ["--modes cannot resume"]),
     (["--modes", "2", "--checkpoint-every", "2", "--out", "somewhere"], ["--checkpoint-every", "--modes"]),
     (["--mode-limit", "5"], ["--mode-limit applies only with --modes"]),
+    (["--mode-scan-tokens", "500"], ["--mode-scan-tokens applies only with --modes"]),
 ])
 def test_cli_argument_errors(capsys, tiny_cli, argv, needles):
     rc, _, err = run_cli(capsys, "dream", OBJ, *argv)
@@ -205,14 +206,14 @@ def test_cli_out_protection(modes, tmp_path, capsys, tiny_cli):
 
 def test_cli_dreams_prints_and_saves_modes(tiny_model, tmp_path, capsys, tiny_cli, modes):
     out = tmp_path / "modes"
-    argv = ["dream", OBJ, "--modes", "2", "--mode-limit", str(LIMIT), *CLI_SMALL, "--out", out]
+    argv = ["dream", OBJ, "--modes", "2", "--mode-limit", str(LIMIT), "--mode-scan-tokens", "0", *CLI_SMALL, "--out", out]
     rc, text, err = run_cli(capsys, *argv)
     assert rc == 0, err
     saved = Modes.load(out)
     assert len(saved) == 2 and saved.limit == LIMIT
     assert saved.to_frame()[["found", "text"]].equals(modes.to_frame()[["found", "text"]])  # same seed, same modes
-    heads = re.findall(r"^=== mode (\d) of 2 \(found (\d)\w\w; key tokens: (.*); dreamed without (\d+) tokens\) ===$",
-                       text, re.M)
+    heads = re.findall(r"^=== mode (\d) of 2 \(found (\d)\w\w, start random; key tokens: (.*); dreamed without (\d+) "
+                       r"tokens\) ===$", text, re.M)
     assert [(int(h[0]), int(h[1]), int(h[3])) for h in heads] == [
         (i + 1, saved.found[i], len(saved.banned[i])) for i in range(2)]
     for i, h in enumerate(heads):
@@ -226,6 +227,24 @@ def test_cli_dreams_prints_and_saves_modes(tiny_model, tmp_path, capsys, tiny_cl
     assert_one_error_line(rc, err, "--force")
     rc, _, err = run_cli(capsys, *argv, "--force")
     assert rc == 0, err
+
+
+def test_cli_modes_start_from_a_scan_saved_with_them(tmp_path, capsys, tiny_cli):
+    out = tmp_path / "modes"
+    argv = ["dream", OBJ, "--modes", "2", "--mode-limit", str(LIMIT), "--mode-scan-tokens", "600", *CLI_SMALL, "--out", out]
+    rc, text, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    saved = Modes.load(out)
+    later = saved.starts[saved.found.index(2)]
+    assert saved.starts[saved.found.index(1)] == "random" and later.startswith("example "), saved.starts
+    scan = ScanResult.load(out / "scan")
+    assert scan.meta["window"] == 4 and scan.objectives == [OBJ] and f"start {later};" in text
+    rank = int(later.removeprefix("example "))
+    start = [int(t) for t in scan.top(0)["ids"].iloc[rank]][-4:]
+    assert list(saved[saved.found.index(2)].config["init_ids"]) == start
+    rc, _, err = run_cli(capsys, "report", out, "--out", tmp_path / "page.html", "--attributions", "0")
+    assert rc == 0, err  # the report finds the saved scan by itself
+    assert (tmp_path / "page.html").read_text().count("Nearest dataset examples</h3>") == 2
 
 
 def test_cli_report_of_a_modes_folder(modes, scan, tmp_path, capsys, tiny_cli):

@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dream K distinct modes, each without the key tokens of those before it (saved as a modes folder)")
     p.add_argument("--mode-limit", type=_positive_float, default=None, metavar="XE",
                    help="the fluency limit (xe, nats/token) modes are ranked at (default 6)")
+    p.add_argument("--mode-scan-tokens", type=count, default=None, metavar="N",
+                   help="with --modes: scan N tokens of the embedded corpora for the objective's top examples, where later "
+                   "modes start (default 100000, cached; 0: random starts); saved as OUT/scan")
     p.add_argument("--out", default=None, help="folder for the result (result.json + history.parquet; with --modes: "
                    "modes.json + mode_1/ ..)")
     p.add_argument("--force", action="store_true", help="replace a result (or modes) already in --out")
@@ -166,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=positive, default=16, help="top examples kept per objective (default 16)")
     p.add_argument("--per-document", type=positive, default=4, help="at most this many examples per document")
     p.add_argument("--chunk-size", type=positive, default=32, help="objectives per chunk: one scan, one store file (default 32)")
+    p.add_argument("--modes", type=positive, default=None, metavar="K",
+                   help="dream K distinct modes of each objective, each without the key tokens of those before it "
+                   "(a summary row per mode; each mode a dream of --budget)")
+    p.add_argument("--mode-limit", type=_positive_float, default=None, metavar="XE",
+                   help="the fluency limit (xe, nats/token) modes are ranked at (default 6)")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run on Ray: a local cluster, or the cluster at ADDRESS (needs dreamlens[ray])")
     p.add_argument("--workers", type=positive, default=None, help="Ray workers (one torch thread each)")
@@ -175,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("result_dir", help="a dream result folder, a modes folder (from `dreamlens dream --modes K --out`), "
                    "or a sweep folder (from `dreamlens sweep --out`)")
     p.add_argument("--scan", default=None, help="a scan folder (from `dreamlens scan --out`) to compare with "
-                   "(modes: each mode's nearest top examples)")
+                   "(modes: each mode's nearest top examples; default: the scan saved in a modes folder)")
     p.add_argument("--objective-index", type=_integer(), default=None, help="the scan's objective (default: the dream's)")
     p.add_argument("--out", required=True, help="the HTML file to write (PNG plots are written beside it)")
     p.add_argument("--force", action="store_true", help="replace the file --out if it exists")

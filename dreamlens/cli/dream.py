@@ -19,6 +19,7 @@ DEMO_OBJECTIVE = "blocks.12.mlp.hook_post[1256]"  # fires on lists of media: "fi
 # SmolLM2-Instruct's user turn: after it, "fluent" means a user's English message. After the bare
 # start token the model expects code, and a short dream's fluent end reads as code.
 DEMO_PREFIX = "<|im_start|>user\n"
+MODE_SCAN_TOKENS = 100_000  # `dream --modes`: corpus tokens scanned for the top examples later modes start from
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -58,9 +59,10 @@ def cmd_dream(args: argparse.Namespace) -> int:
         if args.checkpoint_every is not None:
             raise DreamError("--checkpoint-every does not apply with --modes (modes cannot be resumed); drop it")
         _run_modes(args)
-    elif args.mode_limit is not None:
-        raise DreamError("--mode-limit applies only with --modes K; add --modes 2 (or more), or drop --mode-limit")
     else:
+        for flag, value in (("--mode-limit", args.mode_limit), ("--mode-scan-tokens", args.mode_scan_tokens)):
+            if value is not None:
+                raise DreamError(f"{flag} applies only with --modes K; add --modes 2 (or more), or drop {flag}")
         _run_dream(args)
     return 0
 
@@ -114,14 +116,22 @@ def _run_modes(args: argparse.Namespace) -> tuple[HookedTransformer, Modes]:
     settings.validate()
     target = objective(args.objective)
     model = load_model(args.model)
-    modes = dream(model, target, method, config=cfg, modes=args.modes, mode_settings=settings)
+    found = None
+    tokens = MODE_SCAN_TOKENS if args.mode_scan_tokens is None else args.mode_scan_tokens
+    if args.modes > 1 and tokens:
+        from ..analysis.scan import scan
+
+        print(f"The top dataset examples, where later modes start: a scan of {tokens:,} tokens of the embedded corpora "
+              "(cached after the first run)...")
+        found = scan(model, [target], None, tokens=tokens, window=cfg.length, top_k=32)
+    modes = dream(model, target, method, config=cfg, modes=args.modes, mode_settings=settings, examples=found)
     assert isinstance(modes, Modes)
     for i, r in enumerate(modes.dreams):
         keys = ", ".join(repr(decode(model, [t])) for t in modes.key_tokens[i])
         if not keys:
             keys = "none (found last: no mode was dreamed without them)" if modes.found[i] == len(modes) else "none"
-        print(f"\n=== mode {i + 1} of {len(modes)} (found {_ordinal(modes.found[i])}; key tokens: {keys}; "
-              f"dreamed without {len(modes.banned[i])} tokens) ===")
+        print(f"\n=== mode {i + 1} of {len(modes)} (found {_ordinal(modes.found[i])}, start {modes.starts[i]}; key tokens: "
+              f"{keys}; dreamed without {len(modes.banned[i])} tokens) ===")
         b = modes.best(i)
         if b is None:
             print(f"no prompt at xe <= {modes.limit:g}")
@@ -130,7 +140,11 @@ def _run_modes(args: argparse.Namespace) -> tuple[HookedTransformer, Modes]:
         _print_frontier(r)
     if args.out:
         modes.save(args.out, overwrite=True)  # the folder was checked above
-        print(f"\nsaved to {args.out} (modes.json, mode_1/ .. mode_{len(modes)}/)")
+        saved = f"modes.json, mode_1/ .. mode_{len(modes)}/"
+        if found is not None:
+            found.save(Path(args.out) / "scan")  # `dreamlens report OUT` shows each mode's nearest examples from it
+            saved += ", scan/"
+        print(f"\nsaved to {args.out} ({saved})")
     return model, modes
 
 

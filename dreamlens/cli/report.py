@@ -73,10 +73,12 @@ def _report_modes(args: argparse.Namespace) -> int:
         raise ResultError(f"RESULT_DIR: {e}") from e
     check_out_file(args.out, "report", force=args.force)
     scan = None
-    if args.scan:
+    own = Path(args.result_dir) / "scan"  # `dream --modes --out DIR` saves the scan its modes started from
+    where = args.scan or (own if (own / "scan.json").is_file() else None)
+    if where:
         from ..analysis.scan import ScanResult
 
-        scan = ScanResult.load(args.scan)
+        scan = ScanResult.load(where)
     n_attr = 3 if args.attributions is None else args.attributions
     model = None
     if len(modes) and (n_attr > 0 or scan is not None):  # the nearest examples need the model too
