@@ -1,5 +1,6 @@
 """Sweeps on the tiny model: SPEC expansion, the store (resume, idempotence, a refused config, an interrupt),
-the chunk's determinism, the report page and the `dreamlens sweep` command end to end."""
+the chunk's determinism, sweeps of modes (and stores written before them), the report page and the
+`dreamlens sweep` command end to end."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import pandas as pd
 import pytest
 
 import dreamlens as dl
-from dreamlens.cli import main
+from dreamlens.cli import build_parser, main
 from dreamlens.errors import OutputError
+from dreamlens.optim.modes import Modes
 from dreamlens.scoring import DreamError
 from dreamlens.sweeps import chunk as chunk_mod
 from dreamlens.sweeps import local as local_mod
@@ -398,3 +400,284 @@ def test_the_sweep_command_end_to_end(tmp_path, capsys):
     assert main(["report", str(out), "--out", str(tmp_path / "p2.html"), "--scan", str(out)]) == 2
     assert "--scan does not apply to a sweep" in capsys.readouterr().err
     assert os.path.exists(page)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes: K distinct dreams of each objective, a summary row each
+
+
+MODES_SPEC = "blocks.1.mlp.hook_post[0:2]"
+# 2 objectives in 2 chunks, 2 modes each, ranked at xe <= 20 (the random tiny model is far from fluent)
+MODES_KW = {**KW, "chunk_size": 1, "modes": 2, "mode_limit": 20.0, "limits": (6.0, 20.0)}
+MODE_COLUMNS = ["mode", "found", "key_tokens", "n_banned"]  # what a store written before modes lacks
+
+
+def _spans(top: pd.DataFrame, length: int = 4) -> list[tuple[int, tuple[int, ...]]]:
+    """What `example_spans` gives for a scan's top examples: (rank, the last `length` ids) where it fires, no
+    repeated span, best first."""
+    out: dict[tuple[int, ...], int] = {}
+    for rank, (ids, a) in enumerate(zip(top["ids"], top["activation"])):
+        if a > 0 and len(ids) >= length:
+            out.setdefault(tuple(ids[-length:]), rank)
+    return [(rank, span) for span, rank in out.items()]
+
+
+@pytest.fixture(scope="module")
+def modes_swept(tiny_model, tmp_path_factory):
+    """A sweep of 2 modes of 2 objectives, and what `dream` gave and was given for each objective."""
+    from dreamlens.optim import dream as dream_mod
+
+    real = dream_mod.dream
+    calls: dict[str, tuple[Modes, dict]] = {}
+
+    def spy(model, objective, *args, **kwargs):
+        out = real(model, objective, *args, **kwargs)
+        if isinstance(out, Modes):
+            calls[str(objective)] = (out, kwargs)
+        return out
+
+    out = tmp_path_factory.mktemp("modes") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dream_mod, "dream", spy)
+        s = dl.sweep(MODES_SPEC, out, model=tiny_model, **MODES_KW)
+    return out, s, calls
+
+
+def test_a_sweep_of_modes_has_a_row_per_mode(modes_swept):
+    out, s, calls = modes_swept
+    names = NAMES[:2]
+    assert s.complete and s.n_done == 2 and s.modes == 2 and len(s) == 2
+    assert "2 of 2 objectives done, 2 modes of each" in repr(s)
+    assert s.config["modes"] == 2 and s.config["mode_limit"] == 20.0
+    summary = s.summary
+    assert list(summary["index"]) == [0, 0, 1, 1] and list(summary["objective"]) == [n for n in names for _ in (1, 2)]
+    assert list(summary["mode"]) == [1, 2, 1, 2]
+    assert list(summary.columns[:4]) == ["index", "objective", "mode", "found"]
+    assert (summary["stopped"] == "budget").all() and set(summary.loc[summary["found"] == 1, "start"]) == {"random"}
+    assert sorted(calls) == names
+    for i, name in enumerate(names):
+        modes, kwargs = calls[name]
+        rows = summary[summary["index"] == i]
+        # as Modes ranked them: mode m is Modes.dreams[m - 1], found in the order Modes.found says
+        assert sorted(rows["found"]) == [1, 2] and list(rows["found"]) == modes.found
+        assert list(rows["key_tokens"]) == modes.key_tokens and list(rows["n_banned"]) == [len(b) for b in modes.banned]
+        assert kwargs["modes"] == 2 and kwargs["mode_settings"].limit == 20.0
+        assert kwargs["examples"] == _spans(s.top(i))  # every top example's span, best first: where later modes start
+        assert list(rows["start"]) == [st if st.startswith("example") else "random" for st in modes.starts]
+        ranked = [-math.inf if math.isnan(v) else v for v in rows["best_xe20"]]
+        assert ranked == sorted(ranked, reverse=True)  # best first at the mode limit (a limit of the summary too)
+        for r in rows.itertuples():
+            front = s.frontier(name, mode=r.mode)
+            assert len(front) >= 1 and (front["mode"] == r.mode).all() and list(front["rank"]) == list(range(len(front)))
+            assert r.best == front["activation"].max()
+            assert list(front["text"]) == list(modes.dreams[r.mode - 1].frontier["text"])
+        # distinct: the mode found second was dreamed without the key tokens of the first (and their neighbours)
+        first, second = (rows[rows["found"] == k].iloc[0] for k in (1, 2))
+        banned = set(modes.banned[modes.found.index(2)])
+        assert set(first["key_tokens"]) <= banned and first["n_banned"] == 0 and second["n_banned"] == len(banned)
+        later = s.frontier(name, mode=int(second["mode"]))
+        assert not any(set(ids) & banned for ids in later["ids"])
+    assert any(len(k) for k in summary["key_tokens"])  # a mode with key tokens: the check above is not empty
+    assert len(s.frontier(0, mode=None)) == len(s.frontier(0, 1)) + len(s.frontier(0, 2))
+    with pytest.raises(SweepError, match=r"mode 3 is out of range: this sweep has 2 mode\(s\) per objective"):
+        s.frontier(0, mode=3)
+    # the top examples: one set per objective
+    assert "mode" not in s.examples.columns and sorted(set(s.examples["index"])) == [0, 1]
+    assert list(pd.read_parquet(out / "frontiers").columns[:4]) == ["index", "objective", "mode", "rank"]
+    assert len(pd.read_parquet(out / "summary")) == 4
+
+
+def test_a_sweep_of_modes_resumes_and_refuses_other_modes(modes_swept, tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    src, full, _ = modes_swept
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    for table in ("summary", "frontiers", "examples"):
+        (out / table / "chunk-00001.parquet").unlink()
+    first = _files(out)
+    assert dl.load_sweep(out).n_done == 1
+    calls = []
+
+    def counting(model, objectives, settings, scan=None, **kw):
+        calls.append(list(objectives))
+        return run_chunk(model, objectives, settings, scan, **kw)
+
+    monkeypatch.setattr(local_mod, "run_chunk", counting)
+    done = dl.sweep(MODES_SPEC, out, model=tiny_model, **MODES_KW)
+    assert calls == [NAMES[1:2]]  # only the unfinished chunk
+    assert all(_files(out)[k] == v for k, v in first.items())
+    _same(done.summary, full.summary)
+    pd.testing.assert_frame_equal(done.frontiers, full.frontiers)
+    pd.testing.assert_frame_equal(done.examples, full.examples)
+    before = _files(out)
+    for modes, there in ((3, "3 now"), (1, "'<unset>' now")):
+        with pytest.raises(SweepConfigError, match=rf"modes \(2 there, {there}\)"):
+            dl.sweep(MODES_SPEC, out, model=tiny_model, **{**MODES_KW, "modes": modes, "mode_limit": None if modes == 1 else 20.0})
+    with pytest.raises(SweepConfigError, match=r"mode_limit \(20.0 there, 5.0 now\)"):
+        dl.sweep(MODES_SPEC, out, model=tiny_model, **{**MODES_KW, "mode_limit": 5.0})
+    assert _files(out) == before and calls == [NAMES[1:2]]
+
+
+def test_without_modes_the_store_has_mode_1_and_no_modes_in_its_config(swept):
+    out, s = swept
+    config = json.loads((out / "sweep.json").read_text())["config"]
+    assert "modes" not in config and "mode_limit" not in config
+    assert SweepSettings(modes=1, mode_limit=7.0).to_config() == SweepSettings().to_config()
+    assert SweepSettings(modes=2).to_config()["modes"] == 2
+    assert s.modes == 1 and s.n_done == 4
+    assert list(s.summary["mode"]) == [1] * 4 and list(s.summary["found"]) == [1] * 4
+    assert list(s.summary["key_tokens"]) == [[]] * 4 and list(s.summary["n_banned"]) == [0] * 4
+    assert set(s.frontiers["mode"]) == {1} and "mode" in pd.read_parquet(out / "frontiers").columns
+
+
+def test_a_store_written_before_modes_loads_and_resumes(swept, tiny_model, tmp_path, monkeypatch):
+    """A store without the mode columns (written before sweeps took modes): read as mode 1, and resumed
+    (its config is the same), its new chunks alongside the old ones."""
+    import shutil
+
+    src, full = swept
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    for table in ("summary", "frontiers"):
+        for f in (out / table).glob("chunk-*.parquet"):
+            old = pd.read_parquet(f)
+            old.drop(columns=[c for c in MODE_COLUMNS if c in old.columns]).to_parquet(f)
+    for table in ("summary", "frontiers", "examples"):
+        (out / table / "chunk-00001.parquet").unlink()
+    assert "mode" not in pd.read_parquet(out / "summary").columns
+    old = dl.load_sweep(out)
+    assert list(old.summary["mode"]) == [1, 1] and list(old.summary["found"]) == [1, 1] and set(old.frontiers["mode"]) == {1}
+    _same(old.summary, full.summary.iloc[:2])
+    pd.testing.assert_frame_equal(old.frontiers, full.frontiers[full.frontiers["index"] < 2].reset_index(drop=True))
+    assert len(old.frontier(1)) >= 1
+
+    calls = []
+
+    def counting(model, objectives, settings, scan=None, **kw):
+        calls.append(list(objectives))
+        return run_chunk(model, objectives, settings, scan, **kw)
+
+    monkeypatch.setattr(local_mod, "run_chunk", counting)
+    done = dl.sweep(SPEC, out, model=tiny_model, **KW)
+    assert calls == [NAMES[2:]]
+    _same(done.summary, full.summary)
+    pd.testing.assert_frame_equal(done.frontiers, full.frontiers)
+    pd.testing.assert_frame_equal(done.examples, full.examples)
+    assert "example" in build_sweep_report(done) and "<th>mode</th>" not in build_sweep_report(done)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (dict(modes=0), r"modes must be a positive integer \(1: one dream per objective; K: K distinct dreams of each\), got 0"),
+    (dict(modes=-2), r"modes must be a positive integer .*got -2"),
+    (dict(modes=1.5), r"modes must be a positive integer .*got 1.5"),
+    (dict(modes=True), r"modes must be a positive integer .*got True"),
+    (dict(modes="2"), r"modes must be a positive integer .*got '2'"),
+    (dict(modes=2, mode_limit=0.0), r"mode_limit must be a positive number \(the fluency limit modes are ranked at"),
+    (dict(modes=2, mode_limit=math.inf), r"mode_limit must be a positive number .*got inf"),
+    (dict(modes=2, mode_limit=math.nan), r"mode_limit must be a positive number .*got nan"),
+    (dict(modes=2, budget=100, options={"length": 4}),
+     r"a budget of 100 token-forwards leaves nothing for a later mode after what separates it .*raise the budget"),
+])
+def test_bad_modes_are_refused(settings, message):
+    with pytest.raises(SweepError, match=message):
+        SweepSettings(**settings).check()
+
+
+def test_bad_modes_in_a_sweep_are_refused_before_it_writes(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SweepError, match=r"mode_limit= applies only with modes=K .*pass modes=2 \(or more\)"):
+        dl.sweep(MODES_SPEC, out, model=tiny_model, **{**KW, "mode_limit": 5.0})
+    with pytest.raises(SweepError, match="modes must be a positive integer"):
+        dl.sweep(MODES_SPEC, out, model=tiny_model, **{**KW, "modes": 0})
+    # the exact check, on the model (start token and prefix): more than the lower bound of `check`
+    with pytest.raises(SweepError, match="leaves nothing for a later mode"):
+        dl.sweep(MODES_SPEC, out, model=tiny_model, **{**KW, "modes": 2, "budget": 200, "prefix": "The committee met on"})
+    assert not out.exists()
+
+
+def test_modes_of_an_objective_that_cannot_start_from_random_prompts(tiny_model, tmp_path, monkeypatch):
+    """With modes, as without: an objective that raises DreamError from random prompts is dreamed from its
+    top example; one that cannot start anywhere gets one error row (mode 1); the store takes both."""
+    from dreamlens.optim import dream as dream_mod
+
+    real = dream_mod.dream
+    seen = []
+
+    def picky(model, objective, method, *, config, **kwargs):
+        seen.append((str(objective), config.init_ids, kwargs.get("modes")))
+        if str(objective) == NAMES[1] or config.init_ids is None:
+            raise DreamError(f"the objective {str(objective)!r} has zero gradient: it is constant here (pick another target)")
+        return real(model, objective, method, config=config, **kwargs)
+
+    monkeypatch.setattr(dream_mod, "dream", picky)
+    s = dl.sweep(MODES_SPEC, tmp_path / "run", model=tiny_model, **{**MODES_KW, "chunk_size": 2})
+    assert s.complete and list(s.summary["objective"]) == [NAMES[0], NAMES[0], NAMES[1]]
+    assert list(s.summary["mode"]) == [1, 2, 1] and list(s.summary["stopped"]) == ["budget", "budget", "error"]
+    assert s.summary["start"].iloc[0] == "example 0" and s.summary["start"].iloc[1].startswith("example ")
+    assert s.summary["start"].iloc[2] == ""
+    assert seen[:2] == [(NAMES[0], None, 2), (NAMES[0], tuple(s.top(0)["ids"].iloc[0][-4:]), 2)]
+    assert [ids for n, ids, _ in seen if n == NAMES[1]] == [None, *[span for _, span in _spans(s.top(1))[:3]]]
+    row = s.summary.iloc[2]
+    assert row["error"].startswith("DreamError: the objective") and row["found"] == 1 and row["key_tokens"] == []
+    assert s.frontier(1).empty and len(s.frontier(0, 2)) >= 1
+
+
+def test_an_interrupt_inside_a_mode_stores_no_partial_chunk(tiny_model, tmp_path, monkeypatch):
+    from dreamlens.optim import dream as dream_mod
+
+    real = dream_mod.dream
+
+    def interrupted(*args, **kwargs):
+        modes = real(*args, **kwargs)
+        modes.dreams[-1].stopped = "interrupted"  # a Ctrl-C in a later mode
+        return modes
+
+    monkeypatch.setattr(dream_mod, "dream", interrupted)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="0 of 2 objectives are done"):
+        dl.sweep(MODES_SPEC, tmp_path / "run", model=tiny_model, **MODES_KW)
+    assert _files(tmp_path / "run") == {}
+
+
+def test_the_report_of_a_sweep_of_modes(modes_swept):
+    _, s, _ = modes_swept
+    page = build_sweep_report(s)
+    assert "<th>mode</th>" in page and page.count('<tr class="main">') == 4
+    assert "2 per objective, ranked by activation at xe ≤ 20" in page and "budget per mode" in page
+    for r in s.summary.itertuples():
+        assert f"(mode {r.mode} of 2: dreamed {'1st' if r.found == 1 else '2nd'}" in page
+        for text in s.frontier(r.index, r.mode)["text"]:
+            assert html.escape(repr(text), quote=True) in page
+    assert re.search(r'<td class="num" data-v="2" title="dreamed (1st|2nd)">2</td>', page)
+
+
+def test_the_sweep_command_takes_modes(modes_swept, tmp_path, capsys, monkeypatch):
+    import dreamlens.sweeps
+
+    _, s, _ = modes_swept
+    argv = ["sweep", MODES_SPEC, "--out", str(tmp_path / "run"), "--quiet"]
+    args = build_parser().parse_args([*argv, "--modes", "3", "--mode-limit", "5.5"])
+    assert args.modes == 3 and args.mode_limit == 5.5
+    assert build_parser().parse_args(argv).modes is None
+    for bad in (["--modes", "0"], ["--modes", "two"], ["--modes", "2", "--mode-limit", "0"]):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args([*argv, *bad])
+        assert e.value.code == 2
+    capsys.readouterr()
+    assert main([*argv, "--mode-limit", "5"]) == 2
+    assert "--mode-limit applies only with --modes K" in capsys.readouterr().err
+
+    seen = {}
+
+    def fake(spec, out, **kwargs):
+        seen.update(kwargs)
+        return s
+
+    monkeypatch.setattr(dreamlens.sweeps, "sweep", fake)
+    assert main([*argv, "--modes", "2"]) == 0
+    assert seen["modes"] == 2 and seen["mode_limit"] is None
+    printed = capsys.readouterr().out
+    assert "2 objectives in" in printed and "(2 modes of each objective;" in printed and "(mode 1)" in printed
+    assert main([*argv, "--modes", "2", "--mode-limit", "7"]) == 0
+    assert seen["modes"] == 2 and seen["mode_limit"] == 7.0
+    assert main(argv) == 0 and seen["modes"] == 1 and seen["mode_limit"] is None

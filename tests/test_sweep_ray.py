@@ -65,6 +65,15 @@ def test_ray_equals_local(ray_cluster, local, tmp_path):
     assert_same_sweep(got, again)
 
 
+def test_ray_modes_equal_local(ray_cluster, tmp_path):
+    """A sweep of modes goes through the same chunks: the same rows, a row per mode, as the local engine."""
+    spec, kw = "blocks.1.mlp.hook_post[0:2]", {**SWEEP, "chunk_size": 1, "modes": 2, "mode_limit": 20.0}
+    here = dl.sweep(spec, tmp_path / "local", **kw)
+    got = dl.sweep(spec, tmp_path / "ray", engine="ray", **kw)
+    assert got.complete and got.modes == 2 and list(got.summary["mode"]) == [1, 2, 1, 2]
+    assert_same_sweep(here, got)
+
+
 class Killer(threading.Thread):
     """Once the first chunk is stored, SIGKILLs the process of a worker that is running a chunk (its pid
     from the worker itself); records every worker state it saw."""

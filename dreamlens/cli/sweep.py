@@ -13,13 +13,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.ray is None and args.workers is not None:
         raise SweepError("--workers is the number of Ray workers: pass --ray [ADDRESS] with it, or drop it")
+    modes = args.modes or 1
+    if args.mode_limit is not None and modes == 1:
+        raise SweepError("--mode-limit applies only with --modes K; add --modes 2 (or more), or drop --mode-limit")
     options = {k: v for k, v in (("length", args.length), ("seed", args.seed), ("iters", args.iters)) if v is not None}
-    before = len(load_sweep(args.out).summary) if (Path(args.out) / "sweep.json").is_file() else 0
+    before = load_sweep(args.out).n_done if (Path(args.out) / "sweep.json").is_file() else 0
     result = sweep(
         args.spec, args.out, model=args.model, method=args.method, budget=args.budget, corpus=args.corpus,
         tokens=args.tokens, window=args.window, top_k=args.top_k, per_document=args.per_document,
-        chunk_size=args.chunk_size, engine="local" if args.ray is None else "ray", address=args.ray or None,
-        workers=args.workers, progress=not args.quiet, **options,
+        chunk_size=args.chunk_size, modes=modes, mode_limit=args.mode_limit, engine="local" if args.ray is None else "ray",
+        address=args.ray or None, workers=args.workers, progress=not args.quiet, **options,
     )
     s = result.summary
     limits = result.config.get("limits") or []
@@ -32,10 +35,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if limit is not None and len(s):
         col = f"ratio_xe{float(limit):g}"
         beats = int(s["beats_dataset"].sum())
-        print(f"dreams that beat the dataset: {beats} of {len(s)}; highest ratios at xe <= {limit:g} "
-              "(best dream / dataset max):")
-        for _, r in s.sort_values(col, ascending=False, na_position="last").head(10).iterrows():
-            print(f"  {r[col]:8.3g}  {r['objective']}  {r[f'best_xe{float(limit):g}_text']!r}")
+        if result.modes > 1:
+            objectives = s.loc[s["beats_dataset"].astype(bool), "index"].nunique()
+            print(f"dreams that beat the dataset: {beats} of {len(s)} ({result.modes} modes of each objective; "
+                  f"{objectives} of {result.n_done} objectives); highest ratios at xe <= {limit:g} (best dream / dataset max):")
+        else:
+            print(f"dreams that beat the dataset: {beats} of {len(s)}; highest ratios at xe <= {limit:g} "
+                  "(best dream / dataset max):")
+        for _, r in s.sort_values(col, ascending=False, na_position="last", kind="stable").head(10).iterrows():
+            mode = f" (mode {int(r['mode'])})" if result.modes > 1 else ""
+            print(f"  {r[col]:8.3g}  {r['objective']}{mode}  {r[f'best_xe{float(limit):g}_text']!r}")
     page = Path(args.out) / "report.html"
     print(f"read it with dl.load_sweep({str(args.out)!r}); a page: dreamlens report {args.out} --out {page}")
     return 0

@@ -55,6 +55,8 @@ def sweep(
     per_document: int = 4,
     chunk_size: int = 32,
     limits: Sequence[float] = (4.0, 6.0, 8.0),
+    modes: int = 1,
+    mode_limit: float | None = None,
     engine: str = "local",
     address: str | None = None,
     workers: int | None = None,
@@ -69,17 +71,24 @@ def sweep(
     or a loaded model (local engine only). method: "adapt" (default), "epo", "gcg"; `budget`: each
     objective's token-forwards; `options`: fields of the method's config (e.g. length=8, seed=1).
     corpus/tokens/window/top_k/per_document: the scan's. limits: the fluency limits (xe) of the summary.
+    modes: K > 1 dreams K distinct modes of each objective (`dream(..., modes=K)`: each later one without
+    the key tokens of those before it; each mode a dream of `budget`), ranked by activation at xe <=
+    `mode_limit` (default 6); the summary then has a row per mode (columns `mode`, `found`).
 
     Resumable and idempotent: run again, the finished chunks are kept and only the rest is computed; a
     folder holding a sweep of another config is refused (`SweepConfigError` names the differing keys).
     Ctrl-C or SIGTERM keeps every finished chunk. Returns `load_sweep(out)`."""
     from ..optim.dream import DEFAULT_METHOD
+    from ..optim.modes import DEFAULT_LIMIT
     from .chunk import SweepSettings, load_model_spec, parse_objectives
 
     if engine not in ENGINES:
         raise SweepError(f"unknown engine {engine!r}; choose 'local' (this process) or 'ray' (a Ray cluster)")
     if engine == "local" and (address is not None or workers is not None):
         raise SweepError("address= and workers= apply to the Ray engine; pass engine='ray', or drop them")
+    if mode_limit is not None and modes == 1:
+        raise SweepError("mode_limit= applies only with modes=K (the limit modes are ranked at); pass modes=2 (or more), "
+                         "or drop mode_limit")
     names = expand(objectives if isinstance(objectives, (str, os.PathLike)) else [str(o) for o in objectives])
     spec, loaded = _model_spec(model, engine)
     if corpus is not None and not isinstance(corpus, (str, os.PathLike)):
@@ -92,6 +101,7 @@ def sweep(
     settings = SweepSettings(
         model=spec, method=method or DEFAULT_METHOD, budget=budget, options=dict(options), corpus=corpus, tokens=tokens,
         window=window, top_k=top_k, per_document=per_document, chunk_size=chunk_size, limits=tuple(float(x) for x in limits),
+        modes=modes, mode_limit=DEFAULT_LIMIT if mode_limit is None else mode_limit,
     )
     settings.check()
     store = SweepStore.check(out, settings.to_config(), names)
@@ -106,6 +116,7 @@ def sweep(
             saes: dict[str, Any] = {}
             for o in parse_objectives(names, saes):
                 o.validate(net)
+            settings.check_mode_budget(net)  # on this model, before the folder is written
             store.create()
             run_local(store, settings, net, saes=saes, progress=progress)
         else:
@@ -115,7 +126,7 @@ def sweep(
             store.create()
             run_ray(todo, settings, store.write_chunk, model=spec, address=address, workers=workers, progress=progress)
     except KeyboardInterrupt:
-        done = len(load_sweep(out).summary) if (Path(out) / "sweep.json").is_file() else 0
+        done = load_sweep(out).n_done if (Path(out) / "sweep.json").is_file() else 0
         warnings.warn(
             f"sweep interrupted: {done} of {len(names)} objectives are done and kept in {str(out)!r}; run the same "
             "sweep again to compute the rest", stacklevel=2,

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ..analysis.scan import ScanResult
     from ..objectives import Objective
     from ..optim.config import DreamConfig
+    from ..optim.modes import Modes, ModeSettings
     from ..results import DreamResult
 
 # methods that dream a list of objectives as one run sharing its forward passes (and its token budget)
@@ -30,9 +31,11 @@ SHARED_BUDGET = frozenset({"epo", "gcg"})
 RESERVED = {"max_token_forwards": "budget=", "checkpoint_every": None, "checkpoint_dir": None}
 # performance knobs, not part of a sweep's identity (a sweep may resume with other values)
 NOT_IDENTITY = ("max_token_forwards", "checkpoint_every", "checkpoint_dir", "batch_size", "max_batch_tokens")
-FRONTIER_COLUMNS = ["index", "objective", "rank", "text", "ids", "activation", "xe", "iteration"]
+FRONTIER_COLUMNS = ["index", "objective", "mode", "rank", "text", "ids", "activation", "xe", "iteration"]
 EXAMPLE_COLUMNS = ["index", "objective", "rank", "text", "ids", "activation", "xe", "scan_activation", "doc", "pos"]
 N_STARTS = 3  # top examples tried as the start of a dream that cannot start from random prompts
+# summary columns of a store written before modes (one dream per objective): their values there
+MODE_DEFAULTS: dict[str, Any] = {"mode": 1, "found": 1, "key_tokens": [], "n_banned": 0}
 _FACTORY = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 
@@ -54,6 +57,8 @@ class SweepSettings:
     scan_batch_size: int = 64
     chunk_size: int = 32
     limits: tuple[float, ...] = (4.0, 6.0, 8.0)  # the fluency limits (xe) of the summary's best activations
+    modes: int = 1  # distinct dreams per objective (`dream(..., modes=K)`); 1: one ordinary dream each
+    mode_limit: float = 6.0  # the fluency limit (xe) modes are ranked at (`ModeSettings.limit`); only with modes > 1
 
     def check(self) -> None:
         """Raise `SweepError` (or the method's `DreamError`) naming the first bad setting and its fix."""
@@ -67,7 +72,51 @@ class SweepSettings:
             if key in self.options:
                 fix = f"pass {instead} instead" if instead else "drop it (the sweep's store is its checkpoint)"
                 raise SweepError(f"the option {key!r} is set by the sweep itself; {fix}")
-        self.dream_config(1).validate()
+        m = self.modes
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+            raise SweepError(f"modes must be a positive integer (1: one dream per objective; K: K distinct dreams of each), "
+                             f"got {m!r}")
+        x = self.mode_limit
+        if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)) or not (x > 0 and math.isfinite(x)):
+            raise SweepError(f"mode_limit must be a positive number (the fluency limit modes are ranked at, nats/token, "
+                             f"e.g. 6), got {x!r}")
+        config = self.dream_config(1)
+        config.validate()
+        # a lower bound of the attribution's cost (a prompt is at least `length` tokens); the exact check,
+        # with the model's start token, prefix and suffix, runs on the model (before a sweep, in every chunk)
+        self.check_mode_budget(config.length)
+
+    def mode_settings(self) -> ModeSettings:
+        """How the modes of each objective are kept apart and ranked (`dream(..., mode_settings=)`)."""
+        from ..optim.modes import ModeSettings
+
+        return ModeSettings(limit=float(self.mode_limit))
+
+    def check_mode_budget(self, model: HookedTransformer | int) -> None:
+        """`SweepError` if each mode's budget does not cover what separates it from the modes before it (the
+        attribution of their key tokens; the patterns of the objective's top examples, at most `top_k`, that
+        pick its start), for prompts as `model` scores them (start token, prefix, suffix), or of `model`
+        tokens: a sweep stops on it, rather than storing an error row for every objective."""
+        if self.modes == 1:
+            return
+        from ..optim.modes import attribution_cost
+
+        config = self.dream_config(1)
+        if isinstance(model, int):
+            seq_len = model
+        else:
+            from ..scoring import make_layout
+
+            seq_len = make_layout(model, config.length, config.prefix, config.suffix).seq_len
+        # the examples' patterns before the first later mode, one prompt per earlier mode before mode k (as dream_modes)
+        patterns = seq_len * max(self.top_k + 1, self.modes - 1)
+        need = attribution_cost(seq_len, config.length, self.mode_settings().n_alternatives) + patterns
+        if self.budget <= need:
+            raise SweepError(
+                f"a budget of {self.budget} token-forwards leaves nothing for a later mode after what separates it from "
+                f"those before it (up to {need} token-forwards for prompts of {seq_len} tokens: the attribution of their "
+                f"key tokens, the patterns of {self.top_k} top examples); raise the budget, lower top_k, or lower modes to 1"
+            )
 
     def dream_config(self, n: int) -> DreamConfig:
         """The method's config for a run of `n` objectives (the budget is shared by a run of a list with EPO/GCG)."""
@@ -83,7 +132,9 @@ class SweepSettings:
 
     def to_config(self) -> dict[str, Any]:
         """The sweep's identity as JSON: what sweep.json records and a later run must match. The method's
-        config is written out in full (its defaults too); performance knobs are left out."""
+        config is written out in full (its defaults too); performance knobs are left out. `modes` and
+        `mode_limit` only when modes > 1: a sweep of one dream per objective has the identity it had
+        before sweeps took modes (so its store still resumes)."""
         from ..corpus import describe
         from ..io import digest
 
@@ -93,13 +144,18 @@ class SweepSettings:
         else:
             corpus = describe(self.corpus)
         out = {k: v for k, v in asdict(self).items() if k not in ("options", "corpus", "scan_batch_size")}
+        if self.modes == 1:
+            del out["modes"], out["mode_limit"]
+        else:
+            out.update(modes=int(self.modes), mode_limit=float(self.mode_limit))
         out.update(model=self.model or "embedded", corpus=corpus, limits=[float(x) for x in self.limits],
                    options={k: v for k, v in opts.items() if k not in NOT_IDENTITY})
         return out
 
 
 class ChunkFrames(NamedTuple):
-    """What a chunk gives: one summary row per objective, every objective's frontier and top examples."""
+    """What a chunk gives: one summary row per objective and mode, every mode's frontier and every objective's
+    top examples."""
 
     summary: pd.DataFrame
     frontiers: pd.DataFrame
@@ -158,44 +214,55 @@ def example_starts(scan: ScanResult, i: int, length: int) -> list[tuple[int, tup
     """Where a dream of objective `i` that cannot start from random prompts may start instead: the last
     `length` tokens of its top examples where it fires (activation > 0), best first, at most `N_STARTS`,
     each with its rank."""
-    top = scan.top(i)
-    out: list[tuple[int, tuple[int, ...]]] = []
-    for rank, (ids, a) in enumerate(zip(top["ids"], top["activation"])):
-        span = tuple(int(t) for t in list(ids)[-length:])
-        if len(span) == length and a > 0 and span not in [s for _, s in out]:
-            out.append((rank, span))
-        if len(out) == N_STARTS:
-            break
-    return out
+    from ..analysis.scan import example_spans
+
+    return example_spans(scan, i, length, N_STARTS)
 
 
 def _dreams(
-    model: HookedTransformer, objs: list[Objective], settings: SweepSettings, starts: list[list[tuple[int, tuple[int, ...]]]]
-) -> tuple[list[DreamResult | str], list[str], list[int]]:
-    """Each objective's dream, where it started ("random", "given": the options' init, "example N": its top
-    example of rank N) and how many objectives shared its run: one run of the list with EPO/GCG, one run
-    each otherwise. An objective that cannot start from random prompts (a `DreamError` before any search,
-    e.g. an SAE latent that fires nowhere near them: nothing to climb) leaves the list (the error names it;
-    if it does not, every objective of the list goes alone) and is dreamed alone from its `starts` in turn;
-    if none takes, the error's message stands in for its dream. A Ctrl-C (or SIGTERM) inside a run ends it
-    early: raised again here, so no partial dream is ever stored."""
+    model: HookedTransformer, objs: list[Objective], settings: SweepSettings, starts: list[list[tuple[int, tuple[int, ...]]]],
+    examples: list[list[tuple[int, tuple[int, ...]]]] | None = None,
+) -> tuple[list[DreamResult | Modes | str], list[str], list[int]]:
+    """Each objective's dream (its `Modes` with `settings.modes` > 1), where it started ("random", "given":
+    the options' init, "example N": its top example of rank N) and how many objectives shared its run: one
+    run of the list with EPO/GCG, one run each otherwise (always with modes: one objective at a time, given
+    its top examples as (rank, span) `examples`, where its later modes may start). An objective that cannot
+    start from random prompts (a `DreamError` before any search, e.g. an SAE latent that fires nowhere near
+    them: nothing to climb) leaves the list (the error names it; if it does not, every objective of the list
+    goes alone) and is dreamed alone from its `starts` in turn; if none takes, the error's message stands in
+    for its dream. A Ctrl-C (or SIGTERM) inside a run (any mode's) ends it early: raised again here, so no
+    partial dream is ever stored."""
     import dataclasses
 
     from ..optim.dream import dream
+    from ..optim.modes import Modes
     from ..scoring import DreamError
+
+    def stop_if_interrupted(results: Sequence[DreamResult]) -> None:
+        if any(r.stopped == "interrupted" for r in results):
+            raise KeyboardInterrupt("the sweep was interrupted during a dream")
 
     def run(batch: list[Objective], config: DreamConfig) -> list[DreamResult]:
         results = dream(model, batch, settings.method, config=config, progress=False)
         assert isinstance(results, list)  # a list of objectives gives a list of results
-        if any(r.stopped == "interrupted" for r in results):
-            raise KeyboardInterrupt("the sweep was interrupted during a dream")
+        stop_if_interrupted(results)
         return results
+
+    def alone(k: int, config: DreamConfig) -> DreamResult | Modes:
+        if settings.modes == 1:
+            return run([objs[k]], config)[0]
+        found = dream(model, objs[k], settings.method, config=config, modes=settings.modes,
+                      mode_settings=settings.mode_settings(), examples=None if examples is None else examples[k],
+                      progress=False)
+        assert isinstance(found, Modes)  # modes= gives Modes
+        stop_if_interrupted(found.dreams)
+        return found
 
     base = settings.dream_config(1)
     first = "given" if base.init_text is not None or base.init_ids is not None else "random"
-    out: list[DreamResult | str] = [""] * len(objs)
+    out: list[DreamResult | Modes | str] = [""] * len(objs)
     how, share = [""] * len(objs), [1] * len(objs)
-    batch = list(range(len(objs))) if settings.method in SHARED_BUDGET else []
+    batch = list(range(len(objs))) if settings.method in SHARED_BUDGET and settings.modes == 1 else []
     while len(batch) > 1:
         try:
             for k, r in zip(batch, run([objs[k] for k in batch], settings.dream_config(len(batch)))):
@@ -204,7 +271,7 @@ def _dreams(
         except DreamError as e:
             named = [k for k in batch if repr(str(objs[k])) in str(e)] or batch
             batch = [k for k in batch if k not in named]
-    for k, o in enumerate(objs):
+    for k in range(len(objs)):
         if how[k]:
             continue
         tries = [(first, base)] + ([] if first == "given" else
@@ -212,7 +279,7 @@ def _dreams(
         error = ""
         for label, config in tries:
             try:
-                (out[k],), how[k] = run([o], config), label
+                out[k], how[k] = alone(k, config), label
                 break
             except DreamError as e:
                 error = error or f"{type(e).__name__}: {e}"
@@ -289,10 +356,20 @@ def run_chunk(
 
     `scan`: the chunk's scan when it was made elsewhere (the Ray engine merges the scans of corpus
     slices); its objectives are these, in order; unscored top examples are scored here. Deterministic:
-    the dreams are seeded (`options["seed"]`, default 0), so the same chunk gives the same frames."""
+    the dreams are seeded (`options["seed"]`, default 0), so the same chunk gives the same frames.
+
+    The summary has one row per dream: per objective, its modes 1..K (`mode`, best first at xe <=
+    `mode_limit`; `found`: the order they were dreamed in; `key_tokens`: the tokens banned from the modes
+    found after it, with their neighbours; `n_banned`: how many tokens it was dreamed without; `start`: the
+    top example a later mode started from, picked as the least like the modes before it), or one row
+    (mode 1) with modes == 1 or when it could not be dreamed. The frontiers carry the mode too; the top
+    examples are one set per objective."""
+    from ..analysis.scan import example_spans
     from ..analysis.scan import scan as scan_corpus
+    from ..optim.modes import Modes
 
     objs = parse_objectives(objectives, saes)
+    settings.check_mode_budget(model)
     if scan is None:
         scan = scan_corpus(model, objs, settings.corpus, tokens=settings.tokens, window=settings.window, top_k=settings.top_k,
                            per_document=settings.per_document, batch_size=settings.scan_batch_size, score=True, cache=False,
@@ -304,14 +381,25 @@ def run_chunk(
     elif not scan.scored:
         scan.score(model, objs)
     length = settings.dream_config(1).length
-    dreams, how, share = _dreams(model, objs, settings, [example_starts(scan, i, length) for i in range(len(objs))])
+    starts = [example_starts(scan, i, length) for i in range(len(objs))]
+    spans = [example_spans(scan, i, length) for i in range(len(objs))] if settings.modes > 1 else None
+    dreams, how, share = _dreams(model, objs, settings, starts, spans)
     summary, fronts, examples = [], [], []
     for i, (name, d) in enumerate(zip(objectives, dreams)):
         index = first + i
-        f = _no_frontier() if isinstance(d, str) else d.frontier
-        summary.append({"index": index, **_summary_row(i, name, scan, d, f, settings, share[i]), "start": how[i]})
-        f = f.assign(rank=np.arange(len(f)))
-        fronts.append(f.assign(index=index, objective=name)[FRONTIER_COLUMNS])
+        if isinstance(d, Modes):
+            # a mode's start: its top example when Modes picked one, else where the objective's dream started
+            modes = [(m + 1, d.found[m], d.dreams[m], d.starts[m] if d.starts[m].startswith("example") else how[i],
+                      list(d.key_tokens[m]), len(d.banned[m])) for m in range(len(d))]
+        else:
+            modes = [(1, 1, d, how[i], [], 0)]
+        for mode, found, r, start, keys, n_banned in modes:
+            f = _no_frontier() if isinstance(r, str) else r.frontier
+            row = _summary_row(i, name, scan, r, f, settings, share[i])
+            summary.append({"index": index, "objective": name, "mode": mode, "found": found, **row, "start": start,
+                            "key_tokens": [int(t) for t in keys], "n_banned": n_banned})
+            f = f.assign(rank=np.arange(len(f)))
+            fronts.append(f.assign(index=index, objective=name, mode=mode)[FRONTIER_COLUMNS])
         ex = scan.top(i).drop(columns=["rank"]).assign(index=index, objective=name)
         ex = ex.assign(rank=np.arange(len(ex)))
         examples.append(ex[EXAMPLE_COLUMNS])

@@ -114,10 +114,11 @@ class SweepStore:
 
     def write_chunk(self, number: int, frames: ChunkFrames | tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]) -> None:
         """Store a finished chunk: frontiers, examples, then its summary (each atomically), so a chunk is
-        done exactly when its summary file exists. The rows must be the chunk's objectives, in order."""
+        done exactly when its summary file exists. The rows must be the chunk's objectives, in order (each
+        once per mode)."""
         summary, frontiers, examples = frames
         expect = self.chunks[number]
-        if list(summary["objective"]) != expect:
+        if list(dict.fromkeys(summary["objective"])) != expect:  # one row per mode: repeats, in order
             raise SweepError(f"chunk {number} came back with other objectives than it holds ({expect[:3]}...); this is a bug")
         tables = {"summary": summary, "frontiers": frontiers, "examples": examples}
         for name in TABLES:
@@ -145,8 +146,10 @@ def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
 @dataclass
 class Sweep:
     """A sweep read back: its `config`, `objectives`, and the finished chunks' rows, by objective (`index`
-    is its place in the sweep): `summary` (one row each: dataset statistics, best dream overall and at
-    each fluency limit, ratio, percentile, beats-dataset, top example), `frontiers`, `examples`."""
+    is its place in the sweep) and `mode`: `summary` (one row per dream, i.e. per objective and mode, 1
+    when the sweep took no modes: dataset statistics, best dream overall and at each fluency limit,
+    ratio, percentile, beats-dataset, top example), `frontiers` (of each mode), `examples` (of each
+    objective). A store written before sweeps took modes reads as mode 1 everywhere."""
 
     folder: Path
     config: dict[str, Any]
@@ -157,7 +160,13 @@ class Sweep:
 
     @property
     def n_done(self) -> int:
-        return len(self.summary)
+        """Objectives done (the summary has a row per mode of each)."""
+        return int(self.summary["index"].nunique()) if len(self.summary) else 0
+
+    @property
+    def modes(self) -> int:
+        """Dreams per objective (`sweep(modes=K)`; 1 for a sweep without modes)."""
+        return int(self.config.get("modes", 1))
 
     @property
     def complete(self) -> bool:
@@ -172,10 +181,17 @@ class Sweep:
             raise SweepError(f"objective index {objective} is out of range: this sweep has {len(self.objectives)}")
         return int(objective)
 
-    def frontier(self, objective: int | str) -> pd.DataFrame:
-        """One objective's dream frontier (by its string form or index), sorted by xe."""
+    def frontier(self, objective: int | str, mode: int | None = 1) -> pd.DataFrame:
+        """One objective's dream frontier (by its string form or index), sorted by xe: of its `mode` (1, the
+        best, by default; None: every mode's, one after another)."""
         i = self._index(objective)
-        return self.frontiers[self.frontiers["index"] == i].sort_values("rank").reset_index(drop=True)
+        rows = self.frontiers[self.frontiers["index"] == i]
+        if mode is not None:
+            if not 1 <= int(mode) <= self.modes:
+                raise SweepError(f"mode {mode} is out of range: this sweep has {self.modes} mode(s) per objective "
+                                 f"(1..{self.modes})")
+            rows = rows[rows["mode"] == int(mode)] if "mode" in rows.columns else rows
+        return rows.sort_values([c for c in ("mode", "rank") if c in rows.columns]).reset_index(drop=True)
 
     def top(self, objective: int | str) -> pd.DataFrame:
         """One objective's top dataset examples, best first."""
@@ -187,8 +203,25 @@ class Sweep:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"Sweep({str(self.folder)!r}: {self.n_done} of {len(self.objectives)} objectives done, "
+        modes = f", {self.modes} modes of each" if self.modes > 1 else ""
+        return (f"Sweep({str(self.folder)!r}: {self.n_done} of {len(self.objectives)} objectives done{modes}, "
                 f"{c.get('method')} at {c.get('budget')} token-forwards each, model {c.get('model')!r})")
+
+
+def _with_modes(frame: pd.DataFrame, table: str) -> pd.DataFrame:
+    """A chunk's table with the mode columns, filled in (mode 1, the only dream) for a chunk stored before
+    sweeps took modes."""
+    from .chunk import MODE_DEFAULTS
+
+    if table == "examples" or "mode" in frame.columns:
+        return frame
+    frame = frame.copy()
+    at = list(frame.columns).index("objective") + 1 if "objective" in frame.columns else len(frame.columns)
+    for offset, (col, value) in enumerate(MODE_DEFAULTS.items() if table == "summary" else [("mode", 1)]):
+        if col not in frame.columns:
+            where = at + offset if col in ("mode", "found") else len(frame.columns)
+            frame.insert(where, col, [list(value) if isinstance(value, list) else value for _ in range(len(frame))])
+    return frame
 
 
 def load_sweep(folder: str | os.PathLike) -> Sweep:
@@ -207,11 +240,12 @@ def load_sweep(folder: str | os.PathLike) -> Sweep:
                 parts.append(pd.read_parquet(path / name / file))
             except Exception as e:
                 raise SweepError(f"cannot read {path / name / file} ({e}); delete that chunk's files to compute it again") from e
-        parts = [p for p in parts if len(p.columns)]
+        parts = [_with_modes(p, name) for p in parts if len(p.columns)]
         frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"index": [], "objective": []})
-        sort = ["index", "rank"] if "rank" in frame.columns else ["index"]
+        sort = [c for c in ("index", "mode", "rank") if c in frame.columns]
         frame = frame.sort_values(sort, kind="stable").reset_index(drop=True)
-        if "ids" in frame.columns:  # Parquet gives arrays: token ids as lists of ints, as a scan's examples
-            frame["ids"] = [[int(t) for t in w] for w in frame["ids"]]
+        for col in ("ids", "key_tokens"):  # Parquet gives arrays: token ids as lists of ints, as a scan's examples
+            if col in frame.columns:
+                frame[col] = [[int(t) for t in w] for w in frame[col]]
         frames[name] = frame
     return Sweep(path, meta["config"], list(meta["objectives"]), frames["summary"], frames["frontiers"], frames["examples"])

@@ -95,7 +95,23 @@ def _by_index(frame: pd.DataFrame, head: int | None) -> dict[int, pd.DataFrame]:
     return out
 
 
-def _header(sweep: Sweep, limit: float, beats: int) -> str:
+def _by_mode(frame: pd.DataFrame) -> dict[tuple[int, int], pd.DataFrame]:
+    """The frontier of each objective's mode (by sweep index and mode; mode 1 where the frame has no
+    `mode` column), in rank order."""
+    if not len(frame):
+        return {}
+    frame = frame if "mode" in frame.columns else frame.assign(mode=1)
+    out = {}
+    for (index, mode), rows in frame.sort_values(["index", "mode", "rank"]).groupby(["index", "mode"], sort=False):
+        out[(int(cast(Any, index)), int(cast(Any, mode)))] = rows
+    return out
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def _header(sweep: Sweep, limit: float, beats: str) -> str:
     c = sweep.config
     done = f"{sweep.n_done} of {len(sweep)} objectives"
     if not sweep.complete:
@@ -104,41 +120,54 @@ def _header(sweep: Sweep, limit: float, beats: int) -> str:
         ("objectives done", done), ("model", c.get("model")), ("method", c.get("method")),
         ("budget per objective", f"{c.get('budget'):,} token-forwards" if isinstance(c.get("budget"), int) else c.get("budget")),
         ("corpus", f"{c.get('corpus')} ({c.get('tokens')} tokens, window {c.get('window')}, top {c.get('top_k')})"),
-        ("fluency limit", f"xe ≤ {limit:g} nats/token"), ("dreams that beat the dataset", f"{beats} of {sweep.n_done}"),
     ]
+    if sweep.modes > 1:
+        pairs[3] = ("budget per mode", pairs[3][1])
+        pairs.append(("modes", f"{sweep.modes} per objective, ranked by activation at xe ≤ {c.get('mode_limit', 6.0):g}; "
+                               "each later one dreamed without the key tokens of those before it"))
+    pairs += [("fluency limit", f"xe ≤ {limit:g} nats/token"), ("dreams that beat the dataset", beats)]
     rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in pairs)
     return f"<table>{rows}</table>"
 
 
 def build_sweep_report(sweep: Sweep, *, limit: float = 6.0, examples: int = 5, title: str | None = None) -> str:
-    """The page as a string: per objective, its best dream at xe <= `limit` (from its frontier), the dataset
-    max, their ratio, whether a dream beats the dataset (`analysis.metrics.beats_dataset`) and the top
-    example; each row opens the objective's frontier and its first `examples` top examples."""
+    """The page as a string: per objective (per mode of each, with a `mode` column, in a sweep of modes),
+    its best dream at xe <= `limit` (from its frontier), the dataset max, their ratio, whether a dream beats
+    the dataset (`analysis.metrics.beats_dataset`) and the top example; each row opens the frontier and
+    the objective's first `examples` top examples."""
     summary, fronts, exs = sweep.summary, sweep.frontiers, sweep.examples
-    by_front = _by_index(fronts, None)
+    by_front = _by_mode(fronts)
     by_ex = _by_index(exs, examples)
-    columns = ["#", "objective", f"best dream at xe ≤ {limit:g}", "its xe", "dataset max", "ratio", "beats dataset",
-               "best dream at the limit", "top example"]
+    show_modes = sweep.modes > 1 or ("mode" in summary.columns and bool((summary["mode"] > 1).any()))
+    columns = ["#", "objective", *(["mode"] if show_modes else []), f"best dream at xe ≤ {limit:g}", "its xe",
+               "dataset max", "ratio", "beats dataset", "best dream at the limit", "top example"]
     head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
-    bodies, beats = [], 0
+    bodies, beats, beating = [], 0, set()
     empty = fronts.iloc[:0] if "xe" in fronts.columns else None
     for r in summary.to_dict("records"):
         i = int(r["index"])
-        front = by_front.get(i, empty)
+        mode = int(r.get("mode", 1))
+        front = by_front.get((i, mode), empty)
         a, x, text = _best_at(front, limit) if front is not None else (math.nan, math.nan, "")
         m = _finite(r["dataset_max"])
         ratio = a / m if m is not None and m > 0 and math.isfinite(a) else math.nan
         beat = bool(r["beats_dataset"])
         beats += beat
+        if beat:
+            beating.add(i)
+        found = int(r.get("found", mode))
+        mode_cell = f'<td class="num" data-v="{mode}" title="dreamed {_ordinal(found)}">{mode}</td>' if show_modes else ""
         main = (
-            f'<td class="num" data-v="{i}">{i}</td>{_text_cell(r["objective"])}{_num_cell(a)}{_num_cell(x)}'
+            f'<td class="num" data-v="{i}">{i}</td>{_text_cell(r["objective"])}{mode_cell}{_num_cell(a)}{_num_cell(x)}'
             f'{_num_cell(r["dataset_max"])}{_num_cell(ratio)}'
             f'<td data-v="{int(beat)}" class="{"yes" if beat else ""}">{"yes" if beat else "no"}</td>'
             f'{_text_cell(text)}{_text_cell(r["top_text"])}'
         )
         error = str(r.get("error") or "")
+        which = (f" (mode {mode} of {sweep.modes}: dreamed {_ordinal(found)}, without {int(r.get('n_banned', 0))} tokens "
+                 "of the modes dreamed before it)") if show_modes else ""
         detail = (
-            f"<h3>Dream frontier of {_esc(r['objective'])}</h3>"
+            f"<h3>Dream frontier of {_esc(r['objective'])}{_esc(which)}</h3>"
             + (f'<p class="note">no dream: {_esc(error)}</p>' if error else "")
             + (_small_table(front, ["activation", "xe", "iteration", "text"]) if front is not None and len(front) else
                '<p class="note">no prompt</p>')
@@ -148,14 +177,19 @@ def build_sweep_report(sweep: Sweep, *, limit: float = 6.0, examples: int = 5, t
         )
         bodies.append(f'<tbody><tr class="main">{main}</tr><tr class="detail" hidden><td colspan="{len(columns)}">'
                       f"{detail}</td></tr></tbody>")
+    beaten = f"{beats} of {len(summary)}"
+    if show_modes:
+        beaten += f" ({len(beating)} of {sweep.n_done} objectives have one)"
     title = title or f"Sweep report: {sweep.folder.name}"
     table = f'<table id="sweep"><thead><tr>{head}</tr></thead>{"".join(bodies)}</table>'
     note = ('<p class="note">Click a column header to sort by it, a row to open its dream frontier and top dataset '
             "examples. Activations are the objective's; xe is the mean next-token cross-entropy (nats/token), lower "
-            "is more fluent; ratio is the best dream at the limit over the dataset max.</p>")
+            "is more fluent; ratio is the best dream at the limit over the dataset max."
+            + (f" mode ranks an objective's modes by activation at xe ≤ {sweep.config.get('mode_limit', 6.0):g} (1: the "
+               "highest; hover over it for the order it was dreamed in)." if show_modes else "") + "</p>")
     return (
         f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{_esc(title)}</title><style>{_CSS}</style></head>'
-        f"<body><h1>{_esc(title)}</h1>{_header(sweep, limit, beats)}{note}{table}<script>{_JS}</script></body></html>"
+        f"<body><h1>{_esc(title)}</h1>{_header(sweep, limit, beaten)}{note}{table}<script>{_JS}</script></body></html>"
     )
 
 
