@@ -228,7 +228,7 @@ def test_a_later_mode_starts_from_the_example_least_like_the_earlier(tiny_model,
     assert spans[int(sim.argmin())][0] == rank
     # the budget leaves room for the attribution and for the examples' patterns
     cost = attribution_cost(layout.seq_len, EPO["length"], settings.n_alternatives)
-    patterns = layout.seq_len * (len(spans) + 1)  # every example's forward pass, and mode 1's best prompt's
+    patterns = layout.seq_len * (2 * len(spans) + 1)  # every example's two passes, and mode 1's best prompt's
     assert m[second].config["max_token_forwards"] == budget - cost - patterns
     assert m.attribution_token_forwards == cost + patterns
 
@@ -269,3 +269,21 @@ def test_modes_of_format_1_load_with_random_starts(tmp_path, modes):
     (tmp_path / "m" / "modes.json").write_text(json.dumps(meta))
     back = Modes.load(tmp_path / "m")
     assert back.starts == ["random"] * len(modes) and back.found == modes.found
+
+
+def test_starts_prefer_examples_as_fluent_as_the_limit(tiny_model, max_scan):
+    from dreamlens.analysis.scan import example_spans
+    from dreamlens.optim.config import EPOConfig
+    from dreamlens.optim.modes import Starts
+    from dreamlens.scoring import make_layout, score
+
+    spans = example_spans(max_scan, 0, 5)
+    cfg = EPOConfig(length=5)
+    _, xe = score(tiny_model, [dl.objective(MAX_OBJ)], torch.tensor([s for _, s in spans]), make_layout(tiny_model, 5))
+    earlier = [torch.tensor(spans[0][1])]
+    anywhere = Starts(tiny_model, dl.objective(MAX_OBJ), cfg, spans, limit=1e9).pick(earlier, cfg)
+    none_fluent = Starts(tiny_model, dl.objective(MAX_OBJ), cfg, spans, limit=float(xe.min()) - 1).pick(earlier, cfg)
+    assert none_fluent == anywhere  # no example is that fluent: every allowed one may be the start
+    j = int(xe.argmin())
+    only = Starts(tiny_model, dl.objective(MAX_OBJ), cfg, spans, limit=float(xe.min()) + 1e-6).pick(earlier, cfg)
+    assert only == (spans[j][0], list(spans[j][1])) and only != anywhere  # the filter, not chance, picked it

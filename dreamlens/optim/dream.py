@@ -84,9 +84,9 @@ def dream(
             raise DreamError("modes= dreams one objective at a time; pass a single objective (or its string form)")
         if resume is not None:
             raise DreamError("modes= cannot resume a run; dream the modes again (with a fixed seed they come out the same)")
-        if examples is not None and not isinstance(examples, (list, tuple)):
-            from ..analysis.scan import example_spans
+        from ..analysis.scan import ScanResult, example_spans
 
+        if isinstance(examples, ScanResult):
             window = int(examples.meta.get("window", cfg.length))
             examples = example_spans(examples, objective, cfg.length)
             if not examples and window < cfg.length:

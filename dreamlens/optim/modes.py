@@ -9,11 +9,12 @@ the median activation over the token's replacements, kept where that drop is pos
 are the `neighbours` tokens whose embedding rows are closest to it in cosine (W_E), so that " North",
 "north" and " northern" go together.
 
-Where a later mode starts: with `examples` (the top examples' spans), the example without banned tokens
-whose `pattern_similarity` to the earlier modes' best prompts is lowest: what the objective's hooks hold
-there, and the direction the objective reads them in (for `max(A, B)`: A's where A is the larger term).
-So a later mode begins in a part of the dataset that the earlier modes do not explain; without examples
-it starts at random, like mode 1.
+Where a later mode starts: with `examples` (the top examples' spans), the example whose
+`pattern_similarity` to the earlier modes' best prompts is lowest (what the objective's hooks hold there,
+and the direction the objective reads them in; for `max(A, B)`: A's where A is the larger term), among
+those without banned tokens and, where there are any, as fluent as the limit (xe <= `limit`). So a later
+mode begins in a part of the dataset that the earlier modes do not explain; without examples it starts
+at random, like mode 1.
 """
 
 from __future__ import annotations
@@ -230,7 +231,7 @@ def dream_modes(
     layout = make_layout(model, cfg.length, cfg.prefix, cfg.suffix)
     n_grad = settings.n_alternatives // 2
     cost = attribution_cost(layout.seq_len, cfg.length, settings.n_alternatives)
-    starts = Starts(model, obj, cfg, examples) if examples is not None and modes > 1 else None
+    starts = Starts(model, obj, cfg, examples, settings.limit) if examples is not None and modes > 1 else None
     if cfg.max_token_forwards is not None and modes > 1:
         need = cost + (starts.cost(1) if starts else 0)
         if cfg.max_token_forwards <= need:
@@ -283,15 +284,21 @@ def dream_modes(
                  [banned[i] for i in order], settings.limit, spent, [how[i] for i in order])
 
 
+def starts_cost(seq_len: int, n_examples: int, mode: int) -> int:
+    """Token-forwards spent choosing where later mode `mode` (1, 2, ...) starts: with the first, the
+    examples' patterns and their xe (two passes each); with each, the best prompt of every earlier mode."""
+    return seq_len * ((2 * n_examples if mode == 1 else 0) + mode)
+
+
 class Starts:
-    """Where later modes start: the objective's top examples (their activation patterns and readouts,
-    computed once), and for each later mode the example least like the modes before it."""
+    """Where later modes start: the objective's top examples (their activation patterns, readouts and
+    xe, computed once), and for each later mode the example least like the modes before it."""
 
     def __init__(self, model: HookedTransformer, obj: Objective, cfg: DreamConfig,
-                 examples: Sequence[tuple[int, Sequence[int]]]):
+                 examples: Sequence[tuple[int, Sequence[int]]], limit: float = DEFAULT_LIMIT):
         from ..scoring import make_layout
 
-        self.model, self.obj = model, obj
+        self.model, self.obj, self.limit = model, obj, limit
         self.layout = make_layout(model, cfg.length, cfg.prefix, cfg.suffix)
         self.ranks: list[int] = []
         spans: list[tuple[int, ...]] = []
@@ -306,11 +313,11 @@ class Starts:
             spans.append(span)
         self.spans = torch.tensor(spans, dtype=torch.long).reshape(len(spans), cfg.length)
         self._patterns: tuple[Tensor, Tensor] | None = None
+        self._xe: Tensor | None = None
 
     def cost(self, k: int) -> int:
-        """Token-forwards spent on the patterns before later mode `k` (1, 2, ...): the examples' with the
-        first later mode, one prompt per earlier mode."""
-        return self.layout.seq_len * ((len(self.spans) if k == 1 else 0) + k)
+        """Token-forwards spent choosing where later mode `k` (1, 2, ...) starts (`starts_cost`)."""
+        return starts_cost(self.layout.seq_len, len(self.spans), k)
 
     def patterns(self, spans: Tensor) -> tuple[Tensor, Tensor]:
         from ..analysis.patterns import readouts
@@ -319,15 +326,18 @@ class Starts:
 
     def pick(self, earlier: list[Tensor | None], cfg: DreamConfig) -> tuple[int, list[int]] | None:
         """The example (rank, span) least like the `earlier` modes' best prompts, among those a dream with
-        `cfg` may start from (no banned token; the text tokenizes back to itself); None if there is none."""
+        `cfg` may start from (no banned token; the text tokenizes back to itself), the fluent ones (xe <=
+        limit) only if there are any; None if there is none."""
         from ..analysis.patterns import pattern_similarity
-        from ..scoring import banned_mask, retokenizes
+        from ..scoring import banned_mask, retokenizes, score
 
         if not len(self.spans):
             return None
         if self._patterns is None:
             self._patterns = self.patterns(self.spans)
-        ex = self._patterns
+            self._xe = score(self.model, [self.obj], self.spans.to(self.model.cfg.device), self.layout)[1].cpu()
+        ex, xe = self._patterns, self._xe
+        assert xe is not None  # computed with the patterns
         mask = banned_mask(self.model, ascii_only=cfg.ascii_only, ban_whitespace_only=cfg.ban_whitespace_only,
                            extra=cfg.banned_tokens).cpu()
         ok = ~mask[self.spans].any(dim=1)
@@ -335,6 +345,8 @@ class Starts:
         prompts = [p for p in earlier if p is not None]
         if not ok.any():
             return None
+        if (ok & (xe <= self.limit)).any():
+            ok &= xe <= self.limit
         if not prompts:
             j = int(torch.nonzero(ok)[0])
         else:

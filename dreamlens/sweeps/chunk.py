@@ -99,7 +99,7 @@ class SweepSettings:
         tokens: a sweep stops on it, rather than storing an error row for every objective."""
         if self.modes == 1:
             return
-        from ..optim.modes import attribution_cost
+        from ..optim.modes import attribution_cost, starts_cost
 
         config = self.dream_config(1)
         if isinstance(model, int):
@@ -108,8 +108,7 @@ class SweepSettings:
             from ..scoring import make_layout
 
             seq_len = make_layout(model, config.length, config.prefix, config.suffix).seq_len
-        # the examples' patterns before the first later mode, one prompt per earlier mode before mode k (as dream_modes)
-        patterns = seq_len * max(self.top_k + 1, self.modes - 1)
+        patterns = max(starts_cost(seq_len, self.top_k, k) for k in range(1, self.modes))  # as dream_modes spends it
         need = attribution_cost(seq_len, config.length, self.mode_settings().n_alternatives) + patterns
         if self.budget <= need:
             raise SweepError(
