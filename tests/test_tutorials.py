@@ -76,6 +76,15 @@ def test_tutorial_3_dreams_vs_dataset(tmp_path, jupyter_path, monkeypatch):
     assert "Top dataset examples" in report.read_text()
 
 
+@pytest.mark.integration
+def test_tutorial_4_modes(tmp_path, jupyter_path, monkeypatch):
+    outputs = execute("04_modes_of_a_polysemantic_feature.ipynb", tmp_path, jupyter_path, monkeypatch)
+    assert _count(outputs, "image/png") >= 1  # the modes' frontiers
+    report = tmp_path / "dreams" / "tutorial4" / "modes.html"
+    assert report.is_file()
+    assert "Nearest dataset examples" in report.read_text()
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in TUTORIALS.glob("*.ipynb")))
 def test_committed_notebook_is_executed(name):
     """Every code cell ran, once, in order, without an error: the outputs belong to the code shown."""
