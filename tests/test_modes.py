@@ -4,6 +4,7 @@ tokens of an earlier mode, nor their embedding neighbours); K = 1 is the ordinar
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pandas as pd
@@ -214,40 +215,51 @@ def test_a_later_mode_starts_from_the_example_least_like_the_earlier(tiny_model,
     assert m.starts[first] == "random"
     spans = example_spans(max_scan, 0, EPO["length"])
     assert len(spans) > 2
-    rank = int(m.starts[second].removeprefix("example "))
-    start = dict(spans)[rank]
-    assert tuple(m[second].config["init_ids"]) == start
+    label = re.fullmatch(r"example (\d+)(?: \((\d+) banned tokens? replaced\))?", m.starts[second])
+    assert label, m.starts[second]
+    rank, replaced = int(label[1]), int(label[2] or 0)
+    example = dict(spans)[rank]
+    start = tuple(m[second].config["init_ids"])
     assert not set(start) & set(m.banned[second]), "a later mode started from a banned token"
-    # independently of Starts: the allowed example of lowest similarity to mode 1's best prompt
+    changed = [i for i, (a, b) in enumerate(zip(example, start)) if a != b]
+    assert changed == [i for i, t in enumerate(example) if t in set(m.banned[second])] and len(changed) == replaced
+    # independently of Starts: the example of lowest similarity to mode 1's best prompt (all retokenize here,
+    # and all are as fluent as the limit)
     layout = make_layout(tiny_model, EPO["length"])
     ex = readouts(tiny_model, MAX_OBJ, layout.assemble(torch.tensor([s for _, s in spans])).tolist())
     mine = readouts(tiny_model, MAX_OBJ, layout.assemble(torch.tensor([list(map(int, m.best(first)["ids"]))])).tolist())
     sim = pattern_similarity(ex, mine, ex[0].mean(dim=0))[:, 0]
-    allowed = torch.tensor([not set(s) & set(m.banned[second]) for _, s in spans])
-    sim[~allowed] = float("inf")
     assert spans[int(sim.argmin())][0] == rank
     # the budget leaves room for the attribution and for the examples' patterns
     cost = attribution_cost(layout.seq_len, EPO["length"], settings.n_alternatives)
-    patterns = layout.seq_len * (2 * len(spans) + 1)  # every example's two passes, and mode 1's best prompt's
+    # every example's two passes, mode 1's best prompt's, and at most one pass per token of the examples tried
+    patterns = layout.seq_len * (2 * len(spans) + 1 + 3 * EPO["length"])
     assert m[second].config["max_token_forwards"] == budget - cost - patterns
     assert m.attribution_token_forwards == cost + patterns
 
 
-def test_starts_never_pick_an_example_with_a_banned_token(tiny_model, max_scan):
+def test_starts_replace_banned_tokens_by_the_models_best_allowed_guess(tiny_model, max_scan):
     from dreamlens.analysis.scan import example_spans
     from dreamlens.optim.config import EPOConfig
     from dreamlens.optim.modes import Starts
+    from dreamlens.scoring import banned_mask
 
     spans = example_spans(max_scan, 0, 5, k=3)
-    (r0, s0), (_, s1), (r2, s2) = spans
+    (r0, s0), _, _ = spans
     cfg = EPOConfig(length=5)
     starts = Starts(tiny_model, dl.objective(MAX_OBJ), cfg, spans)
-    earlier = [torch.tensor(s0)]
-    only = dataclasses.replace(cfg, banned_tokens=(s0[1], s1[2]))
-    assert not {s0[1], s1[2]} & set(s2)
-    assert starts.pick(earlier, only) == (r2, list(s2))
-    assert starts.pick(earlier, dataclasses.replace(cfg, banned_tokens=(s0[1], s1[2], s2[3]))) is None
-    assert starts.pick([], cfg) == (r0, list(s0))  # nothing to be unlike: the best example
+    assert starts.pick([], cfg) == (r0, list(s0), 0)  # nothing to be unlike, nothing banned: the best example as it is
+    bans = dataclasses.replace(cfg, banned_tokens=(s0[1], s0[3]))
+    rank, span, n = starts.pick([], bans)
+    assert (rank, n) == (r0, 2) and span[0] == s0[0] and span[2] == s0[2] and span[4] == s0[4]
+    # independently: left to right, the model's most likely token that is not banned, after what precedes it
+    mask = banned_mask(tiny_model, extra=bans.banned_tokens)
+    want = list(s0)
+    for pos in (1, 3):
+        logits = tiny_model(torch.tensor([[0, *want]]))[0, pos].detach()  # position pos predicts token pos of the span
+        logits[mask] = float("-inf")
+        want[pos] = int(logits.argmax())
+    assert span == want and not set(span) & {s0[1], s0[3]}
     with pytest.raises(dl.DreamError, match="has 3 tokens but the dream has 5"):
         Starts(tiny_model, dl.objective(MAX_OBJ), cfg, [(0, (1, 2, 3))])
 
@@ -286,4 +298,4 @@ def test_starts_prefer_examples_as_fluent_as_the_limit(tiny_model, max_scan):
     assert none_fluent == anywhere  # no example is that fluent: every allowed one may be the start
     j = int(xe.argmin())
     only = Starts(tiny_model, dl.objective(MAX_OBJ), cfg, spans, limit=float(xe.min()) + 1e-6).pick(earlier, cfg)
-    assert only == (spans[j][0], list(spans[j][1])) and only != anywhere  # the filter, not chance, picked it
+    assert only == (spans[j][0], list(spans[j][1]), 0) and only != anywhere  # the filter, not chance, picked it

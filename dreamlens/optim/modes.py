@@ -12,9 +12,10 @@ are the `neighbours` tokens whose embedding rows are closest to it in cosine (W_
 Where a later mode starts: with `examples` (the top examples' spans), the example whose
 `pattern_similarity` to the earlier modes' best prompts is lowest (what the objective's hooks hold there,
 and the direction the objective reads them in; for `max(A, B)`: A's where A is the larger term), among
-those without banned tokens and, where there are any, as fluent as the limit (xe <= `limit`). So a later
-mode begins in a part of the dataset that the earlier modes do not explain; without examples it starts
-at random, like mode 1.
+those as fluent as the limit (xe <= `limit`) where there are any. Its banned tokens (the earlier modes'
+key tokens are often common ones, such as digits) are replaced, left to right, by the model's most
+likely allowed token there. So a later mode begins in a part of the dataset that the earlier modes do
+not explain; without examples it starts at random, like mode 1.
 """
 
 from __future__ import annotations
@@ -257,9 +258,9 @@ def dream_modes(
                 budget_k += starts.cost(k)
                 spent += starts.cost(k)
                 if picked is not None:
-                    rank, span = picked
+                    rank, span, replaced = picked
                     cfg_k = dataclasses.replace(cfg_k, init_ids=tuple(span), init_text=None)
-                    start = f"example {rank}"
+                    start = f"example {rank}" + (f" ({replaced} banned token{'s' * (replaced > 1)} replaced)" if replaced else "")
             if cfg.max_token_forwards is not None:
                 cfg_k = dataclasses.replace(cfg_k, max_token_forwards=cfg.max_token_forwards - budget_k)
         r = run(model, obj, cfg_k, callback=callback, progress=progress)
@@ -284,10 +285,14 @@ def dream_modes(
                  [banned[i] for i in order], settings.limit, spent, [how[i] for i in order])
 
 
-def starts_cost(seq_len: int, n_examples: int, mode: int) -> int:
-    """Token-forwards spent choosing where later mode `mode` (1, 2, ...) starts: with the first, the
-    examples' patterns and their xe (two passes each); with each, the best prompt of every earlier mode."""
-    return seq_len * ((2 * n_examples if mode == 1 else 0) + mode)
+REPAIR_TRIES = 3  # examples tried, least alike first, until one is still a valid prompt once its banned tokens are replaced
+
+
+def starts_cost(seq_len: int, n_examples: int, mode: int, length: int) -> int:
+    """Token-forwards charged for choosing where later mode `mode` (1, 2, ...) starts: with the first, the
+    examples' patterns and their xe (two passes each); with each, the best prompt of every earlier mode
+    and, at most, one pass per replaced token of each example tried."""
+    return seq_len * ((2 * n_examples if mode == 1 else 0) + mode + REPAIR_TRIES * length)
 
 
 class Starts:
@@ -316,18 +321,19 @@ class Starts:
         self._xe: Tensor | None = None
 
     def cost(self, k: int) -> int:
-        """Token-forwards spent choosing where later mode `k` (1, 2, ...) starts (`starts_cost`)."""
-        return starts_cost(self.layout.seq_len, len(self.spans), k)
+        """Token-forwards charged for choosing where later mode `k` (1, 2, ...) starts (`starts_cost`)."""
+        return starts_cost(self.layout.seq_len, len(self.spans), k, self.layout.length)
 
     def patterns(self, spans: Tensor) -> tuple[Tensor, Tensor]:
         from ..analysis.patterns import readouts
 
         return readouts(self.model, self.obj, self.layout.assemble(spans).tolist())
 
-    def pick(self, earlier: list[Tensor | None], cfg: DreamConfig) -> tuple[int, list[int]] | None:
-        """The example (rank, span) least like the `earlier` modes' best prompts, among those a dream with
-        `cfg` may start from (no banned token; the text tokenizes back to itself), the fluent ones (xe <=
-        limit) only if there are any; None if there is none."""
+    def pick(self, earlier: list[Tensor | None], cfg: DreamConfig) -> tuple[int, list[int], int] | None:
+        """The example least like the `earlier` modes' best prompts, among the fluent ones (xe <= limit) if
+        there are any, with the tokens `cfg` bans replaced (`repair`): (rank, span, tokens replaced). The
+        next least alike is tried (`REPAIR_TRIES` in all) when the replaced text does not tokenize back to
+        itself; None if no example will do."""
         from ..analysis.patterns import pattern_similarity
         from ..scoring import banned_mask, retokenizes, score
 
@@ -340,22 +346,35 @@ class Starts:
         assert xe is not None  # computed with the patterns
         mask = banned_mask(self.model, ascii_only=cfg.ascii_only, ban_whitespace_only=cfg.ban_whitespace_only,
                            extra=cfg.banned_tokens).cpu()
-        ok = ~mask[self.spans].any(dim=1)
-        ok &= retokenizes(self.model, self.spans, self.layout, cfg.prefix, cfg.suffix)[0].cpu()
-        prompts = [p for p in earlier if p is not None]
-        if not ok.any():
-            return None
+        ok = retokenizes(self.model, self.spans, self.layout, cfg.prefix, cfg.suffix)[0].cpu()
         if (ok & (xe <= self.limit)).any():
             ok &= xe <= self.limit
-        if not prompts:
-            j = int(torch.nonzero(ok)[0])
-        else:
+        prompts = [p for p in earlier if p is not None]
+        worst = torch.zeros(len(self.spans))  # nothing to be unlike: the best-ranked first
+        if prompts:
             mine = self.patterns(torch.stack(prompts))
-            center = ex[0].mean(dim=0)
-            worst = pattern_similarity(ex, mine, center).max(dim=1).values  # each example vs its closest earlier mode
-            worst[~ok] = float("inf")
-            j = int(worst.argmin())  # ties: the better-ranked example
-        return self.ranks[j], self.spans[j].tolist()
+            worst = pattern_similarity(ex, mine, ex[0].mean(dim=0)).max(dim=1).values  # vs the closest earlier mode
+        worst[~ok] = float("inf")
+        for j in torch.argsort(worst, stable=True)[:REPAIR_TRIES].tolist():  # ties: the better-ranked example
+            if not ok[j]:
+                break
+            span, n = self.repair(self.spans[j], mask)
+            if retokenizes(self.model, span[None], self.layout, cfg.prefix, cfg.suffix)[0].all():
+                return self.ranks[j], span.tolist(), n
+        return None
+
+    def repair(self, span: Int[Tensor, " length"], banned: Tensor) -> tuple[Int[Tensor, " length"], int]:
+        """`span` with each banned token replaced, left to right, by the model's most likely allowed token
+        after what precedes it; and how many were replaced."""
+        span = span.clone()
+        todo = torch.nonzero(banned[span]).flatten().tolist()
+        for pos in todo:
+            with torch.no_grad():
+                logits = self.model(self.layout.assemble(span[None]).to(self.model.cfg.device))
+            at = logits[0, self.layout.span.start + pos - 1].float().cpu()
+            at[banned] = float("-inf")
+            span[pos] = int(at.argmax())
+        return span, len(todo)
 
 
 def _best_ids(r: DreamResult, limit: float) -> Int[Tensor, " length"] | None:

@@ -108,7 +108,7 @@ class SweepSettings:
             from ..scoring import make_layout
 
             seq_len = make_layout(model, config.length, config.prefix, config.suffix).seq_len
-        patterns = max(starts_cost(seq_len, self.top_k, k) for k in range(1, self.modes))  # as dream_modes spends it
+        patterns = max(starts_cost(seq_len, self.top_k, k, config.length) for k in range(1, self.modes))  # as dream_modes
         need = attribution_cost(seq_len, config.length, self.mode_settings().n_alternatives) + patterns
         if self.budget <= need:
             raise SweepError(
