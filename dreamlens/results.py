@@ -75,6 +75,12 @@ def pareto_front(activation: np.ndarray, xe: np.ndarray) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
+def best_under(activation: np.ndarray, xe: np.ndarray, max_xe: float = float("inf")) -> int | None:
+    """The index of the highest activation among the points with xe <= max_xe (the first on ties; None if none)."""
+    ok = np.flatnonzero(np.asarray(xe, dtype=np.float64) <= max_xe)
+    return int(ok[np.argmax(np.asarray(activation, dtype=np.float64)[ok])]) if ok.size else None
+
+
 @dataclass(frozen=True)
 class _Column:
     """Marks a per-prompt field of DreamResult: one column of `history` and of history.parquet. Every
@@ -147,8 +153,7 @@ class DreamResult:
 
     def best_index(self, max_xe: float = float("inf")) -> int | None:
         """The row of the prompt with the highest activation among those with xe <= max_xe (None if none)."""
-        ok = np.flatnonzero(self.xe <= max_xe)
-        return int(ok[np.argmax(self.activation[ok])]) if ok.size else None
+        return best_under(self.activation, self.xe, max_xe)
 
     def best(self, max_xe: float = float("inf")) -> pd.Series:
         """The prompt with the highest activation among those with xe <= max_xe."""

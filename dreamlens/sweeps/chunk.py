@@ -301,10 +301,12 @@ def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
 
 def _best(frontier: pd.DataFrame, limit: float) -> tuple[float, float, str]:
     """The frontier prompt of highest activation at xe <= limit: (activation, xe, text), NaNs if none."""
-    ok = frontier[frontier["xe"] <= limit]
-    if not len(ok):
+    from ..results import best_under
+
+    i = best_under(frontier["activation"].to_numpy(float), frontier["xe"].to_numpy(float), limit)
+    if i is None:
         return math.nan, math.nan, ""
-    r = ok.iloc[int(np.argmax(ok["activation"].to_numpy(float)))]
+    r = frontier.iloc[i]
     return float(r["activation"]), float(r["xe"]), str(r["text"])
 
 
