@@ -4,7 +4,7 @@ before any run). With modes=2, a pair is recovered when each latent is the large
 prompt (at the fluency limit) of at least one mode.
 
     python benchmarks/modes.py --quick --threads 1     # 2 pairs, a tiny budget and scan
-    python benchmarks/modes.py --threads 1             # 6 pairs + the cost of diversity; ~25 min here
+    python benchmarks/modes.py --threads 2             # 6 pairs + the cost of diversity; ~7 min here once scans are cached
 
 Standardized: each latent's pre-activation divided by its maximum over a scan of the embedded corpora
 (so both are 1.0 at their top example); the pre-activation, because a TopK latent is 0 (with zero

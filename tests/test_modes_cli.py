@@ -231,8 +231,8 @@ def test_cli_dreams_prints_and_saves_modes(tiny_model, tmp_path, capsys, tiny_cl
 
 def test_cli_modes_start_from_a_scan_saved_with_them(tmp_path, capsys, tiny_cli):
     out = tmp_path / "modes"
-    argv = ["dream", OBJ, "--modes", "2", "--mode-limit", str(LIMIT), "--mode-scan-tokens", "600", *CLI_SMALL, "--out", out]
-    rc, text, err = run_cli(capsys, *argv)
+    argv = ["dream", OBJ, "--modes", "2", "--mode-limit", str(LIMIT), *CLI_SMALL, "--out", out]
+    rc, text, err = run_cli(capsys, *argv, "--mode-scan-tokens", "600")
     assert rc == 0, err
     saved = Modes.load(out)
     later = saved.starts[saved.found.index(2)]
@@ -247,6 +247,10 @@ def test_cli_modes_start_from_a_scan_saved_with_them(tmp_path, capsys, tiny_cli)
     rc, _, err = run_cli(capsys, "report", out, "--out", tmp_path / "page.html", "--attributions", "0")
     assert rc == 0, err  # the report finds the saved scan by itself
     assert (tmp_path / "page.html").read_text().count("Nearest dataset examples</h3>") == 2
+    # modes dreamed again without a scan replace these: the old scan goes with them (it is not theirs)
+    rc, _, err = run_cli(capsys, *argv, "--mode-scan-tokens", "0", "--force")
+    assert rc == 0, err
+    assert not (out / "scan").exists() and Modes.load(out).starts == ["random", "random"]
 
 
 def test_cli_report_of_a_modes_folder(modes, scan, tmp_path, capsys, tiny_cli):

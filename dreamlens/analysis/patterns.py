@@ -90,11 +90,10 @@ def _patterns(
         if readout:
             for j, g in zip(idx, _readout(model, obj, cap, hooks)):
                 grads[j] = g
-    width = (0, 0)
-    pats_out = torch.stack(cast("list[Tensor]", out)) if out else torch.zeros(width)
+    pats_out = torch.stack(cast("list[Tensor]", out)) if out else torch.zeros((0, 0))
     if not readout:
         return pats_out, None
-    return pats_out, torch.stack(cast("list[Tensor]", grads)) if grads else torch.zeros(width)
+    return pats_out, torch.stack(cast("list[Tensor]", grads)) if grads else torch.zeros((0, 0))
 
 
 def _readout(model: HookedTransformer, obj: Objective, cap: Capture, hooks: list[str]) -> Float[Tensor, "batch r"]:

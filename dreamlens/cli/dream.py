@@ -4,6 +4,7 @@ the frontier, each mode's header, and the demo's dream next to the top dataset e
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -141,9 +142,12 @@ def _run_modes(args: argparse.Namespace) -> tuple[HookedTransformer, Modes]:
     if args.out:
         modes.save(args.out, overwrite=True)  # the folder was checked above
         saved = f"modes.json, mode_1/ .. mode_{len(modes)}/"
+        own_scan = Path(args.out) / "scan"  # `dreamlens report OUT` shows each mode's nearest examples from it
         if found is not None:
-            found.save(Path(args.out) / "scan")  # `dreamlens report OUT` shows each mode's nearest examples from it
+            found.save(own_scan)
             saved += ", scan/"
+        elif (own_scan / "scan.json").is_file():  # the scan of the modes these replaced (--force) is not theirs
+            shutil.rmtree(own_scan)
         print(f"\nsaved to {args.out} ({saved})")
     return model, modes
 
