@@ -1,9 +1,19 @@
-"""Shared fixtures: a tiny random Llama-shaped model (fast unit tests) and the embedded model."""
+"""Shared fixtures: a tiny random Llama-shaped model (fast unit tests) and the embedded model; and
+`assert_one_error_line`, the check that the CLI refused something with one line (test modules import it)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+
+def assert_one_error_line(rc: int, err: str, *needles: str) -> None:
+    """The CLI exited with status 2 and one line, `error: ...`, naming each of `needles` (no traceback)."""
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from conftest import assert_one_error_line
 
 import dreamlens as dl
 from dreamlens import cli, models
@@ -27,14 +28,6 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     rc = cli.main([str(a) for a in argv])
     err = capsys.readouterr().err
     return rc, err
-
-
-def assert_one_error_line(rc: int, err: str, *needles: str) -> None:
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 def dream(model, objective=OBJ, **kw):

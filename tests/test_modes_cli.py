@@ -8,6 +8,7 @@ import json
 import re
 
 import pytest
+from conftest import assert_one_error_line
 
 import dreamlens as dl
 from dreamlens import cli, models
@@ -45,14 +46,6 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
         rc = e.code
     out = capsys.readouterr()
     return rc, out.out, out.err
-
-
-def assert_one_error_line(rc: int, err: str, *needles: str) -> None:
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 @pytest.fixture(scope="module")
