@@ -46,18 +46,26 @@ def _outside_quotes(text: str, quotes_open: Callable[[], bool]) -> Iterator[tupl
             yield ch, True
 
 
-def _split_terms(spec: str) -> list[str]:
-    """Split a combination at '+' and '-' outside brackets and parentheses, keeping each sign with its
-    term. A sign separates terms only after a space or a closing bracket (`a - b`, `a[1]-b[2]`), so paths keep their
-    dashes and `@-1` stays a position. Quotes count only inside brackets (tokens), so an apostrophe in
-    a path is harmless."""
-    parts, cur, depth = [], "", 0
-    for ch, free in _outside_quotes(spec, lambda: depth > 0):  # noqa: B023  # the depth at each character, on purpose
+def _at_top_level(text: str) -> Iterator[tuple[str, bool]]:
+    """Each character of `text` with whether it stands at the top level: outside brackets, parentheses
+    and quoted tokens (quotes count only inside brackets, where tokens are written, so an apostrophe in
+    a path is harmless)."""
+    depth = 0
+    for ch, free in _outside_quotes(text, lambda: depth > 0):  # noqa: B023  # the depth at each character, on purpose
         if free and ch in "[(":
             depth += 1
         elif free and ch in "])":
             depth = max(depth - 1, 0)
-        elif free and ch in "+-" and depth == 0 and cur.strip() and (cur[-1].isspace() or cur[-1] in "])"):
+        yield ch, free and depth == 0
+
+
+def _split_terms(spec: str) -> list[str]:
+    """Split a combination at '+' and '-' at the top level (`_at_top_level`), keeping each sign with its
+    term. A sign separates terms only after a space or a closing bracket (`a - b`, `a[1]-b[2]`), so paths keep their
+    dashes and `@-1` stays a position."""
+    parts, cur = [], ""
+    for ch, top in _at_top_level(spec):
+        if top and ch in "+-" and cur.strip() and (cur[-1].isspace() or cur[-1] in "])"):
             parts.append(cur)
             cur = ""
         cur += ch
@@ -66,15 +74,12 @@ def _split_terms(spec: str) -> list[str]:
 
 
 def split_outside(text: str, sep: str) -> list[str]:
-    """Split `text` at `sep` outside brackets, parentheses and quoted tokens (quotes count only inside
-    brackets, where tokens are written, so an apostrophe in a path is harmless); parts are not stripped."""
-    parts, cur, depth = [], "", 0
-    for ch, free in _outside_quotes(text, lambda: depth > 0):  # noqa: B023  # the depth at each character, on purpose
-        if free and ch in "[(":
-            depth += 1
-        elif free and ch in "])":
-            depth = max(depth - 1, 0)
-        elif free and ch == sep and depth == 0:
+    """Split `text` at `sep` at the top level: outside brackets, parentheses and quoted tokens (quotes count
+    only inside brackets, where tokens are written, so an apostrophe in a path is harmless); parts are not
+    stripped."""
+    parts, cur = [], ""
+    for ch, top in _at_top_level(text):
+        if top and ch == sep:
             parts.append(cur)
             cur = ""
             continue
