@@ -69,12 +69,16 @@ import torch
 
 import dreamlens as dl
 from dreamlens.analysis import metrics
+from dreamlens.analysis.scan import example_spans
+from dreamlens.corpus import split_documents
 from dreamlens.io import atomic_write_text
 from dreamlens.optim.dream import DEFAULT_METHOD
 
 # name -> (method of dl.dream, config options). The key "budget_dependent": True marks a method whose
-# trajectory depends on max_token_forwards (its budget curve then needs real runs); it is not passed on.
+# trajectory depends on max_token_forwards (its budget curve then needs real runs); "examples": True, a
+# method that starts from part A's top examples (dl.dream's examples=). Neither is passed on as an option.
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "default": (DEFAULT_METHOD, {"examples": True}),  # dream()'s default, from the examples
     "epo_paper": ("epo", {}),  # EPOConfig's defaults: the paper's EPO
     # EPO beyond the paper: starts from text sampled from the model, and a quarter of each member's
     # children take a token sampled from the model's next-token distribution (EPOConfig's options).
@@ -98,6 +102,8 @@ ITERS = 100_000  # the budget ends every run
 DEFAULT_OUT = "benchmarks/results/fluency"
 QUICK_OUT = "benchmarks/results/fluency_quick"
 DEFAULT_FIGURE = "docs/dataset_comparison.png"
+EXAMPLES_ONLY = "examples_only"  # the seeded default's starts, scored, with no search
+PARTS = ("A", "B")  # the held-out split: seeded methods start from A's examples; dreams are judged against A+B
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,16 +163,20 @@ def split_options(name: str, settings: dict[str, Any] | None = None) -> tuple[st
     method, options = (settings or {}).get("method_configs", {}).get(name) or METHODS[name]
     options = dict(options)
     dependent = bool(options.pop("budget_dependent", False))
+    options.pop("examples", None)
     return method, options, dependent
 
 
+def seeded(name: str, settings: dict[str, Any] | None = None) -> bool:
+    """Whether a METHODS entry starts from part A's top examples (`examples=` of dl.dream)."""
+    _, options = (settings or {}).get("method_configs", {}).get(name) or METHODS[name]
+    return bool(options.get("examples", False))
+
+
 def default_name(names: list[str]) -> str:
-    """DEFAULT_METHOD of dream() as named in METHODS (or, when it is not among `names`, the first)."""
-    if DEFAULT_METHOD in METHODS:
-        name = DEFAULT_METHOD
-    else:
-        name = next((n for n, (m, _) in METHODS.items() if m == DEFAULT_METHOD), DEFAULT_METHOD)
-    return name if name in names else names[0]
+    """The METHODS entry of dream()'s default ("default": DEFAULT_METHOD from the examples), or, when it
+    is not among `names`, the first."""
+    return "default" if "default" in names else names[0]
 
 
 def inexact_fracs(settings: dict[str, Any]) -> list[float]:
@@ -240,10 +250,14 @@ def rescore(model: Any, target: Target, r: Any, layout: Any, batch: int = 256) -
     return post, diff, len(uniq)
 
 
-def run_job(model: Any, target: Target, job: Job, settings: dict[str, Any], folder: Path) -> dict[str, Any]:
+def run_job(model: Any, target: Target, job: Job, settings: dict[str, Any], folder: Path,
+            starts: list[tuple[int, tuple[int, ...]]]) -> dict[str, Any]:
+    """One dream run (from `starts`, part A's top examples of the target, for a seeded method)."""
     from dreamlens.scoring import make_layout
 
     method, options, _ = split_options(job.method, settings)
+    if seeded(job.method, settings):
+        options["examples"] = starts
     budget = round(settings["budget"] * job.frac)
     trace: list[tuple[int, int]] = []
 
@@ -303,7 +317,7 @@ def run_metrics(act: np.ndarray, xe: np.ndarray, raw: np.ndarray, ex: tuple[np.n
     best_upto = np.maximum.accumulate(act[order]) if len(act) else act
     ex_a, ex_x = ex
     n_le = np.searchsorted(xe[order], ex_x, side="right")
-    dominated = [n > 0 and best_upto[n - 1] >= a for n, a in zip(n_le, ex_a)]
+    dominated = [n > 0 and best_upto[n - 1] > a for n, a in zip(n_le, ex_a)]  # strict: a start never counts
     out = {
         "dominated_share": float(np.mean(dominated)) if len(dominated) else math.nan,
         "beats_dataset": float(bool(np.any((act > d_max) & (xe <= x_med)))),
@@ -317,11 +331,17 @@ def run_metrics(act: np.ndarray, xe: np.ndarray, raw: np.ndarray, ex: tuple[np.n
     return out
 
 
-def dataset_side(scan: Any, i: int) -> dict[str, Any]:
-    top = scan.top(i)
+def dataset_side(scans: list[Any], i: int) -> dict[str, Any]:
+    """The judged dataset side of target i: the top TOP_K examples of all parts together (by the scans'
+    activation, as one scan of A+B would rank them), each scored as a dream; the dataset max over every
+    part (the scans' max, or a re-scored top example's if higher); the median xe of those examples."""
+    tops = [sc.top(i).assign(part=p) for p, sc in enumerate(scans)]
+    top = pd.concat(tops).sort_values("scan_activation", ascending=False, kind="stable").head(TOP_K)
     a, x = top["activation"].to_numpy(dtype=float), top["xe"].to_numpy(dtype=float)
     ok = np.isfinite(a) & np.isfinite(x)
-    return {"d_max": metrics.dataset_max(scan, i), "x_med": metrics.median_top_xe(scan, i), "ex": (a[ok], x[ok])}
+    d_max = max(metrics.dataset_max(sc, i) for sc in scans)
+    return {"d_max": d_max, "x_med": float(np.median(x[ok])) if ok.any() else math.nan, "ex": (a[ok], x[ok]),
+            "from_a": int((top["part"] == 0).sum())}
 
 
 def load_runs(folders: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -361,6 +381,10 @@ def metric_rows(runs: list[dict[str, Any]], settings: dict[str, Any], sides: lis
         shares = [r["frac"]]
         if r["method"] == d and r["frac"] == 1.0:
             shares = [f for f in CURVE[:-1] if (r["target"], r["seed"], f) not in have_real] + [1.0]
+            if seeded(d, settings):  # the starts alone, scored, before any search
+                m = run_metrics(act[it == 0], xe[it == 0], raw[it == 0], side["ex"], side["d_max"], side["x_med"])
+                rows.append({**base, "method": EXAMPLES_ONLY, "frac": 1.0, "source": "starts", "token_forwards": 0,
+                             "iterations": 0, "seconds": math.nan, **m})
         for f in shares:
             if f == r["frac"]:
                 keep, tf, iters, source = np.ones(len(it), bool), r["token_forwards"], r["iterations"], "run"
@@ -426,6 +450,8 @@ def report(rows: pd.DataFrame, settings: dict[str, Any], sides: list[dict[str, A
     names = settings["targets"]
     methods = [m for m in settings["methods"] if m in set(rows["method"])] if len(rows) else []
     d = settings["default"]
+    if len(rows) and EXAMPLES_ONLY in set(rows["method"]):
+        methods.insert(methods.index(d) + 1 if d in methods else len(methods), EXAMPLES_ONLY)
     lines = list(header)
     tab = per_target(rows) if len(rows) else pd.DataFrame()
     lines += ["", "## Per target and method (full budget, median over seeds; beats_dataset: share of seeds)", "",
@@ -527,16 +553,17 @@ def draw(rows_runs: list[dict[str, Any]], settings: dict[str, Any], sides: list[
     for ax in axes[n:]:
         ax.set_visible(False)
     axes[0].legend(fontsize=6.5, loc="best")
-    fig.suptitle(f"Dreams (seed 0 frontier, {settings['budget']:,} token-forwards, length {settings['length']}) vs "
-                 f"top {TOP_K} dataset examples of a {settings['scan_n_tokens']:,}-token scan", fontsize=10)
+    fig.suptitle(f"Dreams (seed 0 frontier, {settings['budget']:,} token-forwards, length {settings['length']}) vs the "
+                 f"top {TOP_K} dataset examples of held-out parts A+B ({' + '.join(f'{n:,}' for n in settings['scan_n_tokens'])} "
+                 "tokens; seeded methods start from A's)", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_png(fig, path)
 
 
-def full_report(folders: list[str], settings: dict[str, Any], scan: Any, out: Path, figure: str | None,
+def full_report(folders: list[str], settings: dict[str, Any], scans: list[Any], out: Path, figure: str | None,
                 header: list[str], t0: float | None = None) -> None:
     names = settings["targets"]
-    sides = [dataset_side(scan, i) for i in range(len(names))]
+    sides = [dataset_side(scans, i) for i in range(len(names))]
     runs, errors = load_runs(folders)
     runs = [r for r in runs if r["target"] in names and r["spec"] == json.loads(json.dumps(
         job_spec(Job(names.index(r["target"]), r["method"], r["seed"], r["frac"]), settings)))]  # not stale
@@ -571,14 +598,18 @@ def machine(threads: int) -> str:
             f"{threads} thread(s)")
 
 
-def header_lines(settings: dict[str, Any], scan: Any) -> list[str]:
+def header_lines(settings: dict[str, Any], scans: list[Any]) -> list[str]:
     cfg = settings["method_configs"]
     m = ", ".join(f"{n} = {cfg[n][0]}{cfg[n][1] or ''}" for n in settings["methods"])
     return [
         f"# Fluency benchmark: dreams vs the top {TOP_K} dataset examples ({_dt.date.today()}, {settings['machine']})",
         (f"# {len(settings['targets'])} targets, {settings['seeds']} seed(s), length {settings['length']}, "
-         f"budget {settings['budget']:,} token-forwards per run; scan of {scan.meta.get('n_tokens', 0):,} tokens of the "
-         f"embedded corpora ({scan.meta.get('seconds', 0):.0f} s)"),
+         f"budget {settings['budget']:,} token-forwards per run; held-out split of the embedded corpora by document "
+         "(corpus.split_documents): "
+         + ", ".join(f"part {lab} {sc.meta.get('n_tokens', 0):,} tokens of {sc.meta.get('n_documents', 0)} documents "
+                     f"({sc.meta.get('seconds', 0):.0f} s)" for lab, sc in zip(PARTS, scans))
+         + f"; seeded methods start from part A's top {TOP_K}, every method is judged against the top {TOP_K} of A+B; "
+         "domination is strict (higher activation, xe no higher)"),
         f"# methods: {m}; default of dream(): {DEFAULT_METHOD} (reported as {settings['default']})",
     ]
 
@@ -590,7 +621,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 targets, 2 methods, 1 seed, a tiny budget and scan")
     ap.add_argument("--length", type=int, default=12, help="dream length in tokens (default 12)")
-    ap.add_argument("--budget", type=int, default=None, help="token-forwards per run (default 60000; quick 3000)")
+    ap.add_argument("--budget", type=int, default=None, help="token-forwards per run (default 40000; quick 3000)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 per target and method (default 2; quick 1)")
     ap.add_argument("--scan-tokens", type=int, default=None, help="corpus tokens scanned (default 200000; quick 20000)")
     ap.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)} (default all; "
@@ -630,7 +661,7 @@ def main() -> None:
             ap.error(f"unknown method(s) {bad}; METHODS has {names_all}")
     elif q:
         d = default_name(names_all)
-        methods = [d, next(m for m in ("epo_paper", "adapt", "epo", "gcg") if m != d)]
+        methods = [d, "adapt"]
     else:
         methods = names_all
 
@@ -638,26 +669,31 @@ def main() -> None:
     model = dl.load_model()
     targets = build_targets(q)
     settings: dict[str, Any] = {
-        "quick": q, "length": args.length, "budget": args.budget or (3000 if q else 60_000),
+        "quick": q, "length": args.length, "budget": args.budget or (3000 if q else 40_000),
         "seeds": args.seeds or (1 if q else 2), "scan_tokens": args.scan_tokens or (20_000 if q else 200_000),
         "methods": methods, "method_configs": {m: list(METHODS[m]) for m in methods},
         "default": default_name(methods), "curve": (not q) if args.curve is None else args.curve,
         "targets": [t.name for t in targets],
         "machine": machine(torch.get_num_threads()),
     }
-    t = time.perf_counter()
-    scan = dl.scan(model, [t.scored for t in targets], None, tokens=settings["scan_tokens"], window=settings["length"],
-                   top_k=TOP_K, progress=args.scan_only)
-    settings["scan_n_tokens"] = int(scan.meta.get("n_tokens", 0))
     out.mkdir(parents=True, exist_ok=True)
-    scan.save(out / "scan")
+    scans = []
+    for part, label in enumerate(PARTS):
+        t = time.perf_counter()
+        sc = dl.scan(model, [t.scored for t in targets], split_documents(None, part, len(PARTS)),
+                     tokens=settings["scan_tokens"], window=settings["length"], top_k=TOP_K, progress=args.scan_only)
+        sc.save(out / f"scan_{label}")
+        scans.append(sc)
+        print(f"# scan of part {label}: {int(sc.meta.get('n_tokens', 0)):,} tokens of {sc.meta.get('n_documents')} documents "
+              f"for {len(targets)} targets: {'from the cache' if sc.from_cache else f'{time.perf_counter() - t:.0f} s'} "
+              f"(saved to {out / f'scan_{label}'})", flush=True)
+    settings["scan_n_tokens"] = [int(sc.meta.get("n_tokens", 0)) for sc in scans]
     _write_json(out / "settings.json", settings)
-    print(f"# scan of {settings['scan_n_tokens']:,} tokens for {len(targets)} targets: "
-          f"{'from the cache' if scan.from_cache else f'{time.perf_counter() - t:.0f} s'} (saved to {out / 'scan'})", flush=True)
     if args.scan_only:
         for i, tg in enumerate(targets):
-            s = dataset_side(scan, i)
-            print(f"  {tg.name}: dataset max {s['d_max']:.3f}, median xe of the top {len(s['ex'][0])} {s['x_med']:.2f}")
+            s = dataset_side(scans, i)
+            print(f"  {tg.name}: dataset max {s['d_max']:.3f}, median xe of the top {len(s['ex'][0])} {s['x_med']:.2f}, "
+                  f"{s['from_a']} of them from part A")
         return
 
     jobs = make_jobs(settings)
@@ -672,7 +708,8 @@ def main() -> None:
             print(f"  {tag}: done before, skipped", flush=True)
             continue
         try:
-            info = run_job(model, targets[job.target], job, settings, folder)
+            starts = example_spans(scans[0], job.target, settings["length"], positive=False)
+            info = run_job(model, targets[job.target], job, settings, folder, starts)
         except KeyboardInterrupt:
             print(f"  {tag}: interrupted, not recorded; the finished runs are kept in {out / 'runs'}: run the same "
                   "command again to continue", file=sys.stderr, flush=True)
@@ -685,7 +722,7 @@ def main() -> None:
                                                 "frac": job.frac, "error": msg[:500]})
             continue
         h = pd.read_parquet(folder / "scored.parquet")
-        s = dataset_side(scan, job.target)
+        s = dataset_side(scans, job.target)
         best = best_at(h["activation"].to_numpy(float), h["xe"].to_numpy(float), s["x_med"])
         extra = f", pre-activation check {info['pre_check']:.1e}" if np.isfinite(info["pre_check"]) else ""
         print(f"  {tag}: best {h['activation'].max():.3f}, at xe <= {s['x_med']:.2f}: {fmt(best)} "
@@ -696,7 +733,7 @@ def main() -> None:
         print(f"# shard {shard_i}/{shard_n} done in {time.perf_counter() - t0:.0f} s; merge the shards' folders with --merge")
         return
     figure = None if args.figure == "none" else (args.figure or (str(out / "figure.png") if q else DEFAULT_FIGURE))
-    full_report([str(out)], settings, scan, out, figure, header_lines(settings, scan), t0)
+    full_report([str(out)], settings, scans, out, figure, header_lines(settings, scans), t0)
 
 
 def merge(args: argparse.Namespace) -> None:
@@ -714,12 +751,12 @@ def merge(args: argparse.Namespace) -> None:
     methods = [m for m in METHODS if any(m in s["methods"] for s in all_settings)]
     settings["methods"] = methods
     settings["default"] = default_name(methods)
-    scan = ScanResult.load(Path(folders[0], "scan"))
+    scans = [ScanResult.load(Path(folders[0], f"scan_{lab}")) for lab in PARTS]
     out = Path(args.out or (QUICK_OUT if settings["quick"] else DEFAULT_OUT))
     default_figure = str(out / "figure.png") if settings["quick"] else DEFAULT_FIGURE
     figure = None if args.figure == "none" else (args.figure or default_figure)
-    header = header_lines(settings, scan) + [f"# merged from {', '.join(folders)}"]
-    full_report(folders, settings, scan, out, figure, header, t0)
+    header = header_lines(settings, scans) + [f"# merged from {', '.join(folders)}"]
+    full_report(folders, settings, scans, out, figure, header, t0)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ OUT = "benchmarks/results/modes"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 pairs, no cost-of-diversity run, a tiny budget and scan")
-    ap.add_argument("--budget", type=int, default=None, help="token-forwards per mode (default 12000; quick 2500)")
+    ap.add_argument("--budget", type=int, default=None, help="token-forwards per mode (default 12000; quick 5000)")
     ap.add_argument("--scan-tokens", type=int, default=None, help="corpus tokens scanned (default 100000; quick 10000)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-examples", action="store_true", help="later modes start at random (bans only), not from the dataset")
@@ -58,7 +58,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     q = args.quick
-    budget = args.budget or (2500 if q else 12000)
+    budget = args.budget or (5000 if q else 12000)
     scan_tokens = args.scan_tokens or (10_000 if q else 100_000)
     pairs = PAIRS[:2] if q else PAIRS
     out = Path(args.out or (OUT + "_quick" if q else OUT))

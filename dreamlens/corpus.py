@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -189,6 +190,21 @@ def documents(source: str | Path | Iterable[str] | None = None) -> Iterator[str]
             "existing file or folder, or 'hf:DATASET_NAME'"
         )
     return (clean_text(str(d)) for d in source)
+
+
+def document_part(text: str, parts: int) -> int:
+    """Which of `parts` parts a document belongs to: fixed by a hash of its text, so a document (and
+    every copy of it) is in exactly one part, whatever order the corpus is read in."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") % parts
+
+
+def split_documents(source: str | Path | Iterable[str] | None = None, part: int = 0, parts: int = 2) -> list[str]:
+    """The documents of `source` (as `documents` reads it) in part `part` of `parts` disjoint parts
+    (`document_part`), in the source's order: e.g. a held-out split, starts drawn from part 0 and
+    dreams judged against parts 0 and 1."""
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1 or not 0 <= part < parts:
+        raise CorpusError(f"need 0 <= part < parts with parts >= 1, got part={part!r}, parts={parts!r}; e.g. part=0, parts=2")
+    return [d for d in documents(source) if document_part(d, parts) == part]
 
 
 def describe(source: Any) -> str:

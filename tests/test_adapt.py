@@ -215,3 +215,5 @@ def test_demo_is_the_default_method_after_the_chat_user_turn(tiny_model):
     assert ids[0] == tiny_model.tokenizer.convert_tokens_to_ids("<|im_start|>") and len(ids) == 3
     other = cli.demo_args(argparse.Namespace(model="gpt2", out="x", budget=3000))
     assert other.prefix is None  # another model's chat template may differ
+    seeded = cli.demo_args(argparse.Namespace(model=None, out="x", budget=3000, scan_tokens=5000))
+    assert seeded.from_examples and seeded.scan_tokens == 5000  # the demo dreams from the scan it compares with

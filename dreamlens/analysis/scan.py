@@ -320,17 +320,17 @@ class ScanResult:
 # The scan
 
 
-def example_spans(scan: ScanResult, objective: int | str | Objective, length: int, k: int | None = None
-                  ) -> list[tuple[int, tuple[int, ...]]]:
+def example_spans(scan: ScanResult, objective: int | str | Objective, length: int, k: int | None = None, *,
+                  positive: bool = True) -> list[tuple[int, tuple[int, ...]]]:
     """Where a dream of `length` tokens may start from the dataset: the last `length` token ids of each
-    top example of `objective` where it fires (activation > 0), without repeats, best first, at most `k`;
-    each with its rank among the top examples (0 is the best)."""
+    top example of `objective` (only where it fires, activation > 0, unless `positive=False`), without
+    repeats, best first, at most `k`; each with its rank among the top examples (0 is the best)."""
     top = scan.top(objective)
     out: list[tuple[int, tuple[int, ...]]] = []
     seen: set[tuple[int, ...]] = set()
     for rank, (ids, a) in enumerate(zip(top["ids"], top["activation"])):
         span = tuple(int(t) for t in list(ids)[-length:])
-        if len(span) == length and a > 0 and span not in seen:
+        if len(span) == length and (a > 0 or not positive) and span not in seen:
             seen.add(span)
             out.append((rank, span))
         if k is not None and len(out) == k:

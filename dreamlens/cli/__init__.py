@@ -129,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode-scan-tokens", type=count, default=None, metavar="N",
                    help="with --modes: scan N tokens of the embedded corpora for the objective's top examples, where later "
                    "modes start (default 100000, cached; 0: random starts); saved as OUT/scan")
+    p.add_argument("--from-examples", action="store_true",
+                   help="start from the objective's top dataset examples: scan --scan-tokens of --corpus first (cached), "
+                   "start the members from the examples covering their activation-fluency region; saved as OUT/scan")
+    p.add_argument("--corpus", default=None,
+                   help="with --from-examples: 'sotu', 'wiki', a file or folder, 'hf:NAME' (default: the embedded corpora)")
+    p.add_argument("--scan-tokens", type=positive, default=None, metavar="N",
+                   help="with --from-examples: corpus tokens to scan (default 100000)")
     p.add_argument("--out", default=None, help="folder for the result (result.json + history.parquet; with --modes: "
                    "modes.json + mode_1/ ..)")
     p.add_argument("--force", action="store_true", help="replace a result (or modes) already in --out")

@@ -21,6 +21,7 @@ DEMO_OBJECTIVE = "blocks.12.mlp.hook_post[1256]"  # fires on lists of media: "fi
 # start token the model expects code, and a short dream's fluent end reads as code.
 DEMO_PREFIX = "<|im_start|>user\n"
 MODE_SCAN_TOKENS = 100_000  # `dream --modes`: corpus tokens scanned for the top examples later modes start from
+EXAMPLE_SCAN_TOKENS = 100_000  # `dream --from-examples`: corpus tokens scanned for the examples the dream starts from
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -59,11 +60,20 @@ def cmd_dream(args: argparse.Namespace) -> int:
             raise DreamError("--modes cannot resume a run; dream the modes again (with a fixed --seed they come out the same)")
         if args.checkpoint_every is not None:
             raise DreamError("--checkpoint-every does not apply with --modes (modes cannot be resumed); drop it")
+        if getattr(args, "from_examples", False):
+            raise DreamError("--from-examples starts one dream from the examples; with --modes, later modes start from "
+                             "them already (--mode-scan-tokens): drop --from-examples")
         _run_modes(args)
     else:
         for flag, value in (("--mode-limit", args.mode_limit), ("--mode-scan-tokens", args.mode_scan_tokens)):
             if value is not None:
                 raise DreamError(f"{flag} applies only with --modes K; add --modes 2 (or more), or drop {flag}")
+        if not getattr(args, "from_examples", False):
+            for flag, name in (("--corpus", "corpus"), ("--scan-tokens", "scan_tokens")):
+                if getattr(args, name, None) is not None:
+                    raise DreamError(f"{flag} applies only with --from-examples; add it, or drop {flag}")
+        elif args.resume:
+            raise DreamError("--from-examples sets where a fresh run starts; --resume continues from the saved state: drop one")
         _run_dream(args)
     return 0
 
@@ -87,13 +97,31 @@ def _run_dream(args: argparse.Namespace) -> tuple[HookedTransformer, DreamResult
     cfg = make_config(method, None, **kw)  # an option the method does not have fails here, before loading
     cfg.validate()
     target = objective(args.objective)  # a malformed objective fails before the model loads too
+    seeded = bool(getattr(args, "from_examples", False))
+    if seeded:
+        from ..corpus import check_source
+
+        check_source(args.corpus)
     model = load_model(args.model)
-    result = dream(model, target, method, config=cfg, resume=resume)
+    found = None
+    if seeded:
+        from ..analysis.scan import scan
+
+        tokens = args.scan_tokens or EXAMPLE_SCAN_TOKENS
+        print(f"The top dataset examples, where the dream starts: a scan of {tokens:,} tokens of "
+              f"{args.corpus or 'the embedded corpora'} (cached after the first run; not counted in the dream's budget)...")
+        found = scan(model, [target], args.corpus, tokens=tokens, window=cfg.length, top_k=32)
+    result = dream(model, target, method, config=cfg, resume=resume, examples=found)
     assert isinstance(result, DreamResult)  # one objective, one result
     _print_frontier(result)
     if args.out:
         result.save(args.out, overwrite=True)  # the folder was checked above; it may hold our checkpoint
-        print(f"\nsaved to {args.out} (result.json, history.parquet)")
+        own_scan = Path(args.out) / "scan"  # `dreamlens report OUT` compares the dream with it
+        if found is not None:
+            found.save(own_scan)
+        elif (own_scan / "scan.json").is_file() and resume is None:  # a replaced dream's scan is not this one's
+            shutil.rmtree(own_scan)
+        print(f"\nsaved to {args.out} (result.json, history.parquet{', scan/' if found is not None else ''})")
     return model, result
 
 
@@ -157,8 +185,9 @@ def _ordinal(n: int) -> str:
 
 
 def demo_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The `dream` arguments of the demo: the default method, 8 tokens, on the embedded model after
-    its chat template's user turn (no prefix for another `--model`, whose template may differ)."""
+    """The `dream` arguments of the demo: the default method, 8 tokens, from the objective's top dataset
+    examples, on the embedded model after its chat template's user turn (no prefix for another
+    `--model`, whose template may differ)."""
     from ..optim.dream import DEFAULT_METHOD
 
     return argparse.Namespace(
@@ -166,6 +195,7 @@ def demo_args(args: argparse.Namespace) -> argparse.Namespace:
         length=8, iters=None, max_token_forwards=args.budget, seed=0, method=DEFAULT_METHOD,
         prefix=DEMO_PREFIX if args.model is None else None,
         force=getattr(args, "force", False) or _is_demo_result(args.out),
+        from_examples=True, corpus=None, scan_tokens=getattr(args, "scan_tokens", None),  # the scan the comparison reads
     )
 
 

@@ -42,10 +42,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     result = load_result(args.result_dir, "RESULT_DIR")
     check_out_file(args.out, "report", force=args.force)
     scan = None
-    if args.scan:
+    own = Path(args.result_dir) / "scan"  # `dream --from-examples --out DIR` saves the scan it started from
+    where = args.scan or (own if (own / "scan.json").is_file() else None)
+    if where:
         from ..analysis.scan import ScanResult
 
-        scan = ScanResult.load(args.scan)
+        scan = ScanResult.load(where)
     n_attr = 6 if args.attributions is None else args.attributions
     model = _model_for(result, args.model) if n_attr > 0 else None
     out = write_report(args.out, result, model=model, scan=scan, max_attributions=n_attr,

@@ -27,8 +27,9 @@ from ..results import DreamResult
 from ..scoring import GRADIENT_COST, Evaluator, Layout, check_not_constant, retokenizes
 from .config import ADAPTConfig
 from .loop import Callback, Method, check_resume, load_resume, objective_folder, prepare, run
-from .members import MemberState, allowed_tokens, initial_span, random_prompts, select_members
-from .sampling import next_token_logprobs
+from .members import MemberState, allowed_tokens, cover, initial_span, random_prompts, select_members, start_pool
+from .moves import model_swaps, shifts
+from .sampling import next_token_logprobs, span_logprobs
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -245,12 +246,15 @@ def mutate(
     strengths: Sequence[MutationStrength],
     cfg: ADAPTConfig,
     gen: torch.Generator,
+    children: int | None = None,
 ) -> Int[Tensor, "members_x_children length"]:
-    """`cfg.children` children per member: each changes `positions` distinct positions, each to a
+    """`children` (default `cfg.children`) children per member: each changes `positions` distinct positions, each to a
     token sampled from the top-`topk` of that position's proposal scores at `temperature` (in units
     of the top-k scores' spread, so the temperature means the same for any objective scale)."""
     L = parents.shape[1]
-    C = cfg.children
+    C = cfg.children if children is None else children
+    if C == 0:
+        return parents.new_zeros((0, L))
     n_allowed = int(torch.isfinite(scores[0, 0]).sum())  # the banned tokens are the same everywhere
     kmax = min(max(s.topk(cfg) for s in strengths), n_allowed)
     top_v, top_i = scores.topk(kmax, dim=-1)  # [M, L, kmax]
@@ -338,7 +342,18 @@ class ADAPT(Method):
         """The members' first prompts (each the best of the beam search's last candidates under its own
         penalty) and the penalties in activation units."""
         cfg, ev, unit = self.cfg, self.ev, self.unit
-        if self.init_span is not None:
+        pool = start_pool(cfg, self.layout)
+        reserve = None
+        if pool is not None:  # candidate starts (dataset examples): scored (charged); the members cover them
+            pool_f, pool_xe, _ = ev.evaluate(pool, torch.zeros(len(pool), dtype=torch.long), 0)
+            keep = cover(pool_f, pool_xe, cfg.beams)
+            ok = torch.isfinite(pool_f) & torch.isfinite(pool_xe)
+            scale = spread(pool_f[ok]) if int(ok.sum()) > 1 else max(abs(float(pool_f[keep[0]])), 1e-6)
+            spare = ok.clone()
+            spare[keep] = False  # the valid starts no member took: where restarts go
+            reserve = (pool[spare], pool_f[spare], pool_xe[spare])
+            pool, pool_f, pool_xe = pool[keep], pool_f[keep], pool_xe[keep]
+        elif self.init_span is not None:
             pool = self.init_span
             pool_f, pool_xe, _ = ev.evaluate(pool, torch.zeros(1, dtype=torch.long), 0)
             # The spread of the activation over every single-token change of the initial prompt's
@@ -353,9 +368,13 @@ class ADAPT(Method):
             )
             scale = spread(pool_f)
         lams = unit * scale  # in activation units per nat, from here on
-        best = select_members(pool_f, pool_xe, lams)
+        # Covered starts are the members as they are (most active under the lowest penalty); otherwise
+        # each member takes the best start under its own penalty.
+        best = torch.arange(cfg.beams) if cfg.init_prompts is not None else select_members(pool_f, pool_xe, lams)
         strengths = [MutationStrength() for _ in range(cfg.beams)]
         self.states = [ADAPTState(pool[best].clone(), pool_f[best], pool_xe[best], self.generator, strengths, lams, unit)]
+        if reserve is not None:
+            self.states[0].reserve = reserve
 
     def restore(self, states: list[dict[str, Any]]) -> None:
         self.states = [ADAPTState.from_dict(states[0], self.unit)]
@@ -367,11 +386,27 @@ class ADAPT(Method):
         # which includes the swapped token's own cross-entropy (its direct term).
         scores = -self.ev.gradients(s.members.to(self.model.cfg.device), owner, s.penalties).cpu().double()
         scores[..., self.banned] = float("-inf")
-        children = mutate(s.members, scores, s.strengths, cfg, s.generator)
+        M = len(s.members)
+        n_lm, n_shift = round(cfg.children * cfg.lm_share), round(cfg.children * cfg.shift_share)
+        children = mutate(s.members, scores, s.strengths, cfg, s.generator, cfg.children - n_lm - n_shift)
+        parent = torch.arange(M).repeat_interleave(cfg.children - n_lm - n_shift)
+        if n_lm or n_shift:  # the model's own proposals: one more pass over the members (charged)
+            logp = span_logprobs(self.model, s.members.to(self.model.cfg.device), self.layout).cpu()
+            self.ev.compute.add_tokens(M * self.layout.seq_len)
+            swaps = model_swaps(s.members, logp, self.banned, n_lm, s.generator)
+            moved = shifts(s.members, logp, self.banned, n_shift, s.generator)
+            children = torch.cat([children, swaps, moved])
+            parent = torch.cat([parent, torch.arange(M).repeat_interleave(len(swaps) // M),
+                                torch.arange(M).repeat_interleave(len(moved) // M)])
         f, xe, _ = self.ev.evaluate(children, torch.zeros(len(children), dtype=torch.long), iteration)
-        improved = s.select(children, f, xe, s.penalties)
+        if cfg.lineage:
+            improved = s.select_lineage(children, parent, f, xe, s.penalties)
+        else:
+            improved = s.select(children, f, xe, s.penalties)
         for strength, better in zip(s.strengths, improved.tolist()):
             strength.update(better, cfg)
+        if cfg.restart_patience:
+            s.restart_stalled(improved, cfg.restart_patience)
 
     def extra(self, k: int) -> dict[str, Any]:
         cfg, strengths = self.cfg, self.states[0].strengths
@@ -389,14 +424,45 @@ class ADAPTState(MemberState):
     strengths: list[MutationStrength]
     penalties: Float[Tensor, " members"]
     unit: Float[Tensor, " members"]
+    # Restarts (restart_patience): iterations since each member last improved, and the candidate starts
+    # no member has taken yet (ids, activation, xe).
+    idle: list[int] = field(default_factory=list)
+    reserve: tuple[Tensor, Tensor, Tensor] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             **self.members_dict(), "strength": [[s.level, s.stall] for s in self.strengths],
             "scale": float(self.penalties[0] / self.unit[0]), "generator": self.generator_text(),
         }
+        if self.idle:
+            d["idle"] = list(self.idle)
+        if self.reserve is not None:
+            d["reserve"] = [self.reserve[0].tolist(), self.reserve[1].tolist(), self.reserve[2].tolist()]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], unit: Float[Tensor, " members"]) -> ADAPTState:
         strengths = [MutationStrength(level=a, stall=int(b)) for a, b in d["strength"]]
-        return cls(**cls.members_from_dict(d), strengths=strengths, penalties=unit * float(d["scale"]), unit=unit)
+        reserve = None
+        if "reserve" in d:
+            ids, f, xe = d["reserve"]
+            reserve = (torch.tensor(ids, dtype=torch.long).view(len(ids), -1), torch.tensor(f, dtype=torch.float64),
+                       torch.tensor(xe, dtype=torch.float64))
+        return cls(**cls.members_from_dict(d), strengths=strengths, penalties=unit * float(d["scale"]), unit=unit,
+                   idle=[int(x) for x in d.get("idle", [])], reserve=reserve)
+
+    def restart_stalled(self, improved: Bool[Tensor, " members"], patience: int) -> None:
+        """A member `patience` iterations without improvement takes the unused start that is best
+        under its own penalty (its strength back to 0); nothing once the starts are used up."""
+        if not self.idle:
+            self.idle = [0] * len(self.members)
+        for i, better in enumerate(improved.tolist()):
+            self.idle[i] = 0 if better else self.idle[i] + 1
+            if self.idle[i] < patience or self.reserve is None or len(self.reserve[0]) == 0:
+                continue
+            ids, f, xe = self.reserve
+            j = int((-f + self.penalties[i] * xe).argmin())
+            self.members[i], self.activation[i], self.xe[i] = ids[j], f[j], xe[j]
+            self.strengths[i], self.idle[i] = MutationStrength(), 0
+            rest = torch.arange(len(ids)) != j
+            self.reserve = (ids[rest], f[rest], xe[rest])

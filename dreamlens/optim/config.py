@@ -33,6 +33,9 @@ class DreamConfig:
     seed: int = 0
     init_text: str | None = None  # start every member from this text instead of random tokens
     init_ids: tuple[int, ...] | None = None
+    # Candidate starts (e.g. top dataset examples): all are scored as dreams (charged to the budget) and
+    # the members start from those that cover their activation-fluency region (`members.cover`).
+    init_prompts: tuple[tuple[int, ...], ...] | None = None
     prefix: str = ""  # fixed context before the optimized span
     suffix: str = ""  # fixed context after it
     ascii_only: bool = False  # ban tokens with non-ASCII characters
@@ -72,6 +75,15 @@ class DreamConfig:
         )
         yield self.init_text is None or self.init_ids is None, "give init_text or init_ids, not both"
         yield (
+            self.init_prompts is None or (self.init_text is None and self.init_ids is None),
+            "give init_prompts (candidate starts) or init_text / init_ids (one start), not both",
+        )
+        yield (
+            self.init_prompts is None or (len(self.init_prompts) > 0 and all(len(p) == self.length for p in self.init_prompts)),
+            f"init_prompts must be a non-empty list of prompts of length {self.length} (token ids), got "
+            f"{sorted({len(p) for p in self.init_prompts or ()}) or 'none'} tokens; pass windows of length={self.length}",
+        )
+        yield (
             isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool),
             f"seed must be an integer, got {self.seed!r}",
         )
@@ -86,7 +98,7 @@ class DreamConfig:
 
 
 def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+    return [_plain(v) for v in value] if isinstance(value, tuple) else value
 
 
 def log_penalties(lam_min: float, lam_max: float, n: int) -> np.ndarray:
@@ -153,6 +165,12 @@ class ADAPTConfig(DreamConfig):
     temp_max: float = 8.0  # ... and at strength 1 (in units of the proposals' score spread)
     patience: int = 2  # iterations without improvement before the strength rises
     step: float = 0.25  # how much the strength (0..1) rises on stagnation or falls on improvement
+    # Moves beyond the gradient (optim.moves), as shares of each member's children (default off):
+    lm_share: float = 0.0  # one position swapped for a token sampled from the model's distribution
+    shift_share: float = 0.0  # an insertion or a deletion (the span shifts by one token)
+    lineage: bool = False  # each member keeps the best of itself and its own children (not of all children)
+    restart_patience: int = 0  # a member this many iterations without improvement restarts from an unused
+    # candidate start (init_prompts), the best one under its own penalty (0: never)
 
     def penalties(self) -> np.ndarray:
         return log_penalties(self.lam_min, self.lam_max, self.beams)
@@ -180,6 +198,11 @@ class ADAPTConfig(DreamConfig):
         )
         yield self.patience >= 1, f"patience must be at least 1 iteration, got {self.patience}"
         yield 0 < self.step <= 1, f"step must be in (0, 1], got {self.step}"
+        yield (
+            self.lm_share >= 0 and self.shift_share >= 0 and self.lm_share + self.shift_share <= 1,
+            f"lm_share and shift_share must be >= 0 with a sum <= 1, got {self.lm_share} and {self.shift_share}",
+        )
+        yield self.restart_patience >= 0, f"restart_patience must be >= 0 (0: never), got {self.restart_patience}"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -49,8 +49,13 @@ def make_config(method: str = DEFAULT_METHOD, config: DreamConfig | None = None,
             others = [m for m, (_, c) in METHODS.items() if key in {f.name for f in dataclasses.fields(c)}]
             where = f" ({key!r} is an option of {', '.join(others)})" if others else ""
             raise DreamError(f"{key!r} is not an option of {method}{hint}{where}")
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    options = {k: _frozen(v) for k, v in options.items()}
     return dataclasses.replace(config or cls(), **options)
+
+
+def _frozen(value: Any) -> Any:
+    """Lists as tuples, nested ones too (config fields are hashable)."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def dream(
@@ -75,8 +80,10 @@ def dream(
     `modes=K` returns `Modes`: K dreams of one objective, distinct by construction (each later one
     without the key tokens of those before it, see `dreamlens.optim.modes`), ranked by activation at a
     fluency limit (`mode_settings`); the first one found is the ordinary dream with the same seed.
-    `examples` (a scan of the objective, or its top examples as (rank, ids)): later modes start from
-    the top example least like the modes before them (see `dreamlens.optim.modes`)."""
+    `examples` (a scan of the objective, or its top examples as (rank, ids)): the dream starts from
+    them (`init_prompts`: every example scored as a dream, charged to the budget; the members start
+    from those covering the examples' activation-fluency region, see `members.cover`); with modes,
+    later modes start from the top example least like the modes before them."""
     cfg = make_config(method, config, **options)
     run = METHODS[method][0]
     if modes is not None:
@@ -94,7 +101,34 @@ def dream(
                                  f"{cfg.length} to start modes from them")
         return dream_modes(model, objective, run, cfg, modes, settings=mode_settings, examples=examples, callback=callback,
                            progress=progress)
-    for name, value in (("mode_settings", mode_settings), ("examples", examples)):
-        if value is not None:
-            raise DreamError(f"{name}= applies only with modes=K; pass modes=2 or more, or drop {name}")
+    if mode_settings is not None:
+        raise DreamError("mode_settings= applies only with modes=K; pass modes=2 or more, or drop mode_settings")
+    if examples is not None:
+        if not isinstance(objective, (Objective, str)):
+            raise DreamError("examples= starts one objective's dream from its examples; pass a single objective")
+        if resume is not None:
+            raise DreamError("examples= sets where a fresh run starts; a resumed run continues from its own state, drop one")
+        cfg = dataclasses.replace(cfg, init_prompts=example_starts(examples, objective, cfg.length), init_text=None,
+                                  init_ids=None)
     return run(model, objective, cfg, callback=callback, resume=resume, progress=progress)
+
+
+def example_starts(
+    examples: ScanResult | Sequence[tuple[int, Sequence[int]]], objective: Objective | str, length: int
+) -> tuple[tuple[int, ...], ...]:
+    """The candidate starts of a dream from dataset examples: the last `length` tokens of each top
+    example (the window that ends at its max-activating token), without repeats, in the scan's order."""
+    from ..analysis.scan import ScanResult, example_spans
+
+    if isinstance(examples, ScanResult):
+        window = int(examples.meta.get("window", length))
+        if window < length:
+            raise DreamError(f"the scan's examples have {window} tokens, the dream {length}; scan with window >= {length} "
+                             f"or dream with length <= {window}")
+        spans = example_spans(examples, objective, length, positive=False)
+    else:
+        spans = [(int(r), tuple(int(t) for t in ids)[-length:]) for r, ids in examples]
+    starts = tuple(dict.fromkeys(s for _, s in spans if len(s) == length))
+    if not starts:
+        raise DreamError(f"no example has {length} tokens to start from; give examples of at least length={length} tokens")
+    return starts

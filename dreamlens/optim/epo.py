@@ -2,7 +2,7 @@
 
 A population of M members, member i with fluency penalty lam_i, each minimizing `-f + lam_i * xe`:
 
-    initialize the population (random tokens, or the user's prompt), score it
+    initialize the population (random tokens, the user's prompt, or candidate starts covered), score it
     for each iteration:
         one-hot gradients of every member's loss
         children: C single-token swaps per member, from the top-k of the negative gradient
@@ -32,7 +32,7 @@ from ..results import DreamResult
 from ..scoring import Evaluator, Layout, check_not_constant
 from .config import EPOConfig
 from .loop import Callback, IterationInfo, Method, check_resume, load_resume, prepare, run
-from .members import MemberState, allowed_tokens, initial_span, random_prompts
+from .members import MemberState, allowed_tokens, cover, initial_span, random_prompts, start_pool
 from .sampling import sample_prompts, span_logprobs
 
 if TYPE_CHECKING:
@@ -92,7 +92,13 @@ class EPO(Method):
         K, M, L = len(self.objectives), cfg.population, cfg.length
         gens = [torch.Generator().manual_seed(cfg.seed) for _ in range(K)]
         init = initial_span(model, cfg, layout)
-        pop = torch.stack([start_prompts(model, cfg, layout, self.banned, self.allowed, init, g, self.ev) for g in gens])
+        pool = start_pool(cfg, layout)
+        if pool is not None:  # candidate starts: scored first (charged), then each population covers them
+            n = len(pool)
+            f, xe, _ = self.ev.evaluate(pool.repeat(K, 1), torch.arange(K).repeat_interleave(n), 0)
+            pop = torch.stack([pool[cover(f[k * n : (k + 1) * n], xe[k * n : (k + 1) * n], M)] for k in range(K)])
+        else:
+            pop = torch.stack([start_prompts(model, cfg, layout, self.banned, self.allowed, init, g, self.ev) for g in gens])
         for k, o in enumerate(self.objectives):
             check_not_constant(model, o, pop[k].to(model.cfg.device), layout)
         f, xe, _ = self.ev.evaluate(pop.view(K * M, L), self.owner, 0)

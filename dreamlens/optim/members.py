@@ -1,9 +1,9 @@
 """Members: the prompts a population-based optimizer (EPO, ADAPT's mutation phase, GCG) keeps, member i
 under its own fluency penalty lam_i, minimizing `-activation + lam_i * xe`.
 
-Here: where members start (the user's initial prompt, or random prompts of allowed tokens), the
-elitist selection that every such optimizer shares, and `MemberState`, the members' part of a run's
-resumable state (as `DreamResult.state` stores it).
+Here: where members start (the user's initial prompt, candidate starts such as dataset examples, or
+random prompts of allowed tokens), the elitist selection that every such optimizer shares, and
+`MemberState`, the members' part of a run's resumable state (as `DreamResult.state` stores it).
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ import base64
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..models import encode
+from ..results import pareto_front
 from ..scoring import DreamError, Layout, retokenizes
 
 if TYPE_CHECKING:
@@ -62,6 +64,40 @@ def initial_span(model: HookedTransformer, cfg: DreamConfig, layout: Layout) -> 
     if not ok.all():
         raise DreamError("the initial prompt's text does not tokenize back to the same ids in its context; pick other ids")
     return span
+
+
+def start_pool(cfg: DreamConfig, layout: Layout) -> Int[Tensor, "pool length"] | None:
+    """The config's candidate starts (`init_prompts`) as ids (None: the method's own start)."""
+    if cfg.init_prompts is None:
+        return None
+    pool = torch.tensor(cfg.init_prompts, dtype=torch.long)
+    if pool.shape[1] != layout.length:
+        raise DreamError(f"init_prompts have {pool.shape[1]} tokens but length is {layout.length}; set length={pool.shape[1]}")
+    return pool
+
+
+def cover(f: Float[Tensor, " pool"], xe: Float[Tensor, " pool"], n: int) -> Int[Tensor, " n"]:
+    """n candidates that cover the pool's activation-fluency region, most active first: evenly spaced
+    along the non-dominated front (its most active and its most fluent point included), then along the
+    next fronts once a front is used up, repeating only when fewer than n are valid. Raises when no
+    candidate is valid (f or xe not finite: it did not re-tokenize in context)."""
+    a, x = f.double().numpy().copy(), xe.double().numpy().copy()
+    valid = int((np.isfinite(a) & np.isfinite(x)).sum())
+    if valid == 0:
+        raise DreamError(
+            f"none of the {len(a)} candidate starts re-tokenizes to its own ids in context; give other starts "
+            "(e.g. windows that begin at a word boundary) or drop them to start from the method's own"
+        )
+    chosen: list[int] = []
+    while len(chosen) < min(n, valid):
+        front = pareto_front(a, x)[::-1]  # most active first
+        want = min(n, valid) - len(chosen)
+        if len(front) > want:
+            front = front[np.linspace(0, len(front) - 1, want).round().astype(int)]
+        chosen += [int(i) for i in front]
+        a[front] = -np.inf  # the next front is the best of what is left
+    chosen.sort(key=lambda i: (-float(f[i]), float(xe[i])))
+    return torch.tensor([chosen[i % len(chosen)] for i in range(n)], dtype=torch.long)
 
 
 def select_members(
@@ -113,6 +149,25 @@ class MemberState:
 
     def to_dict(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def select_lineage(
+        self, children: Int[Tensor, "children length"], parent: Int[Tensor, " children"], f: Float[Tensor, " children"],
+        xe: Float[Tensor, " children"], lams: Float[Tensor, " members"],
+    ) -> Bool[Tensor, " members"]:
+        """Member i becomes the best of itself and its own children (`parent == i`) under its penalty
+        lams[i]: lineages stay apart. Returns which members' losses improved."""
+        loss = -f + lams[parent] * xe
+        old = -self.activation + lams * self.xe
+        improved = torch.zeros(len(lams), dtype=torch.bool)
+        for i in range(len(lams)):
+            mine = torch.nonzero(parent == i).flatten()
+            if len(mine) == 0:
+                continue
+            j = mine[int(loss[mine].argmin())]
+            if loss[j] < old[i] - 1e-12:
+                self.members[i], self.activation[i], self.xe[i] = children[j], f[j], xe[j]
+                improved[i] = True
+        return improved
 
     def select(
         self, children: Int[Tensor, "children length"], f: Float[Tensor, " children"], xe: Float[Tensor, " children"],

@@ -1,0 +1,107 @@
+"""The cheap proxy on which the default's ingredients are chosen before the full benchmark: seeded dreams
+(starts from part A's top examples) of tuning targets disjoint from `benchmarks/fluency.py`'s, at a
+quarter of its budget, one seed, each variant side by side on the same scan.
+
+    python benchmarks/tuning.py                 # every variant, 4 tuning targets, 10,000 token-forwards
+    python benchmarks/tuning.py --quick         # 1 target, 2 variants, a tiny budget and scan
+
+Per variant (means over targets): beats (activation above the scan's max at xe <= the median xe of its
+top 32 examples), strict dominated share of those 32, and the best activation at xe <= median xe as a
+share of the dataset max. The last line is the best variant's mean normalized best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import dreamlens as dl
+from dreamlens.analysis import metrics
+from dreamlens.analysis.scan import example_spans
+from dreamlens.corpus import split_documents
+
+TARGETS = ["blocks.3.mlp.hook_post[500]", "blocks.13.mlp.hook_post[900]", "blocks.22.mlp.hook_post[1000]"]
+SAE_LATENT = 1387  # of the embedded SAE, dreamed and judged on its pre-activation
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "adapt": ("adapt", {}),
+    "adapt_lm": ("adapt", {"lm_share": 0.25}),
+    "adapt_shift": ("adapt", {"shift_share": 0.25}),
+    "adapt_lm_shift": ("adapt", {"lm_share": 0.25, "shift_share": 0.25}),
+    "adapt_lm_shift_hi": ("adapt", {"lm_share": 0.25, "shift_share": 0.25, "lam_min": 0.1, "lam_max": 3.0}),
+    "adapt_full": ("adapt", {"lm_share": 0.25, "shift_share": 0.25, "lineage": True, "restart_patience": 8}),
+    "epo_lm": ("epo", {"lm_share": 0.25}),
+}
+
+
+def judge(r: Any, scan: Any, i: int) -> dict[str, float]:
+    top = scan.top(i)
+    ex_a, ex_x = top["activation"].to_numpy(float), top["xe"].to_numpy(float)
+    d_max, x_med = metrics.dataset_max(scan, i), metrics.median_top_xe(scan, i)
+    a, x = np.asarray(r.activation, float), np.asarray(r.xe, float)
+    ok = np.isfinite(a) & np.isfinite(x)
+    a, x = a[ok], x[ok]
+    fluent = a[x <= x_med]
+    best = float(fluent.max()) if len(fluent) else 0.0
+    dom = np.mean([bool(np.any((a > ea) & (x <= ex))) for ea, ex in zip(ex_a, ex_x)])
+    start = np.asarray(r.iteration)[ok] == 0
+    s_fluent = a[start & (x <= x_med)]
+    return {"beats": float(best > d_max), "dominated": float(dom), "norm_best": best / d_max,
+            "norm_start": (float(s_fluent.max()) if len(s_fluent) else 0.0) / d_max}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--budget", type=int, default=None, help="token-forwards per run (default 10000; quick 1500)")
+    ap.add_argument("--variants", default=None, help=f"comma-separated subset of {','.join(VARIANTS)}")
+    ap.add_argument("--out", default=None, help="where the log goes (default benchmarks/results/tuning.json)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    q = args.quick
+    budget = args.budget or (1500 if q else 10_000)
+    names = args.variants.split(",") if args.variants else (["adapt", "adapt_lm_shift"] if q else list(VARIANTS))
+    model = dl.load_model()
+    from dreamlens.sae import load_sae
+
+    targets: list[Any] = [dl.objective(t) for t in (TARGETS[:1] if q else TARGETS)]
+    if not q:
+        targets.append(dl.SAELatent(load_sae(), SAE_LATENT, pre_activation=True, source="embedded"))
+    scan = dl.scan(model, targets, split_documents(None, 0), tokens=20_000 if q else 100_000, window=12, top_k=32,
+                   progress=False)
+    rows: dict[str, list[dict[str, float]]] = {v: [] for v in names}
+    for i, t in enumerate(targets):
+        starts = example_spans(scan, i, 12, positive=False)
+        for v in names:
+            method, options = VARIANTS[v]
+            t0 = time.perf_counter()
+            r = dl.dream(model, t, method, examples=starts, length=12, seed=0, max_token_forwards=budget, iters=100_000,
+                         progress=False, **options)
+            m = judge(r, scan, i)
+            rows[v].append(m)
+            print(f"{t} {v}: " + ", ".join(f"{k} {x:.2f}" for k, x in m.items())
+                  + f" ({r.token_forwards} token-forwards, {time.perf_counter() - t0:.0f} s)", flush=True)
+    means = {v: {k: float(np.mean([m[k] for m in ms])) for k in ms[0]} for v, ms in rows.items()}
+    for v, m in means.items():
+        print(f"mean {v}: " + ", ".join(f"{k} {x:.3f}" for k, x in m.items()))
+    out = Path(args.out or ("benchmarks/results/tuning_quick.json" if q else "benchmarks/results/tuning.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = json.loads(out.read_text()) if out.is_file() else []
+    log.append({"date": time.strftime("%Y-%m-%d"), "budget": budget, "targets": [str(t) for t in targets],
+                "per_target": rows, "means": means})
+    out.write_text(json.dumps(log, indent=1))
+    best = max(means, key=lambda v: means[v]["norm_best"])
+    value = means[best]["norm_best"]
+    print(f"best variant: {best}")
+    print(f"tuning_best_norm: {value:.3f}" if math.isfinite(value) else "tuning_best_norm: nan")
+
+
+if __name__ == "__main__":
+    main()
