@@ -29,13 +29,17 @@ from dreamlens.corpus import split_documents
 
 TARGETS = ["blocks.3.mlp.hook_post[500]", "blocks.13.mlp.hook_post[900]", "blocks.22.mlp.hook_post[1000]"]
 SAE_LATENT = 1387  # of the embedded SAE, dreamed and judged on its pre-activation
+# Each variant spells out ADAPT's move shares (ADAPTConfig's defaults are what this proxy chose).
+OFF = {"lm_share": 0.0, "shift_share": 0.0}
+BOTH = {"lm_share": 0.25, "shift_share": 0.25}
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "adapt": ("adapt", {}),
-    "adapt_lm": ("adapt", {"lm_share": 0.25}),
-    "adapt_shift": ("adapt", {"shift_share": 0.25}),
-    "adapt_lm_shift": ("adapt", {"lm_share": 0.25, "shift_share": 0.25}),
-    "adapt_lm_shift_hi": ("adapt", {"lm_share": 0.25, "shift_share": 0.25, "lam_min": 0.1, "lam_max": 3.0}),
-    "adapt_full": ("adapt", {"lm_share": 0.25, "shift_share": 0.25, "lineage": True, "restart_patience": 8}),
+    "adapt": ("adapt", OFF),  # the gradient's swaps only
+    "adapt_lm": ("adapt", {**OFF, "lm_share": 0.25}),
+    "adapt_shift": ("adapt", {**OFF, "shift_share": 0.25}),
+    "adapt_lm_shift": ("adapt", BOTH),  # chosen: ADAPTConfig's defaults
+    "adapt_lm_shift_hi": ("adapt", {**BOTH, "lam_min": 0.1, "lam_max": 3.0}),
+    "adapt_full": ("adapt", {**BOTH, "lineage": True, "restart_patience": 8}),
+    "adapt_full_b8": ("adapt", {**BOTH, "lineage": True, "restart_patience": 8, "beams": 8, "children": 16}),
     "epo_lm": ("epo", {"lm_share": 0.25}),
 }
 

@@ -78,7 +78,8 @@ def _runs(model) -> dict[str, pd.DataFrame]:
         sae = _tiny_sae("blocks.1.hook_resid_post")
         out["epo_sae"] = kept("epo_sae", dl.epo(model, dl.SAELatent(sae, 7, pre_activation=True), dl.EPOConfig(**EPO),
                                                 progress=False)).history
-        adapt_cfg = dl.ADAPTConfig(length=4, beams=2, beam_lm=2, beam_grad=2, children=4, iters=6, patience=1, seed=1)
+        adapt_cfg = dl.ADAPTConfig(length=4, beams=2, beam_lm=2, beam_grad=2, children=4, iters=6, patience=1, seed=1,
+                                   lm_share=0.0, shift_share=0.0)  # the gradient's moves only, as recorded
         out["adapt"] = kept("adapt", dl.adapt(model, OBJ, adapt_cfg, progress=False)).history
         out["gcg"] = kept("gcg", dl.gcg(model, "blocks.1.hook_resid_post[7]@max - 0.5*blocks.0.mlp.hook_post[2]",
                             dl.GCGConfig(length=5, children=8, topk=16, iters=5, seed=2), progress=False)).history

@@ -137,6 +137,9 @@ def test_model_swaps_change_one_position_to_a_sampled_token():
     diff = kids != parents.repeat_interleave(5, dim=0)
     assert (diff.sum(dim=1) == 1).all()
     assert (kids[diff] == 7).all()
+    # no children asked: none made (a share of 0 in the config)
+    assert moves.model_swaps(parents, logp, torch.zeros(50, dtype=torch.bool), 0, torch.Generator()).shape == (0, 3)
+    assert moves.shifts(parents, logp, torch.zeros(50, dtype=torch.bool), 0, torch.Generator()).shape == (0, 3)
 
 
 def test_shifted_prompts_retokenize_in_context(tiny_model, examples):
@@ -177,3 +180,64 @@ def test_the_embedded_split_is_disjoint():
     a, b = split_documents(None, 0), split_documents(None, 1)
     assert not set(a) & set(b)
     assert len(a) + len(b) == len(list(documents(None)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI: dream --from-examples
+
+DOCS = [
+    "The cat sat on the mat and the dog ran to the park with the birds.",
+    "Rivers carry water from the mountains to the sea, and towns stand on their banks.",
+    "In 1812 the war began, and the young nation found itself fighting a much larger power at sea.",
+]
+
+
+@pytest.fixture
+def tiny_cli(tiny_model, monkeypatch):
+    from dreamlens import models
+
+    monkeypatch.setattr(models, "load_model", lambda name=None, **k: tiny_model)
+
+
+def run_cli(capsys, *argv):
+    from dreamlens import cli
+
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_dream_from_examples_saves_the_scan_and_report_compares(tmp_path, capsys, tiny_cli):
+    from dreamlens.analysis.scan import ScanResult
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(DOCS * 3))
+    out = tmp_path / "dream"
+    argv = ["dream", OBJ, "--method", "epo", "--length", "4", "--population", "2", "--children", "4", "--topk", "16",
+            "--iters", "2", "--out", out, "--from-examples", "--corpus", corpus, "--scan-tokens", "150"]
+    rc, text, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    assert "where the dream starts" in text and "scan/" in text
+    scan = ScanResult.load(out / "scan")
+    r = dl.DreamResult.load(out)
+    starts = {tuple(list(ids)[-4:]) for ids in scan.top(0)["ids"]}
+    assert r.config["init_prompts"] and {tuple(p) for p in r.config["init_prompts"]} == starts
+    assert {tuple(p) for p in np.asarray(r.ids)[np.asarray(r.iteration) == 0]} <= starts
+    rc, _, err = run_cli(capsys, "report", out, "--out", tmp_path / "page.html", "--attributions", "0")
+    assert rc == 0, err
+    assert "Dreams and max-activating dataset examples" in (tmp_path / "page.html").read_text()  # from OUT/scan
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--corpus", "sotu"], "--corpus applies only with --from-examples"),
+    (["--scan-tokens", "100"], "--scan-tokens applies only with --from-examples"),
+    (["--from-examples", "--modes", "2"], "drop --from-examples"),
+])
+def test_cli_from_examples_errors(capsys, tiny_cli, extra, needle):
+    from conftest import assert_one_error_line
+
+    rc, _, err = run_cli(capsys, "dream", OBJ, "--length", "4", "--iters", "1", *extra)
+    assert_one_error_line(rc, err, needle)

@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart-patience", type=count, default=None,
                    help="epo: also restart after this many iterations without improvement (0: off)")
     p.add_argument("--lm-share", type=float, default=None,
-                   help="epo: share of children whose new token is sampled from the model (0..1)")
+                   help="epo, adapt: share of children whose new token is sampled from the model (0..1; adapt's default 0.25)")
+    p.add_argument("--shift-share", type=float, default=None,
+                   help="adapt: share of children that insert or delete a token, shifting the prompt (0..1; default 0.25)")
     p.add_argument("--prefix", default=None, help="fixed text before the dream")
     p.add_argument("--suffix", default=None, help="fixed text after the dream")
     p.add_argument("--ascii-only", action="store_true", default=None, help="ban tokens with non-ASCII characters")

@@ -8,6 +8,12 @@ penalties mean the same for a neuron of scale 0.1 and a latent of scale 100. Mut
 become B members of a population, each minimizing `-f / s + lam_i * xe` (s fixed from the full-length
 candidates) by GCG-style swaps whose strength (positions changed, top-k width, sampling temperature)
 rises while the member stalls and falls when it improves.
+
+Beyond the paper (ADAPTConfig): candidate starts (`init_prompts`, e.g. dataset examples) replace the
+beam search, the members taking those that cover the starts' activation-fluency region; a share of the
+children may come from the model's own distribution (`lm_share`) or shift the prompt by an insertion
+or a deletion (`shift_share`, `optim.moves`); `lineage` keeps each member to its own children, and
+`restart_patience` moves a stalled member to the best unused start.
 """
 
 from __future__ import annotations

@@ -165,9 +165,10 @@ class ADAPTConfig(DreamConfig):
     temp_max: float = 8.0  # ... and at strength 1 (in units of the proposals' score spread)
     patience: int = 2  # iterations without improvement before the strength rises
     step: float = 0.25  # how much the strength (0..1) rises on stagnation or falls on improvement
-    # Moves beyond the gradient (optim.moves), as shares of each member's children (default off):
-    lm_share: float = 0.0  # one position swapped for a token sampled from the model's distribution
-    shift_share: float = 0.0  # an insertion or a deletion (the span shifts by one token)
+    # Moves beyond the gradient (optim.moves), as shares of each member's children; chosen on the tuning
+    # proxy (benchmarks/tuning.py, results/tuning.json): together they gave the best fluent activation.
+    lm_share: float = 0.25  # one position swapped for a token sampled from the model's distribution
+    shift_share: float = 0.25  # an insertion or a deletion (the span shifts by one token)
     lineage: bool = False  # each member keeps the best of itself and its own children (not of all children)
     restart_patience: int = 0  # a member this many iterations without improvement restarts from an unused
     # candidate start (init_prompts), the best one under its own penalty (0: never)

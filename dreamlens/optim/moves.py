@@ -30,6 +30,8 @@ def model_swaps(
     """n children per parent, each with one random position swapped for a token sampled from the
     model's distribution there."""
     M, L = parents.shape
+    if n == 0:
+        return parents.new_zeros((0, L))
     pos = torch.randint(L, (M, n), generator=gen)
     rows = torch.arange(M).unsqueeze(1).expand(M, n)
     new = _sample(logp[rows, pos].reshape(M * n, -1), banned, gen).view(M, n)
