@@ -341,7 +341,7 @@ def dataset_side(scans: list[Any], i: int) -> dict[str, Any]:
     ok = np.isfinite(a) & np.isfinite(x)
     d_max = max(metrics.dataset_max(sc, i) for sc in scans)
     return {"d_max": d_max, "x_med": float(np.median(x[ok])) if ok.any() else math.nan, "ex": (a[ok], x[ok]),
-            "from_a": int((top["part"] == 0).sum())}
+            "part": top["part"].to_numpy()[ok], "from_a": int((top["part"] == 0).sum())}
 
 
 def load_runs(folders: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -531,7 +531,11 @@ def draw(rows_runs: list[dict[str, Any]], settings: dict[str, Any], sides: list[
     for ax, (i, name) in zip(axes, enumerate(names)):
         side = sides[i]
         ex_a, ex_x = side["ex"]
-        ax.scatter(ex_x, ex_a, s=16, c="C0", marker="o", alpha=0.7, label=f"top {len(ex_a)} dataset examples", zorder=3)
+        a_part = side["part"] == 0
+        ax.scatter(ex_x[a_part], ex_a[a_part], s=16, facecolors="none", edgecolors="C0", marker="o",
+                   label="top examples from part A (the seeds' starts)", zorder=3)
+        ax.scatter(ex_x[~a_part], ex_a[~a_part], s=16, c="C0", marker="o", alpha=0.8,
+                   label="top examples from part B (held out)", zorder=3)
         for m in settings["methods"]:
             r = seed0.get((name, m))
             if r is None:
@@ -553,7 +557,7 @@ def draw(rows_runs: list[dict[str, Any]], settings: dict[str, Any], sides: list[
     for ax in axes[n:]:
         ax.set_visible(False)
     axes[0].legend(fontsize=6.5, loc="best")
-    fig.suptitle(f"Dreams (seed 0 frontier, {settings['budget']:,} token-forwards, length {settings['length']}) vs the "
+    fig.suptitle(f"Dreams (seed 0 frontier, {settings['budget']:,} token-forwards, length {settings['length']}) vs the\n"
                  f"top {TOP_K} dataset examples of held-out parts A+B ({' + '.join(f'{n:,}' for n in settings['scan_n_tokens'])} "
                  "tokens; seeded methods start from A's)", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny random Llama-shaped model (fast unit tests) and the embedded model; and
-`assert_one_error_line`, the check that the CLI refused something with one line (test modules import it)."""
+"""Shared fixtures: a tiny random Llama-shaped model (fast unit tests), the embedded model, and the CLI
+with the tiny model in place of any model it loads (`tiny_cli`); and `assert_one_error_line` and
+`run_cli`, for checking the CLI (test modules import them)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,28 @@ def assert_one_error_line(rc: int, err: str, *needles: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     for n in needles:
         assert n in lines[0], (n, lines[0])
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of the CLI; argparse's own errors exit through SystemExit."""
+    from dreamlens import cli
+
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture
+def tiny_cli(tiny_model, monkeypatch):
+    """The CLI with the tiny model in place of any model it would load; the names it was asked for."""
+    from dreamlens import models
+
+    loaded: list[str | None] = []
+    monkeypatch.setattr(models, "load_model", lambda name=None, **k: loaded.append(name) or tiny_model)
+    return loaded
 
 
 @pytest.fixture(scope="session")

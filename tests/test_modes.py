@@ -264,11 +264,15 @@ def test_starts_replace_banned_tokens_by_the_models_best_allowed_guess(tiny_mode
         Starts(tiny_model, dl.objective(MAX_OBJ), cfg, [(0, (1, 2, 3))])
 
 
-def test_examples_are_refused_without_modes_and_short_windows_are_named(tiny_model, max_scan):
-    with pytest.raises(dl.DreamError, match="examples= applies only with modes"):
-        dl.dream(tiny_model, MAX_OBJ, "epo", examples=max_scan, progress=False, **EPO)
-    with pytest.raises(dl.DreamError, match="scan with window >= 8"):
-        dl.dream(tiny_model, MAX_OBJ, "epo", modes=2, examples=max_scan, progress=False, **{**EPO, "length": 8})
+def test_examples_start_an_ordinary_dream_and_short_windows_are_named(tiny_model, max_scan):
+    r = dl.dream(tiny_model, MAX_OBJ, "epo", examples=max_scan, progress=False, **{**EPO, "iters": 0})
+    spans = {tuple(list(ids)[-EPO["length"]:]) for ids in max_scan.top(0)["ids"] if len(ids) >= EPO["length"]}
+    assert {tuple(p) for p in r.config["init_prompts"]} == spans  # without modes= the dream starts from them
+    for modes in (2, None):
+        with pytest.raises(dl.DreamError, match="scan with window >= 8"):
+            dl.dream(tiny_model, MAX_OBJ, "epo", modes=modes, examples=max_scan, progress=False, **{**EPO, "length": 8})
+    with pytest.raises(dl.DreamError, match="mode_settings= applies only with modes"):
+        dl.dream(tiny_model, MAX_OBJ, "epo", mode_settings=ModeSettings(), progress=False, **EPO)
 
 
 def test_modes_of_format_1_load_with_random_starts(tmp_path, modes):

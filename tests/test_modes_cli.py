@@ -8,10 +8,9 @@ import json
 import re
 
 import pytest
-from conftest import assert_one_error_line
+from conftest import assert_one_error_line, run_cli
 
 import dreamlens as dl
-from dreamlens import cli, models
 from dreamlens.analysis.patterns import nearest_examples
 from dreamlens.analysis.scan import ScanResult
 from dreamlens.errors import OutputError
@@ -38,16 +37,6 @@ def escaped(text: str) -> str:
     return html.escape(repr(text), quote=True)
 
 
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    """Exit status, stdout and stderr of the CLI; argparse's own errors exit through SystemExit."""
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 @pytest.fixture(scope="module")
 def modes(tiny_model) -> Modes:
     found = dl.dream(tiny_model, OBJ, "epo", modes=2, mode_settings=ModeSettings(limit=LIMIT), progress=False, **SMALL)
@@ -59,14 +48,6 @@ def modes(tiny_model) -> Modes:
 @pytest.fixture(scope="module")
 def scan(tiny_model) -> ScanResult:
     return dl.scan(tiny_model, [OBJ], DOCS, tokens=36, window=6, top_k=5, per_document=2, cache=False, progress=False)
-
-
-@pytest.fixture
-def tiny_cli(tiny_model, monkeypatch):
-    """The CLI with the tiny model in place of any model it would load; the names it was asked for."""
-    loaded: list[str | None] = []
-    monkeypatch.setattr(models, "load_model", lambda name=None, **k: loaded.append(name) or tiny_model)
-    return loaded
 
 
 def columns(page: str) -> list[str]:

@@ -4,6 +4,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_error_line, run_cli
 
 import dreamlens as dl
 from dreamlens import scoring
@@ -192,24 +193,6 @@ DOCS = [
 ]
 
 
-@pytest.fixture
-def tiny_cli(tiny_model, monkeypatch):
-    from dreamlens import models
-
-    monkeypatch.setattr(models, "load_model", lambda name=None, **k: tiny_model)
-
-
-def run_cli(capsys, *argv):
-    from dreamlens import cli
-
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 def test_cli_dream_from_examples_saves_the_scan_and_report_compares(tmp_path, capsys, tiny_cli):
     from dreamlens.analysis.scan import ScanResult
 
@@ -237,7 +220,5 @@ def test_cli_dream_from_examples_saves_the_scan_and_report_compares(tmp_path, ca
     (["--from-examples", "--modes", "2"], "drop --from-examples"),
 ])
 def test_cli_from_examples_errors(capsys, tiny_cli, extra, needle):
-    from conftest import assert_one_error_line
-
     rc, _, err = run_cli(capsys, "dream", OBJ, "--length", "4", "--iters", "1", *extra)
     assert_one_error_line(rc, err, needle)
