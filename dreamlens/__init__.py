@@ -21,6 +21,10 @@ _EXPORTS: dict[str, str] = {
     "encode": "models",
     "decode": "models",
     "load_sae": "sae",
+    "ModelSettings": "settings",
+    "model_settings": "settings",
+    "set_model_settings": "settings",
+    "sae_model_settings": "settings",
     "objective": "objectives.parse",
     "Objective": "objectives.base",
     "Neuron": "objectives.neuron",
@@ -76,6 +80,9 @@ _SUBMODULES = {
     "analysis",
     "viz",
     "sweeps",
+    "settings",
+    "devices",
+    "install",
     "attribution",
     "report",
     "dataset",
@@ -90,6 +97,10 @@ __all__ = [
     "encode",
     "decode",
     "load_sae",
+    "ModelSettings",
+    "model_settings",
+    "set_model_settings",
+    "sae_model_settings",
     "objective",
     "Objective",
     "Neuron",
@@ -155,6 +166,7 @@ if TYPE_CHECKING:  # the same names for a type checker (tests/test_public_api.py
     from .results import DreamResult
     from .sae import load_sae
     from .scoring.checks import DreamError
+    from .settings import ModelSettings, model_settings, sae_model_settings, set_model_settings
     from .sweeps import sweep
     from .sweeps.store import Sweep, load_sweep
     from .viz.plots import plot_evolution, plot_frontier, plot_thresholds

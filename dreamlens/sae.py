@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import DreamlensError
+from .install import DISTRIBUTION
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -72,28 +74,41 @@ def embedded_sae_documents(split: Literal["train", "heldout"]) -> Iterator[str]:
         yield from (d for d in group if d is not None)
 
 
-def load_sae(name_or_path: str | os.PathLike | None = None, *, device: str | None = None) -> SAE:
+def load_sae(
+    name_or_path: str | os.PathLike | None = None, *, device: str | Any = None, dtype: str | Any = None
+) -> SAE:
     """Load an SAE as a sae-lens `SAE`.
 
     `name_or_path`: None or "embedded" for the SAE shipped with dreamlens (SmolLM2-135M,
-    `blocks.10.hook_resid_post`, offline, fp32); a local folder written by sae-lens
+    `blocks.10.hook_resid_post`, offline); a local folder written by sae-lens
     (`sae.save_model(folder)`: cfg.json and sae_weights.safetensors); or "RELEASE/SAE_ID" for a
     pretrained sae-lens release such as "gpt2-small-res-jb/blocks.8.hook_resid_pre" (downloads from the
-    Hugging Face hub). The SAE's hook is `sae.cfg.metadata.hook_name`.
+    Hugging Face hub). The SAE's hook is `sae.cfg.metadata.hook_name`; how its model must be loaded,
+    `dl.sae_model_settings(sae)` (e.g. {"center_writing_weights": True}): `dl.load_model(sae=sae)` loads
+    it so, and an objective of the SAE on a model loaded otherwise is refused.
+
+    `device` (default $DREAMLENS_DEVICE, else "cuda" when there is a GPU, else "cpu") and `dtype` (default
+    $DREAMLENS_DTYPE, else float32) are where it is loaded; an objective reads it on its model's device and
+    in its model's dtype in any case (a copy, when they differ).
     """
-    device = str(device or "cpu")
-    if name_or_path is None or str(name_or_path) == EMBEDDED_SAE:
-        return _load_embedded(device)
-    if isinstance(name_or_path, os.PathLike) or Path(str(name_or_path)).exists():
-        return _load_folder(Path(name_or_path), device)
-    if not isinstance(name_or_path, str):
-        raise TypeError(
-            f"name_or_path must be None, a string or a path, got {type(name_or_path).__name__}"
-        )
-    return _load_release(name_or_path, device)
+    from .devices import dtype_name, resolve_device, resolve_dtype
+
+    where = (str(resolve_device(device)), dtype_name(resolve_dtype(dtype)))
+    with warnings.catch_warnings():
+        # sae-lens warns about declared model settings on every load; dreamlens applies and checks them
+        warnings.filterwarnings("ignore", message=r"\s*This SAE has non-empty model_from_pretrained_kwargs")
+        if name_or_path is None or str(name_or_path) == EMBEDDED_SAE:
+            return _load_embedded(*where)
+        if isinstance(name_or_path, os.PathLike) or Path(str(name_or_path)).exists():
+            return _load_folder(Path(name_or_path), *where)
+        if not isinstance(name_or_path, str):
+            raise TypeError(
+                f"name_or_path must be None, a string or a path, got {type(name_or_path).__name__}"
+            )
+        return _load_release(name_or_path, *where)
 
 
-def _load_embedded(device: str) -> SAE:
+def _load_embedded(device: str, dtype: str) -> SAE:
     from sae_lens import SAE
 
     folder = embedded_sae_dir()
@@ -101,14 +116,14 @@ def _load_embedded(device: str) -> SAE:
     if missing:
         raise SAELoadError(
             f"the embedded SAE is incomplete: {', '.join(missing)} missing from {folder}. Reinstall "
-            "dreamlens (pip install --force-reinstall dreamlens), or retrain it with "
+            f"dreamlens (pip install --force-reinstall {DISTRIBUTION}), or retrain it with "
             "`python scripts/train_embedded_sae.py`."
         )
-    # Stored in fp16 to keep the package small; computed in fp32 (fp16 matmuls are slow on CPUs).
-    return SAE.load_from_disk(folder, device=device, dtype="float32")
+    # Stored in fp16 to keep the package small; computed in fp32 by default (fp16 matmuls are slow on CPUs).
+    return SAE.load_from_disk(folder, device=device, dtype=dtype)
 
 
-def _load_folder(path: Path, device: str) -> SAE:
+def _load_folder(path: Path, device: str, dtype: str) -> SAE:
     from sae_lens import SAE
 
     if not path.exists():
@@ -125,14 +140,14 @@ def _load_folder(path: Path, device: str) -> SAE:
             "`sae.save_model(folder)`, or pass 'RELEASE/SAE_ID' for a pretrained sae-lens release."
         )
     try:
-        return SAE.load_from_disk(path, device=device)
+        return SAE.load_from_disk(path, device=device, dtype=dtype)
     except Exception as e:
         raise SAELoadError(
             f"could not load the SAE in {str(path)!r} ({type(e).__name__}: {str(e)[:300]})"
         ) from e
 
 
-def _load_release(name: str, device: str) -> SAE:
+def _load_release(name: str, device: str, dtype: str) -> SAE:
     from sae_lens import SAE
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
@@ -148,7 +163,7 @@ def _load_release(name: str, device: str) -> SAE:
                 f"{', '.join(repr(i) for i in ids[:4])}."
             )
     try:
-        return SAE.from_pretrained(release, sae_id, device=device, dtype="float32")
+        return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
     except Exception as e:
         raise SAELoadError(
             f"could not download the SAE {release!r}/{sae_id!r} from the Hugging Face hub "

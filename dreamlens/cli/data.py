@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .checks import check_out_folder, load_result
+from .dream import model_options
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -19,7 +20,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     check_out_folder(args.out, "scan.json", "scan", force=args.force)
     check_source(args.corpus)
     objs = [objective(o) for o in args.objective]
-    model = load_model(args.model)
+    model = load_model(args.model, **model_options(args))
     result = scan(model, objs, args.corpus, tokens=args.tokens, window=args.window,
                   top_k=args.top_k, per_document=args.per_document, cache=not args.no_cache)
     out = result.save(args.out)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .checks import check_dream_out, check_modes_out, load_result
 
@@ -24,12 +24,19 @@ MODE_SCAN_TOKENS = 100_000  # `dream --modes`: corpus tokens scanned for the top
 EXAMPLE_SCAN_TOKENS = 100_000  # `dream --from-examples`: corpus tokens scanned for the examples the dream starts from
 
 
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `device` and `dtype` of `load_model` from `--device` and `--dtype`, those given only (load_model's
+    defaults for the others)."""
+    return {k: v for k in ("device", "dtype") if (v := getattr(args, k, None)) is not None}
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from ..models import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, **model_options(args))
     text = model.generate(args.prompt, max_new_tokens=args.tokens, do_sample=False, prepend_bos=False, verbose=False)
-    print(f"model: {model.cfg.model_name} ({model.cfg.n_layers} layers, d_model {model.cfg.d_model})")
+    print(f"model: {model.cfg.model_name} ({model.cfg.n_layers} layers, d_model {model.cfg.d_model}; "
+          f"{model.cfg.device}, {str(model.cfg.dtype).removeprefix('torch.')})")
     print(f"greedy continuation: {text!r}")
     names = list(model.hook_dict)
     print(f"{len(names)} hook points: these, and the same for every block (blocks.N.*):")
@@ -102,7 +109,7 @@ def _run_dream(args: argparse.Namespace) -> tuple[HookedTransformer, DreamResult
         from ..corpus import check_source
 
         check_source(args.corpus)
-    model = load_model(args.model)
+    model = load_model(args.model, **model_options(args))
     found = None
     if seeded:
         from ..analysis.scan import scan
@@ -144,7 +151,7 @@ def _run_modes(args: argparse.Namespace) -> tuple[HookedTransformer, Modes]:
     settings = ModeSettings() if args.mode_limit is None else ModeSettings(limit=args.mode_limit)
     settings.validate()
     target = objective(args.objective)
-    model = load_model(args.model)
+    model = load_model(args.model, **model_options(args))
     found = None
     tokens = MODE_SCAN_TOKENS if args.mode_scan_tokens is None else args.mode_scan_tokens
     if args.modes > 1 and tokens:
@@ -196,6 +203,7 @@ def demo_args(args: argparse.Namespace) -> argparse.Namespace:
         prefix=DEMO_PREFIX if args.model is None else None,
         force=getattr(args, "force", False) or _is_demo_result(args.out),
         from_examples=True, corpus=None, scan_tokens=getattr(args, "scan_tokens", None),  # the scan the comparison reads
+        **model_options(args),
     )
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .checks import check_out_file, load_result
+from .dream import model_options
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -16,13 +17,13 @@ if TYPE_CHECKING:
 
 
 def _model_for(result: DreamResult, name: str | None, why: str = "token attributions",
-               skip: str = "--attributions 0 to skip them") -> HookedTransformer:
+               skip: str = "--attributions 0 to skip them", **where: Any) -> HookedTransformer:
     from ..models import ModelLoadError, load_model, smollm2_config
 
     if name is None and result.model_name not in ("", smollm2_config().model_name):
         name = result.model_name
     try:
-        return load_model(name)
+        return load_model(name, **where)
     except Exception as e:
         raise ModelLoadError(f"cannot load the model {name or 'embedded'!r} for {why} ({e}); pass --model, or {skip}") from e
 
@@ -49,7 +50,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         scan = ScanResult.load(where)
     n_attr = 6 if args.attributions is None else args.attributions
-    model = _model_for(result, args.model) if n_attr > 0 else None
+    model = _model_for(result, args.model, **model_options(args)) if n_attr > 0 else None
     out = write_report(args.out, result, model=model, scan=scan, max_attributions=n_attr,
                        objective_index=args.objective_index)
     stem = out.with_suffix("")
@@ -86,7 +87,7 @@ def _report_modes(args: argparse.Namespace) -> int:
     if len(modes) and (n_attr > 0 or scan is not None):  # the nearest examples need the model too
         why = "token attributions and nearest dataset examples" if scan is not None else "token attributions"
         skip = "--attributions 0 and no --scan to skip them" if scan is not None else "--attributions 0 to skip them"
-        model = _model_for(modes.dreams[0], args.model, why, skip)
+        model = _model_for(modes.dreams[0], args.model, why, skip, **model_options(args))
     out = write_modes_report(args.out, modes, model=model, scan=scan, max_attributions=n_attr,
                              objective_index=args.objective_index)
     stem = out.with_suffix("")
@@ -102,7 +103,8 @@ def _report_sweep(args: argparse.Namespace) -> int:
     from ..viz.sweep_report import write_sweep_report
 
     for flag, value in (("--scan", args.scan), ("--objective-index", args.objective_index), ("--model", args.model),
-                        ("--attributions", args.attributions)):
+                        ("--attributions", args.attributions), ("--device", getattr(args, "device", None)),
+                        ("--dtype", getattr(args, "dtype", None))):
         if value is not None:
             raise SweepError(f"{flag} does not apply to a sweep (its scans and dreams are in the folder); drop it")
     sweep = load_sweep(args.result_dir)

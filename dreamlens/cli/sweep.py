@@ -22,7 +22,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         args.spec, args.out, model=args.model, method=args.method, budget=args.budget, corpus=args.corpus,
         tokens=args.tokens, window=args.window, top_k=args.top_k, per_document=args.per_document,
         chunk_size=args.chunk_size, modes=modes, mode_limit=args.mode_limit, engine="local" if args.ray is None else "ray",
-        address=args.ray or None, workers=args.workers, progress=not args.quiet, **options,
+        address=args.ray or None, workers=args.workers, progress=not args.quiet,
+        device=getattr(args, "device", None), dtype=getattr(args, "dtype", None), **options,
     )
     s = result.summary
     limits = result.config.get("limits") or []

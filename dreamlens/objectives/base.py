@@ -49,7 +49,9 @@ class Capture:
 
 def reduce_positions(x: Float[Tensor, "batch pos"], how: Reduce, start: int) -> Float[Tensor, " batch"]:
     """One value per row: the last position, the max or mean over the prompt's positions (from
-    `start`), or the value at position `how` (counted from `start`, or from the end when negative)."""
+    `start`), or the value at position `how` (counted from `start`, or from the end when negative).
+    Reduced in float32 at least, whatever the model's dtype."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     if how == "last":
         return x[:, -1]
     if how == "max":

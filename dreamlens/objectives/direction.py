@@ -4,8 +4,8 @@ row or a probe), read at one position or reduced over the prompt's positions."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -27,6 +27,8 @@ class Direction(Objective):
     vector: Tensor
     reduce: Reduce = "last"
     source: str | None = None  # file the vector came from, for the string form
+    # the vector on each (device, dtype) it was read in: copied there once, not on every forward pass
+    _placed: dict[Any, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reduce", check_reduce(self.reduce))
@@ -66,11 +68,20 @@ class Direction(Objective):
                 f"position (shape {list(shape)}); give a vector of length {math.prod(shape)}"
             )
 
+    def placed(self, device: torch.device, dtype: torch.dtype) -> Float[Tensor, " d"]:
+        """The vector on `device` in `dtype` (made once per pair)."""
+        key = (device, dtype)
+        if key not in self._placed:
+            self._placed[key] = self.vector.to(device=device, dtype=dtype)
+        return self._placed[key]
+
     def value(self, capture: Capture) -> Float[Tensor, " batch"]:
         act = capture.acts[self.hook]
         if act.ndim > 3:
             act = act.flatten(2)
-        return reduce_positions(act @ self.vector.to(act.device, act.dtype), self.reduce, capture.start)
+        # the dot product sums d_model terms: in float32 at least, whatever the model's dtype
+        dtype = torch.promote_types(act.dtype, torch.float32)
+        return reduce_positions(act.to(dtype) @ self.placed(act.device, dtype), self.reduce, capture.start)
 
     def __str__(self) -> str:
         return f"dir:{self.hook}:{self.source or '<in-memory>'}{reduce_suffix(self.reduce)}"

@@ -3,7 +3,9 @@ before its activation function; latents of one SAE share one encoding per forwar
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +13,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..settings import settings_mismatch
 from .base import Capture, Objective, ObjectiveError, Reduce, as_index, check_reduce, reduce_positions, reduce_suffix
 from .hooks import check_hook, hook_info
 
@@ -22,6 +25,32 @@ def _sae_hook(sae: Any) -> str | None:
     meta = getattr(sae.cfg, "metadata", None)
     hook = getattr(meta, "hook_name", None) if meta is not None else None
     return hook or getattr(sae.cfg, "hook_name", None)
+
+
+_PLACED = "_dreamlens_placed"
+
+
+def placed_sae(sae: Any, like: Tensor) -> Any:
+    """`sae` on the device and in the dtype of the activations `like` it reads: the SAE itself when it is there
+    already, else a copy, made once and kept on the SAE (made again when its weights change), so that the
+    caller's SAE is never moved and latents of one SAE still share one copy."""
+    params = list(sae.parameters())
+    if not params or all(p.device == like.device and p.dtype == like.dtype for p in params):
+        return sae
+    version = tuple((p.data_ptr(), p._version) for p in params)  # in-place edits and reassignments both show
+    memo: dict[Any, Any] = sae.__dict__.setdefault(_PLACED, {})
+    key = (like.device, like.dtype)
+    if key not in memo or memo[key][0] != version:
+        del sae.__dict__[_PLACED]  # not part of the copy
+        try:
+            twin = copy.deepcopy(sae)
+        finally:
+            sae.__dict__[_PLACED] = memo
+        twin.to(device=like.device, dtype=like.dtype)
+        for p in twin.parameters():
+            p.requires_grad_(False)  # gradients flow to the prompt, never into the SAE
+        memo[key] = (version, twin)
+    return memo[key][1]
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -79,25 +108,29 @@ class SAELatent(Objective):
             raise ObjectiveError(
                 f"SAE latent {self.index} is out of range: this SAE has {d_sae} latents (0..{d_sae - 1})"
             )
+        error, warning = settings_mismatch(model, self.sae, hook, repr(self.source) if self.source else "(in memory)")
+        if error:
+            raise ObjectiveError(error)
+        if warning:
+            warnings.warn(warning, stacklevel=3)
 
     def _encode(self, capture: Capture) -> tuple[Tensor | None, Tensor]:
         key = ("sae", id(self.sae))
         if key not in capture.memo:
             act = capture.acts[self.hook]
-            w = next(self.sae.parameters(), None)
-            device = w.device if w is not None else act.device
+            sae = placed_sae(self.sae, act)  # on the model's device, in its dtype
             # hook_z SAEs either flatten the heads themselves or expect us to.
-            x = act if getattr(self.sae, "hook_z_reshaping_mode", False) or act.ndim == 3 else act.flatten(2)
+            x = act if getattr(sae, "hook_z_reshaping_mode", False) or act.ndim == 3 else act.flatten(2)
             # Read the pre-activation from the SAE's own hook point, so every architecture works.
             got: dict[str, Any] = {}
-            pre_hook = getattr(self.sae, "hook_sae_acts_pre", None)
+            pre_hook = getattr(sae, "hook_sae_acts_pre", None)
             handle = (
                 pre_hook.register_forward_hook(lambda m, i, o: got.__setitem__("pre", o))
                 if isinstance(pre_hook, torch.nn.Module)
                 else None
             )
             try:
-                post = self.sae.encode(x.to(device=device, dtype=self.sae.dtype))
+                post = sae.encode(x)
             finally:
                 if handle is not None:
                     handle.remove()

@@ -61,6 +61,8 @@ def sweep(
     address: str | None = None,
     workers: int | None = None,
     progress: bool = True,
+    device: Any = None,
+    dtype: Any = None,
     **options: Any,
 ) -> Sweep:
     """Dream every objective `objectives` names (a SPEC: `'sae:embedded[0:256]'`, several separated by ';',
@@ -75,6 +77,9 @@ def sweep(
     the key tokens of those before it; each mode a dream of `budget`), ranked by activation at xe <=
     `mode_limit` (default 6); the summary then has a row per mode (columns `mode`, `found`).
 
+    device/dtype: where the local engine loads a named model (as `load_model` takes them); not part of the
+    sweep's identity. The Ray engine's workers load it on their CPU in float32.
+
     Resumable and idempotent: run again, the finished chunks are kept and only the rest is computed; a
     folder holding a sweep of another config is refused (`SweepConfigError` names the differing keys).
     Ctrl-C or SIGTERM keeps every finished chunk. Returns `load_sweep(out)`."""
@@ -86,6 +91,12 @@ def sweep(
         raise SweepError(f"unknown engine {engine!r}; choose 'local' (this process) or 'ray' (a Ray cluster)")
     if engine == "local" and (address is not None or workers is not None):
         raise SweepError("address= and workers= apply to the Ray engine; pass engine='ray', or drop them")
+    if engine == "ray" and (device is not None or dtype is not None):
+        raise SweepError("the Ray engine's workers load the model on their CPU in float32; drop device= and dtype= "
+                         "(--device, --dtype), or run the sweep with the local engine (no --ray)")
+    if not (isinstance(model, (str, os.PathLike)) or model is None) and (device is not None or dtype is not None):
+        raise SweepError("device= and dtype= apply to a model the sweep loads; move a loaded model yourself "
+                         "(model.to(device), model.to(dtype)), or pass its name")
     if mode_limit is not None and modes == 1:
         raise SweepError("mode_limit= applies only with modes=K (the limit modes are ranked at); pass modes=2 (or more), "
                          "or drop mode_limit")
@@ -112,7 +123,7 @@ def sweep(
         if engine == "local":
             from .local import run_local
 
-            net = loaded if loaded is not None else load_model_spec(spec)
+            net = loaded if loaded is not None else load_model_spec(spec, device=device, dtype=dtype)
             saes: dict[str, Any] = {}
             for o in parse_objectives(names, saes):
                 o.validate(net)

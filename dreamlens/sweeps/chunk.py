@@ -166,15 +166,16 @@ def limit_name(limit: float) -> str:
     return f"xe{float(limit):g}"
 
 
-def load_model_spec(spec: str | None) -> HookedTransformer:
+def load_model_spec(spec: str | None, *, device: Any = None, dtype: Any = None) -> HookedTransformer:
     """The model a spec names: None (or "embedded") the embedded model, "package.module:function" a
-    factory called with no arguments, anything else a name or folder for `dreamlens.load_model`."""
+    factory called with no arguments, anything else a name or folder for `dreamlens.load_model`; on
+    `device`, in `dtype` (as `load_model` takes them; a factory's model is moved there when they are given)."""
     from ..models import load_model
 
     if spec is None or spec == "embedded":
-        return load_model()
+        return load_model(device=device, dtype=dtype)
     if not _FACTORY.fullmatch(spec):
-        return load_model(spec)
+        return load_model(spec, device=device, dtype=dtype)
     module, func = spec.split(":")
     try:
         factory = getattr(importlib.import_module(module), func)
@@ -190,6 +191,13 @@ def load_model_spec(spec: str | None) -> HookedTransformer:
     model = factory()
     if not isinstance(model, HookedTransformer):
         raise SweepError(f"the factory {spec!r} returned a {type(model).__name__}, not a HookedTransformer; return the model")
+    if device is not None or dtype is not None:
+        from ..devices import resolve_device, resolve_dtype
+
+        if device is not None:
+            model.to(resolve_device(device), print_details=False)
+        if dtype is not None:
+            model.to(resolve_dtype(dtype), print_details=False)
     return model
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DreamlensError
+from ..install import DISTRIBUTION
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from ..analysis.scan import ScanResult
 
 RAY_VERSION = "2.60.0"
-INSTALL_HINT = f'pip install "dreamlens[ray]" (ray=={RAY_VERSION})'
+INSTALL_HINT = f'pip install "{DISTRIBUTION}[ray]" (ray=={RAY_VERSION})'
 # Ray restarts a worker that dies and reruns its task this many times; after that the driver moves the
 # task to a fresh worker, up to ATTEMPTS times in all, before giving up on the sweep.
 RESTARTS = 3
