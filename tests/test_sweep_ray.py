@@ -130,7 +130,7 @@ def test_worker_error_is_raised_as_itself(ray_cluster, tmp_path):
 
 def test_ray_missing_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    with pytest.raises(RayMissingError, match=r'pip install "dreamlens\[ray\]"'):
+    with pytest.raises(RayMissingError, match=r'pip install "dreamlens-tl\[ray\]"'):
         import_ray()
     with pytest.raises(ImportError):  # still an ImportError to code that catches those
         import_ray()
