@@ -222,3 +222,17 @@ def test_cli_dream_from_examples_saves_the_scan_and_report_compares(tmp_path, ca
 def test_cli_from_examples_errors(capsys, tiny_cli, extra, needle):
     rc, _, err = run_cli(capsys, "dream", OBJ, "--length", "4", "--iters", "1", *extra)
     assert_one_error_line(rc, err, needle)
+
+
+def test_stalled_members_restart_from_the_unused_starts(tiny_model, examples):
+    cfg = dict(length=L, iters=12, beams=2, children=4, lineage=True, restart_patience=1, lm_share=0.0, shift_share=0.0)
+    r = dl.dream(tiny_model, OBJ, "adapt", examples=examples, progress=False, **cfg)
+    f, xe = exact_scores(tiny_model, [ids for _, ids in examples])
+    n_valid = int((torch.isfinite(f) & torch.isfinite(xe)).sum())
+    left = {tuple(p) for p in r.state["reserve"][0]}
+    assert len(left) < n_valid - 2  # some member took an unused start
+    assert left <= {ids for _, ids in examples}  # the reserve holds only examples, none taken twice
+    assert not left & {tuple(p) for p in r.state["population"]}
+    # without restarts no reserve is kept
+    off = dl.dream(tiny_model, OBJ, "adapt", examples=examples, progress=False, **{**cfg, "restart_patience": 0})
+    assert "reserve" not in off.state

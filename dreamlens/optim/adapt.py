@@ -348,16 +348,17 @@ class ADAPT(Method):
         """The members' first prompts (each the best of the beam search's last candidates under its own
         penalty) and the penalties in activation units."""
         cfg, ev, unit = self.cfg, self.ev, self.unit
-        pool = start_pool(cfg, self.layout)
+        pool = start_pool(cfg)
         reserve = None
         if pool is not None:  # candidate starts (dataset examples): scored (charged); the members cover them
             pool_f, pool_xe, _ = ev.evaluate(pool, torch.zeros(len(pool), dtype=torch.long), 0)
             keep = cover(pool_f, pool_xe, cfg.beams)
             ok = torch.isfinite(pool_f) & torch.isfinite(pool_xe)
             scale = spread(pool_f[ok]) if int(ok.sum()) > 1 else max(abs(float(pool_f[keep[0]])), 1e-6)
-            spare = ok.clone()
-            spare[keep] = False  # the valid starts no member took: where restarts go
-            reserve = (pool[spare], pool_f[spare], pool_xe[spare])
+            if cfg.restart_patience:  # the valid starts no member took: where restarts go
+                spare = ok.clone()
+                spare[keep] = False
+                reserve = (pool[spare], pool_f[spare], pool_xe[spare])
             pool, pool_f, pool_xe = pool[keep], pool_f[keep], pool_xe[keep]
         elif self.init_span is not None:
             pool = self.init_span
@@ -378,9 +379,8 @@ class ADAPT(Method):
         # each member takes the best start under its own penalty.
         best = torch.arange(cfg.beams) if cfg.init_prompts is not None else select_members(pool_f, pool_xe, lams)
         strengths = [MutationStrength() for _ in range(cfg.beams)]
-        self.states = [ADAPTState(pool[best].clone(), pool_f[best], pool_xe[best], self.generator, strengths, lams, unit)]
-        if reserve is not None:
-            self.states[0].reserve = reserve
+        self.states = [ADAPTState(pool[best].clone(), pool_f[best], pool_xe[best], self.generator, strengths, lams, unit,
+                                  reserve=reserve)]
 
     def restore(self, states: list[dict[str, Any]]) -> None:
         self.states = [ADAPTState.from_dict(states[0], self.unit)]

@@ -66,14 +66,10 @@ def initial_span(model: HookedTransformer, cfg: DreamConfig, layout: Layout) -> 
     return span
 
 
-def start_pool(cfg: DreamConfig, layout: Layout) -> Int[Tensor, "pool length"] | None:
-    """The config's candidate starts (`init_prompts`) as ids (None: the method's own start)."""
-    if cfg.init_prompts is None:
-        return None
-    pool = torch.tensor(cfg.init_prompts, dtype=torch.long)
-    if pool.shape[1] != layout.length:
-        raise DreamError(f"init_prompts have {pool.shape[1]} tokens but length is {layout.length}; set length={pool.shape[1]}")
-    return pool
+def start_pool(cfg: DreamConfig) -> Int[Tensor, "pool length"] | None:
+    """The config's candidate starts (`init_prompts`, their length checked by the config) as ids (None:
+    the method's own start)."""
+    return None if cfg.init_prompts is None else torch.tensor(cfg.init_prompts, dtype=torch.long)
 
 
 def cover(f: Float[Tensor, " pool"], xe: Float[Tensor, " pool"], n: int) -> Int[Tensor, " n"]:
