@@ -650,7 +650,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1 for a shard, else torch's)")
     ap.add_argument("--out", default=None, help=f"output folder (default {DEFAULT_OUT}; quick {QUICK_OUT}; "
                     f"a shard: {DEFAULT_OUT}/shardIofN)")
-    ap.add_argument("--shard", default=None, metavar="I/N", help="run only the jobs whose index % N == I")
+    ap.add_argument("--shard", default=None, metavar="I/N", help="run only the jobs whose index %% N == I")
     ap.add_argument("--merge", nargs="+", default=None, metavar="FOLDER",
                     help="report the runs of these shard folders together (settings are read from them)")
     ap.add_argument("--figure", default=None, help=f"figure path (default {DEFAULT_FIGURE}; quick: OUT/figure.png; "
