@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,30 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "adapt_full": ("adapt", {**BOTH, "lineage": True, "restart_patience": 8}),
     "adapt_full_b8": ("adapt", {**BOTH, "lineage": True, "restart_patience": 8, "beams": 8, "children": 16}),
     "epo_lm": ("epo", {"lm_share": 0.25}),
+    # Without examples (the goal for a method without the dataset): `self_share` spends that share of the
+    # budget on text sampled from the model and scanned for the target; its top windows are the starts.
+    "scratch_adapt": ("adapt", {"examples": False}),  # from ADAPT's beam search (today's scratch default)
+    "scratch_self15": ("adapt", {"examples": False, "self_share": 0.15}),
+    "scratch_self35": ("adapt", {"examples": False, "self_share": 0.35}),
 }
+
+
+def self_starts(model: Any, objective: Any, tokens: int, length: int, seed: int) -> tuple[list[Any], int]:
+    """Candidate starts without a dataset: about `tokens` tokens sampled from the model (documents of 64
+    tokens after the start token, with its KV cache), scanned for `objective`; the token-forwards spent
+    (sampling and scan, counted as tokens through the model)."""
+    n = max(1, tokens // 64)
+    torch.manual_seed(seed)
+    bos = model.tokenizer.bos_token_id
+    ids = model.generate(torch.full((n, 1), bos, dtype=torch.long), max_new_tokens=64, stop_at_eos=False,
+                         temperature=1.0, use_past_kv_cache=True, verbose=False, return_type="tokens")
+    texts = [model.tokenizer.decode(row[1:]) for row in ids]
+    with warnings.catch_warnings():  # the decoded samples may re-tokenize to a few tokens fewer
+        warnings.simplefilter("ignore")
+        sc = dl.scan(model, [objective], texts, tokens=n * 64, window=length, top_k=32, per_document=4, cache=False,
+                     progress=False)
+    spent = n * 64 + int(sc.meta["n_tokens"]) + 32 * (length + 1)  # sampling, the scan, the scoring of its top 32
+    return example_spans(sc, 0, length, positive=False), spent
 
 
 def judge(r: Any, scan: Any, i: int) -> dict[str, float]:
@@ -85,9 +109,14 @@ def main() -> None:
         starts = example_spans(scan, i, 12, positive=False)
         for v in names:
             method, options = VARIANTS[v]
+            options = dict(options)
+            seeded, share = options.pop("examples", True), options.pop("self_share", 0.0)
             t0 = time.perf_counter()
-            r = dl.dream(model, t, method, examples=starts, length=12, seed=0, max_token_forwards=budget, iters=100_000,
-                         progress=False, **options)
+            ex, spent = (starts, 0) if seeded else (None, 0)
+            if share:
+                ex, spent = self_starts(model, t, int(budget * share / 2), 12, seed=0)
+            r = dl.dream(model, t, method, examples=ex or None, length=12, seed=0, max_token_forwards=budget - spent,
+                         iters=100_000, progress=False, **options)
             m = judge(r, scan, i)
             rows[v].append(m)
             print(f"{t} {v}: " + ", ".join(f"{k} {x:.2f}" for k, x in m.items())
