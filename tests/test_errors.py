@@ -74,7 +74,7 @@ def test_api(tiny_model, case):
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_cli(tiny_model, monkeypatch, capsys, tmp_path, case):
-    name, obj, _, args, _, needles = case
+    _, obj, _, args, _, needles = case
     monkeypatch.setattr(models, "load_model", lambda name=None, **k: tiny_model)
     base = ["--method", "epo", "--iters", "0", "--population", "2", "--children", "2", "--topk", "8"]
     argv = ["dream", obj, *base, *(args or ["--length", "4"]), "--out", tmp_path / "out"]

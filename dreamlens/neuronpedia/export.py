@@ -59,11 +59,12 @@ KINDS = ("features", "activations")
 class Texts:
     """One objective's prompts to export: its top examples (`examples`: ids, activation, doc) and its
     dreams' frontiers (`dreams`: (dataSource, frontier with ids and activation, by rank)), and the
-    context every dream was read in (`prefix`, `suffix`)."""
+    context every prompt was read in (`bos`: the start token, if any; the dreams' `prefix`, `suffix`)."""
 
     objective: str
     examples: pd.DataFrame | None
     corpus: str
+    bos: int | None
     dreams: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
     prefix: str = ""
     suffix: str = ""
@@ -107,24 +108,24 @@ def feature_rows(texts: Texts, feature: Feature, model: HookedTransformer, *, cr
                  created_at: str = "") -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The feature row of one objective and its activation rows: its top examples (in rank order), then
     each dream's frontier (most fluent first)."""
-    from ..models import bos_token_id, encode
+    from ..models import encode
 
-    bos = bos_token_id(model)
-    start = [bos] if bos is not None else []
+    start = [texts.bos] if texts.bos is not None else []
     head = start + (encode(model, texts.prefix) if texts.prefix else [])
     tail = encode(model, texts.suffix) if texts.suffix else []
-    kw = dict(creator_id=creator_id, created_at=created_at)
     rows: list[dict[str, Any]] = []
     for _, e in (texts.examples.iterrows() if texts.examples is not None else iter(())):
         if math.isfinite(float(e["activation"])):
             rows.append(activation_row(feature, model, start + [int(t) for t in e["ids"]], float(e["activation"]),
-                                       data_source=texts.corpus, data_index=str(int(e["doc"])), **kw))
+                                       data_source=texts.corpus, data_index=str(int(e["doc"])), creator_id=creator_id,
+                                       created_at=created_at))
     top = [r["maxValue"] for r in rows]
     for source, frontier in texts.dreams:
         for rank, (_, d) in enumerate(frontier.iterrows()):
             if math.isfinite(float(d["activation"])):
                 rows.append(activation_row(feature, model, head + [int(t) for t in d["ids"]] + tail,
-                                           float(d["activation"]), data_source=source, data_index=str(rank), **kw))
+                                           float(d["activation"]), data_source=source, data_index=str(rank),
+                                           creator_id=creator_id, created_at=created_at))
     best = max(top) if top else max((r["maxValue"] for r in rows), default=0.0)
     feature_row = {"modelId": feature.model_id, "layer": feature.source, "index": str(feature.index),
                    "maxActApprox": best, "hasVector": False, "creatorId": creator_id, "createdAt": created_at}
@@ -154,8 +155,8 @@ def _scan_examples(scan: ScanResult | None, objective: str) -> tuple[pd.DataFram
 def result_texts(result: DreamResult, scan: ScanResult | None = None) -> Texts:
     """A dream result's frontier, with its objective's top examples from `scan`."""
     examples, corpus = _scan_examples(scan, result.objective)
-    return Texts(result.objective, examples, corpus, [(_dream_source(result.method), result.frontier)],
-                 result.prefix, result.suffix)
+    return Texts(result.objective, examples, corpus, result.bos_token_id,
+                 [(_dream_source(result.method), result.frontier)], result.prefix, result.suffix)
 
 
 def modes_texts(modes: Modes, scan: ScanResult | None = None) -> Texts:
@@ -163,11 +164,13 @@ def modes_texts(modes: Modes, scan: ScanResult | None = None) -> Texts:
     examples, corpus = _scan_examples(scan, modes.objective)
     first = modes.dreams[0] if modes.dreams else None
     dreams = [(_dream_source(r.method, k + 1), r.frontier) for k, r in enumerate(modes.dreams)]
-    return Texts(modes.objective, examples, corpus, dreams, first.prefix if first else "", first.suffix if first else "")
+    return Texts(modes.objective, examples, corpus, first.bos_token_id if first else None, dreams,
+                 first.prefix if first else "", first.suffix if first else "")
 
 
-def sweep_texts(sweep: Sweep) -> Iterator[Texts]:
-    """Each finished objective of a sweep: its top examples and its dreams (every mode's)."""
+def sweep_texts(sweep: Sweep, bos: int | None) -> Iterator[Texts]:
+    """Each finished objective of a sweep: its top examples and its dreams (every mode's); `bos`: the start
+    token of its model (a sweep does not store it)."""
     method, options = str(sweep.config.get("method")), sweep.config.get("options") or {}
     done = sorted({int(i) for i in sweep.summary["index"]}) if len(sweep.summary) else []
     for i in done:
@@ -175,7 +178,7 @@ def sweep_texts(sweep: Sweep) -> Iterator[Texts]:
         modes = sorted({int(m) for m in front["mode"]}) if "mode" in front.columns and len(front) else [1]
         dreams = [(_dream_source(method, m if sweep.modes > 1 else None),
                    front[front["mode"] == m] if "mode" in front.columns else front) for m in modes]
-        yield Texts(sweep.objectives[i], sweep.top(i), str(sweep.config.get("corpus", "")), dreams,
+        yield Texts(sweep.objectives[i], sweep.top(i), str(sweep.config.get("corpus", "")), bos, dreams,
                     str(options.get("prefix") or ""), str(options.get("suffix") or ""))
 
 
@@ -244,7 +247,9 @@ def export_neuronpedia(
     scan = _scan_of(scan, folder) if not isinstance(obj, Sweep) else None
     loaded = _model_of(model, obj)
     if isinstance(obj, Sweep):
-        texts = list(sweep_texts(obj))
+        from ..models import bos_token_id
+
+        texts = list(sweep_texts(obj, bos_token_id(loaded)))
         model_name = str(obj.config.get("model") or "")
     elif isinstance(obj, Modes):
         texts = [modes_texts(obj, scan)]
