@@ -250,7 +250,7 @@ def export_neuronpedia(
         from ..models import bos_token_id
 
         texts = list(sweep_texts(obj, bos_token_id(loaded)))
-        model_name = str(obj.config.get("model") or "")
+        model_name = ""  # a sweep names a model spec (a factory, a folder): the model's own name instead
     elif isinstance(obj, Modes):
         texts = [modes_texts(obj, scan)]
         model_name = obj.dreams[0].model_name if obj.dreams else ""
