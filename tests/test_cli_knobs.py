@@ -34,10 +34,19 @@ def help_of(name: str) -> str:
 
 
 def test_every_config_field_has_a_flag_or_a_reason():
-    for method, (_, cls) in METHODS.items():
+    for _, cls in METHODS.values():
         for f in dataclasses.fields(cls):
             assert f.name in HELP or f.name in SKIPPED, f"{cls.__name__}.{f.name} has neither a help line nor a reason"
     assert not set(HELP) & set(SKIPPED)
+
+
+def test_the_parser_is_built_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from dreamlens.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr  # --help and --version stay instant
 
 
 @pytest.mark.parametrize("command", ["dream", "sweep"])

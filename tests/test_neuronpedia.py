@@ -82,6 +82,8 @@ def test_each_saes_neuronpedia_id(tmp_path):
     sae.save_model(tmp_path / "mine")  # kept in the folder's cfg.json
     assert sae_neuronpedia_id(tmp_path / "mine") == "smollm2-135m/10-test"
     assert sae_neuronpedia_id(str(tmp_path / "mine")) == "smollm2-135m/10-test"
+    assert dl.SAELatent(dl.load_sae(tmp_path / "mine"), 3).neuronpedia_id == "smollm2-135m/10-test"  # and loaded again
+    assert export_feature(f"sae:{tmp_path / 'mine'}[3]", "m") == Feature("smollm2-135m", "10-test", 3)
 
 
 def test_the_feature_an_objective_is_exported_as(tmp_path):

@@ -71,10 +71,10 @@ METAVARS: dict[type, str] = {int: "N", float: "X", str: "TEXT"}
 
 
 def config_classes() -> dict[str, type]:
-    """Each method's config class, by method name (the order of `optim.dream.METHODS`)."""
-    from ..optim.dream import METHODS
+    """Each method's config class, by method name (`optim.config.CONFIGS`: no torch to import for --help)."""
+    from ..optim.config import CONFIGS
 
-    return {name: cls for name, (_, cls) in METHODS.items()}
+    return dict(CONFIGS)
 
 
 def _integer(text: str) -> int:
@@ -186,7 +186,7 @@ def add_knob_flags(parser: argparse.ArgumentParser, skip: Iterable[str] = ()) ->
 def knob_options(args: argparse.Namespace, method: str, skip: Iterable[str] = ()) -> dict[str, Any]:
     """The knobs given on the command line, by field name, for `method`'s config; a knob `method` lacks is a
     `DreamError` naming its flag and the methods that have it."""
-    from ..scoring import DreamError
+    from ..errors import DreamError
 
     given = [(k, getattr(args, k.name)) for k in knobs(skip) if getattr(args, k.name, None) is not None]
     for k, _ in given:
