@@ -159,6 +159,16 @@ def test_dream_without_out_saves_to_a_folder_it_prints(tmp_path, monkeypatch, ca
     assert (tmp_path / "dreams" / "blocks.1.mlp.hook_post-3-2" / "result.json").is_file()
 
 
+def test_a_resumed_dream_goes_on_in_its_folder(tmp_path, monkeypatch, capsys, tiny_cli):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_cli(capsys, "dream", OBJ, *TINY, "--out", "d")
+    assert rc == 0, err
+    rc, out, err = run_cli(capsys, "dream", OBJ, *TINY, "--iters", "3", "--resume", "d")  # the same config, more iters
+    assert rc == 0, err
+    assert "saving to" not in out and "saved to d " in out
+    assert dl.DreamResult.load(tmp_path / "d").iterations == 3 and not (tmp_path / "dreams").exists()
+
+
 def test_report_folder_writes_its_page_into_the_folder(tmp_path, capsys, tiny_cli):
     rc, _, err = run_cli(capsys, "dream", OBJ, *TINY, "--out", tmp_path / "d")
     assert rc == 0, err

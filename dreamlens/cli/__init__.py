@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, func: Any, help: str, example: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, epilog=f"example{'s' if chr(10) in example else ''}:\n"
-                           f"  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+        heading = "examples" if "\n" in example else "example"  # the help ends with how it is used
+        p = sub.add_parser(name, help=help, description=help, epilog=f"{heading}:\n  {example}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--debug", default=argparse.SUPPRESS, **debug)  # also after the subcommand
         p.set_defaults(func=func)
         return p
@@ -173,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan-tokens", type=positive, default=None, metavar="N",
                    help="with --from-examples: corpus tokens to scan (default 100000)")
     p.add_argument("--out", default=None, help="folder for the result (result.json + history.parquet; with --modes: "
-                   f"modes.json + mode_1/ ..; default: a new folder under {DREAMS_FOLDER}/, named after the objective)")
+                   f"modes.json + mode_1/ ..; default: the --resume folder, else a new folder under {DREAMS_FOLDER}/, named "
+                   "after the objective)")
     p.add_argument("--force", action="store_true", help="replace a result (or modes) already in --out")
     _placement(p)
     add_knob_flags(p)

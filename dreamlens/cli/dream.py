@@ -120,13 +120,13 @@ def _run_dream(args: argparse.Namespace) -> tuple[HookedTransformer, DreamResult
     kw = _dream_options(args, method)
     resume = load_result(args.resume, "--resume") if args.resume else None
     chosen = bool(args.out)
-    args.out = args.out or default_out(args.objective)
+    args.out = args.out or args.resume or default_out(args.objective)  # a resumed run goes on in its folder
     check_dream_out(args.out, force=args.force or resume is not None)
     kw["checkpoint_dir"] = args.out  # checkpoints, and the partial result of a run that fails
     cfg = make_config(method, None, **kw)  # an option the method does not have fails here, before loading
     cfg.validate()
     target = objective(args.objective)  # a malformed objective fails before the model loads too
-    if not chosen:
+    if not chosen and resume is None:
         print(f"saving to {args.out} (--out FOLDER to choose)")
     seeded = bool(getattr(args, "from_examples", False))
     if seeded:

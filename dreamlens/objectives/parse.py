@@ -259,11 +259,11 @@ def parse_unit(spec: str) -> Unit | None:
     """The neuron or SAE latent `spec` names (`Unit`), or None for any other objective (a logit, a direction,
     a combination, `max(...)`) and for text that is no objective at all."""
     body, how = _parse_reduce(spec.strip())
-    for form in FORMS[:2]:  # the neuron and the SAE latent
+    for form in FORMS:
         m = form.pattern.fullmatch(body)
         if m and form.name == "neuron":
             return Unit("neuron", m.group(1), tuple(int(x) for x in m.group(2).split(",")), how)
-        if m:
+        if m and form.name == "sae":
             return Unit(m.group(1), m.group(2), (int(m.group(3)),), how)
     return None
 
