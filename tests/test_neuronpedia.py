@@ -188,6 +188,21 @@ def test_modes_each_with_its_mode_in_data_source(dreamed, tiny_model, tmp_path):
     assert [row["dataSource"] for row in rows] == ["dreamlens:epo"] * n + ["dreamlens:epo:mode-2"] * n
 
 
+def test_a_sweeps_objectives_that_are_no_feature_are_left_out(tiny_model, tmp_path):
+    s = dl.sweep('blocks.1.mlp.hook_post[2]; logit[" the"]; blocks.0.mlp.hook_post[1]', tmp_path / "sweep",
+                 model=tiny_model, budget=300, corpus=DOCS, tokens=64, window=8, top_k=2, per_document=2, chunk_size=2,
+                 **SMALL)
+    with pytest.warns(UserWarning, match=r"1 of the sweep's objectives .* left out.*not one neuron or SAE latent"):
+        folders = dl.export_neuronpedia(s, tmp_path / "np", model=tiny_model)
+    assert folders == [tmp_path / "np" / "tiny-llama" / "1-mlp-hook-post", tmp_path / "np" / "tiny-llama" / "0-mlp-hook-post"]
+    assert [[f["index"] for f in b] for folder in folders for b in batches(folder, "features")] == [["2"], ["1"]]
+    assert {r["layer"] for r in batches(folders[1], "activations")[0]} == {"0-mlp-hook-post"}
+    one = dl.sweep('logit[" the"]', tmp_path / "logit", model=tiny_model, budget=300, corpus=DOCS, tokens=64, window=8,
+                   top_k=2, per_document=2, **SMALL)
+    with pytest.raises(NeuronpediaError, match="not one neuron or SAE latent"):
+        dl.export_neuronpedia(one, tmp_path / "np2", model=tiny_model)
+
+
 def test_an_export_is_replaced_only_with_force(swept, tiny_model, tmp_path):
     out = tmp_path / "np"
     (folder,) = dl.export_neuronpedia(swept, out, model=tiny_model, batch_size=1)

@@ -34,6 +34,7 @@ import io
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -259,7 +260,20 @@ def export_neuronpedia(
         texts = [result_texts(obj, scan)]
         model_name = obj.model_name
     model_name = model_name if model_name and not model_name.startswith("in-memory:") else str(loaded.cfg.model_name)
-    features = [export_feature(t.objective, model_name, model_id=model_id, source=source_id) for t in texts]
+    features, left_out = [], []
+    for t in list(texts):
+        try:
+            features.append(export_feature(t.objective, model_name, model_id=model_id, source=source_id))
+        except NeuronpediaError as e:
+            if not isinstance(obj, Sweep) or len(texts) == 1:
+                raise
+            left_out.append((t, e))
+    if left_out:  # a sweep's other objectives are exported all the same
+        if not features:
+            raise left_out[0][1]
+        texts = [t for t in texts if all(t is not u for u, _ in left_out)]
+        warnings.warn(f"{len(left_out)} of the sweep's objectives are no Neuronpedia feature and were left out, e.g. "
+                      f"{left_out[0][1]}", stacklevel=2)
     seen: dict[Feature, str] = {}
     for t, f in zip(texts, features):
         if f in seen:
