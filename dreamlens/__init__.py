@@ -61,6 +61,7 @@ _EXPORTS: dict[str, str] = {
     "write_report": "viz.report",
     "build_modes_report": "viz.report",
     "write_modes_report": "viz.report",
+    "export_neuronpedia": "neuronpedia.export",
     "sweep": "sweeps",
     "load_sweep": "sweeps.store",
     "Sweep": "sweeps.store",
@@ -80,6 +81,7 @@ _SUBMODULES = {
     "analysis",
     "viz",
     "sweeps",
+    "neuronpedia",
     "settings",
     "devices",
     "install",
@@ -137,6 +139,7 @@ __all__ = [
     "write_report",
     "build_modes_report",
     "write_modes_report",
+    "export_neuronpedia",
     "sweep",
     "load_sweep",
     "Sweep",
@@ -148,6 +151,7 @@ if TYPE_CHECKING:  # the same names for a type checker (tests/test_public_api.py
     from .analysis.scan import ScanResult, scan
     from .errors import DreamlensError
     from .models import ModelLoadError, bos_token_id, decode, encode, load_model, set_bos_token_id
+    from .neuronpedia.export import export_neuronpedia
     from .objectives.base import Objective, ObjectiveError
     from .objectives.combination import Combination
     from .objectives.direction import Direction

@@ -14,3 +14,7 @@ class DreamlensError(Exception):
 
 class OutputError(DreamlensError, OSError):
     """An output path cannot be written, or already holds results that would be overwritten."""
+
+
+class DreamError(DreamlensError, ValueError):
+    """Bad optimizer input; the message names the value and the fix."""

@@ -108,6 +108,38 @@ def load_sae(
         return _load_release(name_or_path, *where)
 
 
+def sae_neuronpedia_id(sae: str | os.PathLike | Any | None) -> str | None:
+    """The SAE's id on Neuronpedia ("MODEL/SOURCE", e.g. "gpt2-small/8-res-jb"), or None when it has none.
+
+    `sae`: a loaded SAE (its `cfg.metadata.neuronpedia_id`, which sae-lens's `from_pretrained` sets from its
+    directory of pretrained SAEs); or what `load_sae` takes, looked up without loading the SAE or any network:
+    "RELEASE/SAE_ID" in sae-lens's directory, a folder or the embedded SAE in its cfg.json."""
+    import json
+
+    if sae is not None and not isinstance(sae, (str, os.PathLike)):
+        meta = getattr(getattr(sae, "cfg", None), "metadata", None)
+        found = getattr(meta, "neuronpedia_id", None) or getattr(getattr(sae, "cfg", None), "neuronpedia_id", None)
+        return str(found) if found else None
+    folder = embedded_sae_dir() if sae is None or str(sae) == EMBEDDED_SAE else Path(sae)
+    if folder.is_dir():
+        try:
+            cfg = json.loads((folder / _CFG_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        found = (cfg.get("metadata") or {}).get("neuronpedia_id") or cfg.get("neuronpedia_id")
+        return str(found) if found else None
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()  # shipped inside sae-lens: no network
+    try:
+        release, sae_id = _split_release(str(sae), directory)
+    except SAELoadError:
+        return None
+    info = directory.get(release)
+    found = (getattr(info, "neuronpedia_id", None) or {}).get(sae_id) if info is not None else None
+    return str(found) if found else None
+
+
 def _load_embedded(device: str, dtype: str) -> SAE:
     from sae_lens import SAE
 

@@ -207,8 +207,8 @@ def test_demo_is_the_default_method_after_the_chat_user_turn(tiny_model):
     from dreamlens.optim.dream import DEFAULT_METHOD, METHODS, make_config
 
     ns = cli.demo_args(argparse.Namespace(model=None, out="dreams/demo", budget=12_000))
-    fields = {k: v for k, v in vars(ns).items() if k in {"length", "max_token_forwards", "seed", "prefix"}}
-    cfg = make_config(ns.method, None, **fields)
+    fields = {k: v for k, v in vars(ns).items() if k in {"length", "seed", "prefix"}}
+    cfg = make_config(ns.method, None, **fields, max_token_forwards=ns.budget)
     assert ns.method == DEFAULT_METHOD and isinstance(cfg, METHODS[DEFAULT_METHOD][1])
     assert cfg.prefix == cli.DEMO_PREFIX and cfg.length == 8 and cfg.max_token_forwards == 12_000
     ids = encode(tiny_model, cli.DEMO_PREFIX)  # the embedded tokenizer: the special token, not its letters

@@ -60,4 +60,4 @@ def test_cli_dream_routes_every_method_through_dream(tiny_model, monkeypatch, tm
     assert dl.DreamResult.load(tmp_path / "e").method == "epo"
     assert "Pareto frontier" in capsys.readouterr().out
     assert cli.main(base + ["--method", "gcg", "--population", "2"]) == 2
-    assert "'population' is not an option of gcg" in capsys.readouterr().err
+    assert "--population is not an option of gcg" in capsys.readouterr().err

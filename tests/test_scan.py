@@ -316,7 +316,7 @@ def test_cli_scan_and_compare(tiny_model, tmp_path, monkeypatch, capsys):
     text.write_text("\n\n".join(DOCS))
     out = tmp_path / "scan"
     rc = cli.main(["scan", "blocks.0.mlp.hook_post[3]", "blocks.1.hook_resid_post[0]", "--tokens", "96",
-                   "--window", "8", "--top-k", "3", "--corpus", str(text), "--out", str(out), "--no-cache"])
+                   "--window", "8", "--top-examples", "3", "--corpus", str(text), "--out", str(out), "--no-cache"])
     assert rc == 0 and ScanResult.load(out).objectives[1] == "blocks.1.hook_resid_post[0]"
     assert "top examples of blocks.0.mlp.hook_post[3]" in capsys.readouterr().out
 

@@ -369,7 +369,7 @@ def test_the_sweep_command_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["sweep", "blocks.1.mlp.hook_post[0:3]", "--out", str(out), "--model", "dreamlens.testing:tiny_model",
             "--method", "epo", "--budget", "400", "--length", "4", "--corpus", str(corpus), "--tokens", "64",
-            "--window", "8", "--top-k", "2", "--chunk-size", "2", "--quiet"]
+            "--window", "8", "--top-examples", "2", "--chunk-size", "2", "--quiet"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "3 objectives in" in printed and "3 computed now, 0 from before" in printed

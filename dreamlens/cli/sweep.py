@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+SWEEP_SKIPPED = ("checkpoint_every",)  # config fields a sweep sets itself: no flag (its store is its checkpoint)
+
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from ..sweeps import sweep
@@ -16,7 +18,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     modes = args.modes or 1
     if args.mode_limit is not None and modes == 1:
         raise SweepError("--mode-limit applies only with --modes K; add --modes 2 (or more), or drop --mode-limit")
-    options = {k: v for k, v in (("length", args.length), ("seed", args.seed), ("iters", args.iters)) if v is not None}
+    from ..optim.dream import DEFAULT_METHOD
+    from .knobs import knob_options
+
+    options = knob_options(args, args.method or DEFAULT_METHOD, skip=SWEEP_SKIPPED)
     before = load_sweep(args.out).n_done if (Path(args.out) / "sweep.json").is_file() else 0
     result = sweep(
         args.spec, args.out, model=args.model, method=args.method, budget=args.budget, corpus=args.corpus,
@@ -47,5 +52,5 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             mode = f" (mode {int(r['mode'])})" if result.modes > 1 else ""
             print(f"  {r[col]:8.3g}  {r['objective']}{mode}  {r[f'best_xe{float(limit):g}_text']!r}")
     page = Path(args.out) / "report.html"
-    print(f"read it with dl.load_sweep({str(args.out)!r}); a page: dreamlens report {args.out} --out {page}")
+    print(f"read it with dl.load_sweep({str(args.out)!r}); a page ({page}): dreamlens report {args.out}")
     return 0

@@ -31,6 +31,12 @@ def _layer_of(hook: str) -> int | None:
 def check_hook(model: HookedTransformer, hook: str, whose: str = "") -> None:
     """ObjectiveError, with the closest hook name as a hint, unless `hook` is in `model.hook_dict`
     (`whose` says where the name came from, e.g. " (the SAE's cfg.metadata.hook_name)")."""
+    if isinstance(hook, str) and hook not in model.hook_dict:
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)", hook)
+        n = model.cfg.n_layers
+        if m and int(m.group(1)) >= n and f"blocks.0.{m.group(2)}" in model.hook_dict:  # only the block is wrong
+            raise ObjectiveError(f"unknown hook {hook!r}{whose}: the model has {n} blocks (0..{n - 1}); the last "
+                                 f"one's is 'blocks.{n - 1}.{m.group(2)}'")
     if not isinstance(hook, str) or hook not in model.hook_dict:
         close = difflib.get_close_matches(str(hook), list(model.hook_dict), n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""

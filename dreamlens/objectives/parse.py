@@ -243,6 +243,31 @@ def _parse_single(spec: str, load_sae: LoadSAE, expression: Callable[[str], Obje
     raise ObjectiveError(f"cannot read the objective {spec!r}. {FORMS_HELP}")
 
 
+@dataclass(frozen=True)
+class Unit:
+    """What the string form of a single neuron or SAE latent names, read without loading anything:
+    `kind` "neuron" (`where` is its hook, `index` its numbers), "sae" or "sae_pre" (`where` is the SAE's
+    source, `index` its latent); `reduce` as its '@' suffix says."""
+
+    kind: str
+    where: str
+    index: tuple[int, ...]
+    reduce: Reduce
+
+
+def parse_unit(spec: str) -> Unit | None:
+    """The neuron or SAE latent `spec` names (`Unit`), or None for any other objective (a logit, a direction,
+    a combination, `max(...)`) and for text that is no objective at all."""
+    body, how = _parse_reduce(spec.strip())
+    for form in FORMS:
+        m = form.pattern.fullmatch(body)
+        if m and form.name == "neuron":
+            return Unit("neuron", m.group(1), tuple(int(x) for x in m.group(2).split(",")), how)
+        if m and form.name == "sae":
+            return Unit(m.group(1), m.group(2), (int(m.group(3)),), how)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading what a spec names, and the parser
 

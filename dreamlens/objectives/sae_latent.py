@@ -82,6 +82,13 @@ class SAELatent(Objective):
     def hooks(self) -> tuple[str, ...]:
         return (self.hook,)
 
+    @property
+    def neuronpedia_id(self) -> str | None:
+        """The SAE's id on Neuronpedia ("MODEL/SOURCE"; this latent's page is at .../INDEX), or None."""
+        from ..sae import sae_neuronpedia_id
+
+        return sae_neuronpedia_id(self.sae)
+
     def validate(self, model: HookedTransformer) -> None:
         hook = self.hook
         if not hook:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..scoring import DreamError
+from ..errors import DreamError
 
 # A check: (condition, message when it fails). Checks are generated lazily, in order, so a later
 # condition is only evaluated once the earlier ones held.
@@ -237,3 +237,7 @@ class GCGConfig(DreamConfig):
         d = {k: v for k, v in config.items() if k != "lam"}
         lam = config.get("lam")
         return {**EPOConfig().to_dict(), **d, "population": 1, "lam_min": lam, "lam_max": lam, "restart_every": 0}
+
+
+# Each method's config, by the method's name (`optim.dream.METHODS` pairs them with their optimizers).
+CONFIGS: dict[str, type[DreamConfig]] = {"adapt": ADAPTConfig, "epo": EPOConfig, "gcg": GCGConfig}

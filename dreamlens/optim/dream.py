@@ -13,7 +13,7 @@ from ..objectives import Objective
 from ..results import DreamResult
 from ..scoring import DreamError
 from .adapt import adapt
-from .config import ADAPTConfig, DreamConfig, EPOConfig, GCGConfig
+from .config import CONFIGS, DreamConfig
 from .epo import epo
 from .gcg import gcg
 from .loop import Callback
@@ -25,9 +25,7 @@ if TYPE_CHECKING:
     from ..analysis.scan import ScanResult
 
 METHODS: dict[str, tuple[Callable[..., Any], type[DreamConfig]]] = {
-    "adapt": (adapt, ADAPTConfig),
-    "epo": (epo, EPOConfig),
-    "gcg": (gcg, GCGConfig),
+    name: (run, CONFIGS[name]) for name, run in (("adapt", adapt), ("epo", epo), ("gcg", gcg))
 }
 DEFAULT_METHOD = "adapt"  # chosen by benchmarks/fluency.py (see the README)
 

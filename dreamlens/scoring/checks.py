@@ -9,17 +9,13 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ..errors import DreamlensError
+from ..errors import DreamError  # defined beside the other errors, so the configs need no torch
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from ..objectives import Objective
     from .layout import Layout
-
-
-class DreamError(DreamlensError, ValueError):
-    """Bad optimizer input; the message names the value and the fix."""
 
 
 def check_vocab_sizes(model: HookedTransformer, **sizes: int) -> None:

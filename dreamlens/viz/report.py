@@ -104,6 +104,17 @@ def _overview(r: DreamResult) -> str:
     return _kv(pairs) + f'<p class="note">config: <code>{_esc(config)}</code></p>'
 
 
+def neuronpedia_link(objective: str) -> str:
+    """A paragraph linking the feature's Neuronpedia page, when the objective is a latent of an SAE that has
+    one (the page's only external link: no resource is loaded from it); else ''."""
+    from ..neuronpedia.ids import neuronpedia_page
+
+    page = neuronpedia_page(objective)
+    if page is None:
+        return ""
+    return f'<p>This feature on Neuronpedia: <a href="{_esc(page.url)}">{_esc(page.url)}</a></p>'
+
+
 def _best_table(r: DreamResult, thresholds: Sequence[float]) -> str:
     rows = []
     for t in [*thresholds, math.inf]:
@@ -165,7 +176,8 @@ def build_report(
 ) -> str:
     """The report page as a string. Token attributions are computed for up to `max_attributions`
     frontier prompts when `model` is given (or passed ready in `attributions`); the dataset comparison
-    is added when `scan` (a `ScanResult`) is given. Everything is inlined: no external URL."""
+    is added when `scan` (a `ScanResult`) is given. Everything is inlined: no external resource (the one
+    external link is the feature's Neuronpedia page, for a latent of an SAE that has one)."""
     if not isinstance(result, DreamResult):
         raise NotAResultError(f"build_report needs a DreamResult (from dream() or DreamResult.load), got {type(result).__name__}")
     if len(result) == 0:
@@ -184,7 +196,7 @@ def build_report(
         )
     front = result.frontier[["activation", "xe", "iteration", "text"]]
     sections = [
-        ("Objective and run", _overview(result)),
+        ("Objective and run", neuronpedia_link(result.objective) + _overview(result)),
         ("Best prompt under cross-entropy limits", _best_table(result, thresholds)),
         (f"Pareto frontier ({len(front)} prompts)",
          '<p class="note">Non-dominated prompts: no other prompt has both a higher activation and a lower '
@@ -307,7 +319,7 @@ def build_modes_report(
     intro = [f'<p class="note">{len(modes)} modes of <code>{_esc(modes.objective)}</code>, each later one found without '
              "the key tokens (and their embedding neighbours) of those found before it (column start: where it began); "
              "ranked by the best activation "
-             f"at xe &lt;= {modes.limit:g} nats/token.</p>"]
+             f"at xe &lt;= {modes.limit:g} nats/token.</p>" + neuronpedia_link(modes.objective)]
     overview = modes.to_frame()
     overview["key_tokens"] = [_tokens(model, k) for k in modes.key_tokens]
     intro.append(_table(overview))
