@@ -16,7 +16,7 @@ from .data import cmd_compare, cmd_scan
 from .dream import DEMO_OBJECTIVE, DEMO_PREFIX, cmd_demo, cmd_dream, cmd_info, demo_args
 from .install import cmd_install_embedded
 from .report import cmd_report
-from .sweep import cmd_sweep
+from .sweep import add_ray_arguments, cmd_sweep
 
 __all__ = [
     "main", "build_parser",
@@ -216,11 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(a summary row per mode; each mode a dream of --budget)")
     p.add_argument("--mode-limit", type=_positive_float, default=None, metavar="XE",
                    help="the fluency limit (xe, nats/token) modes are ranked at (default 6)")
-    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="run on Ray: a local cluster, or the cluster at ADDRESS (needs dreamlens-tl[ray])")
-    p.add_argument("--workers", type=positive, default=None, help="Ray workers (one torch thread each)")
+    add_ray_arguments(p, positive)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _placement(p, "the model (local engine)")
+    _placement(p, "the model")
 
     p = command("report", cmd_report, "one offline HTML page: objective, frontier, plots, attributions, dataset comparison")
     p.add_argument("result_dir", help="a dream result folder, a modes folder (from `dreamlens dream --modes K --out`), "
