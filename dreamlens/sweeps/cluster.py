@@ -181,10 +181,31 @@ def connect(ray: Any, address: str | None, workers: int | None, gpus: float | No
             with loopback_only(ray):  # "local": never $RAY_ADDRESS, which Ray reads when no address is given
                 ray.init(address="local", **local, **quiet)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+        if address and (refused := authentication_error(e)) is not None:
+            raise RayEngineError(
+                f"the Ray cluster at {address!r} refuses this driver: it asks for Ray's token authentication "
+                f"({refused}); set RAY_AUTH_MODE=token here, with the cluster's token in "
+                "~/.ray/auth_token, $RAY_AUTH_TOKEN_PATH or $RAY_AUTH_TOKEN (`ray get-auth-token` on the head node prints it)"
+            ) from e
         if address:
             raise no_cluster(address, f"{type(e).__name__}: {e}") from e
         raise RayEngineError(f"could not start a local Ray cluster on 127.0.0.1: {type(e).__name__}: {e}; check that "
                              "`ray start --head --node-ip-address 127.0.0.1` works") from e
+
+
+def authentication_error(e: BaseException) -> str | None:
+    """Ray's complaint about a missing or wrong token among the causes of `e` (Ray keeps the last failed
+    try only as text), else None."""
+    cause: BaseException | None = e
+    for _ in range(10):
+        if cause is None:
+            return None
+        text = str(cause)
+        if "AuthenticationError" in text or "InvalidAuthToken" in text or type(cause).__name__ == "AuthenticationError":
+            found = text[text.find("InvalidAuthToken"):] if "InvalidAuthToken" in text else text
+            return found.split(". ")[0]
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 @contextmanager
