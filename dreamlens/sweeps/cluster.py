@@ -226,8 +226,12 @@ def stderr_kept() -> Iterator[Callable[[], str]]:
     """For the duration, this process's standard error (file descriptor 2, where Ray's C++ client logs a
     warning for each failed try) goes to a temporary file; yields a function that returns its text."""
     sys.stderr.flush()
-    saved = os.dup(2)
     text = ""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no standard error to keep
+        yield lambda: text
+        return
     with tempfile.TemporaryFile() as tmp:
         os.dup2(tmp.fileno(), 2)
         try:
@@ -268,16 +272,16 @@ def plan_workers(resources: dict[str, float], workers: int | None, gpus_per_work
 def worker_device(device: str | None, gpu_ids: Sequence[str]) -> str:
     """Where a worker loads the model: `device` when given, else its GPU when Ray gave it one ("cuda": Ray
     shows a worker only its own GPUs), else "cpu". `RayEngineError` when it has a GPU torch cannot see."""
-    if device is not None:
-        return device
-    if not gpu_ids:
-        return "cpu"
+    chosen = device if device is not None else "cuda" if gpu_ids else "cpu"
+    if not chosen.startswith("cuda"):
+        return chosen
     import torch
 
     if not torch.cuda.is_available():
+        given = f"was given GPU {', '.join(gpu_ids)} by Ray" if gpu_ids else f"was asked for device {chosen!r}"
         raise RayEngineError(
-            f"a worker on {socket.gethostname()} was given GPU {', '.join(gpu_ids)} by Ray, but its torch "
-            f"({torch.__version__}) sees no CUDA device: install a CUDA build of torch on the cluster's nodes, or run "
-            "the workers on their CPUs (--gpus-per-worker 0, or --device cpu)"
+            f"a worker on {socket.gethostname()} {given}, but its torch ({torch.__version__}) sees no CUDA device: "
+            "install a CUDA build of torch on the cluster's nodes, or run the workers on their CPUs (--gpus-per-worker 0, "
+            "or --device cpu)"
         )
-    return "cuda"
+    return chosen
