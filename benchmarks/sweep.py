@@ -204,7 +204,7 @@ def scale(args: argparse.Namespace) -> None:
     killed_at = time.perf_counter()
     before = stored(out)
     t_end = time.perf_counter()
-    left = end_processes(tree, 30)  # Ray's agents take ~80 s to notice a SIGKILLed driver: ended here
+    left = end_processes(tree, 10)  # Ray's two agents take ~80 s to notice a SIGKILLed driver: ended here
     waited = time.perf_counter() - t_end
     print(f"killed_run_wall_s: {killed_at - t0:.1f}", flush=True)
     print(f"stored_at_kill: {len(before)} of {chunks} chunks", flush=True)
@@ -254,7 +254,7 @@ def scale(args: argparse.Namespace) -> None:
     print(f"extrapolation: on GPUs, assuming {args.gpu_tflops:g} TFLOP/s sustained per GPU (an assumption, not a "
           f"measurement) and 2 x {params / 1e6:.0f}M FLOPs per token-forward: {SAE_LATENTS} x {tf + scan_tf:.0f} "
           f"token-forwards x {2 * params:.3g} FLOPs = {SAE_LATENTS * flops:.3g} FLOPs, "
-          f"{SAE_LATENTS * flops / (args.gpu_tflops * 1e12) / 3600:.2f} GPU-hours: that / N hours on N GPUs")
+          f"{SAE_LATENTS * flops / (args.gpu_tflops * 1e12) / 3600:.3g} GPU-hours: that / N hours on N GPUs")
     print(f"objectives_per_hour: {rate:.0f}")
 
 

@@ -3,7 +3,7 @@ so a sweep's workers, in other processes, build the same model the tests use."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -41,9 +41,9 @@ def tiny_model_oom() -> HookedTransformer:
 
     model = tiny_model()
 
-    def out_of_memory(act: torch.Tensor, hook: object) -> None:
+    def out_of_memory(tensor: torch.Tensor, *, hook: Any) -> None:
         read = any(not h.is_permanent for h in getattr(hook, "fwd_hooks", []))  # an objective's hook, not this one
-        if read and act.requires_grad:
+        if read and tensor.requires_grad:
             raise torch.OutOfMemoryError(f"CUDA out of memory (simulated at {OOM_HOOK} by dreamlens.testing:tiny_model_oom)")
 
     model.add_perma_hook(OOM_HOOK, out_of_memory)

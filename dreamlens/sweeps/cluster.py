@@ -128,8 +128,8 @@ def loopback_only(ray: Any) -> Iterator[None]:
     cluster: a flag it reads from the environment when first imported (and its processes inherit). Both
     are set here and restored after, so a later connection to a remote cluster from this process
     registers the driver at its routable address, as Ray would have it."""
-    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
-    had_flag = constants is not None and hasattr(constants, "ENABLE_RAY_CLUSTER")
+    constants: Any = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    had_flag = hasattr(constants, "ENABLE_RAY_CLUSTER")
     flag = getattr(constants, "ENABLE_RAY_CLUSTER", None)
     env = os.environ.get(LOOPBACK_ENV)
     os.environ[LOOPBACK_ENV] = "0"
