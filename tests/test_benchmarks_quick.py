@@ -21,7 +21,7 @@ def test_every_benchmark_is_covered():
 
 
 # a benchmark's run with a quick path of its own, beside the script's default one
-RUNS = [(s, []) for s in SCRIPTS] + [("sweep.py", ["--scale"])]
+RUNS = [pytest.param(s, [], id=s) for s in SCRIPTS] + [pytest.param("sweep.py", ["--scale"], id="sweep.py --scale")]
 
 
 @pytest.mark.parametrize("script, extra", RUNS)
