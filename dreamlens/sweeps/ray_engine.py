@@ -200,11 +200,15 @@ class _Pool:
         self.states.update({self.names[a]: s for a, s in zip(self.actors, states)})
         return states
 
-    def collect(self) -> None:
-        """The states of replacement workers that have answered (never waits)."""
+    def refresh(self) -> None:
+        """Ask every worker for its state again (one Ray restarted may be on another node now)."""
+        self.pending.update({a.state.remote(): self.names[a] for a in self.actors})
+
+    def collect(self, timeout: float = 0) -> None:
+        """The states asked for (of replacement workers, or by `refresh`) that answer within `timeout` seconds."""
         if not self.pending:
             return
-        done, _ = self.ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+        done, _ = self.ray.wait(list(self.pending), num_returns=len(self.pending), timeout=timeout)
         for ref in done:
             name = self.pending.pop(ref)
             try:
@@ -287,10 +291,10 @@ def run_ray(
         run = {"id": pool.run_id, "engine": "ray", "address": cluster_address(address) or "local",
                "started": datetime.now(UTC).isoformat(timespec="seconds"), "gpus_per_worker": gpus}
 
-        def report() -> None:
+        def report(timeout: float = 0, **more: Any) -> None:
             if record is not None:
-                pool.collect()
-                record({**run, "workers": pool.report()})
+                pool.collect(timeout)
+                record({**run, **more, "workers": pool.report()})
 
         try:
             with sigterm_as_interrupt():
@@ -299,8 +303,8 @@ def run_ray(
                 bar.set_description(f"sweep ({label})", refresh=False)
                 bar.reset(total)  # rate and ETA from here: the workers have loaded the model
                 _schedule(ray, pool, [_Chunk(i, o) for i, o in todo], settings, write, bar)
-                if pool.created > n:  # replacement workers: what they ran on, too
-                    report()
+                pool.refresh()  # restarted and replacement workers: where they ran, too
+                report(timeout=10, finished=datetime.now(UTC).isoformat(timespec="seconds"))
         finally:
             bar.close()
             pool.close()
