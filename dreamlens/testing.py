@@ -3,7 +3,7 @@ so a sweep's workers, in other processes, build the same model the tests use."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -26,4 +26,25 @@ def tiny_model() -> HookedTransformer:
     model = HookedTransformer(cfg, tokenizer=load_embedded_tokenizer(), default_padding_side="right")
     model.eval()
     set_bos_token_id(model, 0)
+    return model
+
+
+# where `tiny_model_oom`'s simulated out-of-memory strikes
+OOM_HOOK = "blocks.0.mlp.hook_post"
+
+
+def tiny_model_oom() -> HookedTransformer:
+    """`tiny_model`, except that a gradient pass (a dream's; not a scan's, nor a check's) that an objective
+    reads at `OOM_HOOK` raises torch's `OutOfMemoryError`, whatever its batch size: an objective that does
+    not fit on its worker, for the tests of sweeps that go on without it."""
+    import torch
+
+    model = tiny_model()
+
+    def out_of_memory(tensor: torch.Tensor, *, hook: Any) -> None:
+        read = any(not h.is_permanent for h in getattr(hook, "fwd_hooks", []))  # an objective's hook, not this one
+        if read and tensor.requires_grad:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated at {OOM_HOOK} by dreamlens.testing:tiny_model_oom)")
+
+    model.add_perma_hook(OOM_HOOK, out_of_memory)
     return model

@@ -20,10 +20,14 @@ def test_every_benchmark_is_covered():
     assert "fluency.py" in SCRIPTS and len(SCRIPTS) >= 6
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_quick_path_ends_with_a_headline(script, tmp_path):
+# a benchmark's run with a quick path of its own, beside the script's default one
+RUNS = [pytest.param(s, [], id=s) for s in SCRIPTS] + [pytest.param("sweep.py", ["--scale"], id="sweep.py --scale")]
+
+
+@pytest.mark.parametrize("script, extra", RUNS)
+def test_quick_path_ends_with_a_headline(script, extra, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    argv = [sys.executable, str(ROOT / "benchmarks" / script), "--quick"]
+    argv = [sys.executable, str(ROOT / "benchmarks" / script), *extra, "--quick"]
     if "--out" in subprocess.run([*argv[:2], "--help"], capture_output=True, text=True, env=env, cwd=tmp_path).stdout:
         argv += ["--out", str(tmp_path / "out")]
     done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)

@@ -311,6 +311,52 @@ def test_an_objective_that_cannot_start_from_random_prompts(swept, tiny_model, t
     assert f"no dream: DreamError: the objective {html.escape(repr(NAMES[1]), quote=True)}" in build_sweep_report(s)
 
 
+def test_an_objective_out_of_memory_gets_an_error_row(swept, tiny_model, tmp_path, monkeypatch):
+    """Out of memory with the whole EPO run of a chunk: each objective is dreamed alone; the one that runs
+    out of memory alone too (its passes already halved to one prompt) gets a row saying so, the sweep goes on."""
+    import torch
+
+    from dreamlens.optim import dream as dream_mod
+
+    _, full = swept
+    real = dream_mod.dream
+    seen = []
+
+    def hungry(model, objective, method, *, config, **kwargs):
+        names = [str(o) for o in objective]
+        seen.append(names)
+        if NAMES[1] in names:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real(model, objective, method, config=config, **kwargs)
+
+    monkeypatch.setattr(dream_mod, "dream", hungry)
+    s = dl.sweep(SPEC, tmp_path / "run", model=tiny_model, **KW)
+    assert s.complete and seen[:3] == [NAMES[:2], [NAMES[0]], [NAMES[1]]]  # the run of the list, then each alone, once
+    assert list(s.summary["stopped"]) == ["budget", "error", "budget", "budget"]
+    row = s.summary.iloc[1]
+    assert row["error"].startswith("OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+    assert "give each worker more memory" in row["error"] and row["n_prompts"] == 0 and s.frontier(1).empty
+    assert len(s.top(1)) >= 1  # its dataset side is there
+    _same(s.summary.iloc[2:], full.summary.iloc[2:])  # the other chunk is untouched
+    monkeypatch.setattr(dream_mod, "dream", lambda *a, **k: 1 / 0)  # any other error is a bug: raised
+    with pytest.raises(ZeroDivisionError):
+        dl.sweep(SPEC, tmp_path / "other", model=tiny_model, **KW)
+
+
+def test_a_model_out_of_memory_on_one_objective(tmp_path):
+    """`dreamlens.testing:tiny_model_oom` runs out of memory in every dream of an objective at its OOM_HOOK:
+    that objective's row says so; the objectives beside it in its chunk and after it are dreamed."""
+    from dreamlens.testing import OOM_HOOK
+
+    spec = f"blocks.1.mlp.hook_post[0];{OOM_HOOK}[0];blocks.1.mlp.hook_post[1]"
+    s = dl.sweep(spec, tmp_path / "run", model="dreamlens.testing:tiny_model_oom", budget=300, tokens=256, window=8,
+                 top_k=2, chunk_size=2, length=4, progress=False)
+    assert s.complete and list(s.summary["stopped"]) == ["budget", "error", "budget"]
+    assert s.summary["error"].iloc[1].startswith("OutOfMemoryError: CUDA out of memory (simulated")
+    assert s.summary["n_prompts"].iloc[[0, 2]].min() > 0
+    assert [r["engine"] for r in s.runs] == ["local"] and s.runs[0]["device"] == "cpu"  # where it ran, in sweep.json
+
+
 def test_an_objective_the_error_names_leaves_its_epo_run(tiny_model, tmp_path, monkeypatch):
     from dreamlens.optim import dream as dream_mod
 
@@ -388,6 +434,11 @@ def test_the_sweep_command_end_to_end(tmp_path, capsys):
 
     assert main([*argv, "--workers", "2"]) == 2
     assert "--workers is the number of Ray workers" in capsys.readouterr().err
+    assert main([*argv, "--gpus-per-worker", "1"]) == 2
+    assert "--gpus-per-worker applies to Ray workers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse's own usage error, one line
+        main([*argv, "--ray", "--gpus-per-worker", "-1"])
+    assert "--gpus-per-worker: must be 0 or more" in capsys.readouterr().err
 
     page = tmp_path / "page.html"
     assert main(["report", str(out), "--out", str(page)]) == 0

@@ -1,5 +1,6 @@
 """The Ray engine on a real local Ray cluster (2 CPUs, every process on 127.0.0.1): the same rows and values
-as the local engine, a sweep that survives a worker killed in the middle of it, and its errors."""
+as the local engine (and where each worker ran, in sweep.json), a sweep that survives a worker killed in the
+middle of it, or out of memory on one objective, and its errors."""
 
 from __future__ import annotations
 
@@ -58,6 +59,9 @@ def test_ray_equals_local(ray_cluster, local, tmp_path):
     assert_same_sweep(local, got)
     assert sorted(p.name for p in (out / "summary").iterdir()) == [f"chunk-{i:05d}.parquet" for i in range(4)]
     assert dreamlens_workers(ray_cluster) == []  # the engine stopped its workers
+    ran = got.runs[-1]  # what ran where, in sweep.json: two workers of this cluster, on their CPUs, no GPU
+    assert ran["engine"] == "ray" and ran["address"] == "local" and ran["gpus_per_worker"] == 0
+    assert [(w["node"], w["device"], w["dtype"], w["gpu_ids"]) for w in ran["workers"]] == [("127.0.0.1", "cpu", "float32", [])] * 2
     # again: every chunk is done, nothing runs (no worker starts)
     t0 = time.perf_counter()
     again = dl.sweep(SPEC, out, engine="ray", **SWEEP)
@@ -120,6 +124,19 @@ def test_worker_killed_mid_sweep(ray_cluster, local, tmp_path):
     # the workers: one torch thread each, and this checkout's dreamlens (PYTHONPATH passed on)
     assert {s["threads"] for s in killer.seen} == {1}
     assert {s["dreamlens"] for s in killer.seen} == {dl.__file__}
+
+
+def test_a_worker_out_of_memory_on_one_objective(ray_cluster, tmp_path):
+    """A worker whose model runs out of memory in the dream of one objective (`tiny_model_oom`: torch's
+    OutOfMemoryError at every pass, however few prompts): that objective's row says so, the sweep goes on."""
+    from dreamlens.testing import OOM_HOOK
+
+    spec = f"blocks.1.mlp.hook_post[0];{OOM_HOOK}[0];blocks.1.mlp.hook_post[1:3]"
+    got = dl.sweep(spec, tmp_path / "sweep", engine="ray", **{**SWEEP, "model": "dreamlens.testing:tiny_model_oom"})
+    assert got.complete and got.summary["index"].tolist() == [0, 1, 2, 3]
+    assert got.summary["stopped"].tolist() == ["budget", "error", "budget", "budget"]
+    assert got.summary["error"].iloc[1].startswith("OutOfMemoryError: CUDA out of memory (simulated")
+    assert got.frontier(1).empty and all(len(got.frontier(i)) for i in (0, 2, 3))
 
 
 def test_worker_error_is_raised_as_itself(ray_cluster, tmp_path):

@@ -19,7 +19,7 @@ from .export import cmd_export_neuronpedia
 from .install import cmd_install_embedded
 from .knobs import add_knob_flags, config_classes
 from .report import cmd_report
-from .sweep import SWEEP_SKIPPED, cmd_sweep
+from .sweep import SWEEP_SKIPPED, add_ray_arguments, cmd_sweep
 
 __all__ = [
     "main", "build_parser",
@@ -227,11 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(a summary row per mode; each mode a dream of --budget)")
     p.add_argument("--mode-limit", type=_positive_float, default=None, metavar="XE",
                    help="the fluency limit (xe, nats/token) modes are ranked at (default 6)")
-    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="run on Ray: a local cluster, or the cluster at ADDRESS (needs dreamlens-tl[ray])")
-    p.add_argument("--workers", type=positive, default=None, help="Ray workers (one torch thread each)")
+    add_ray_arguments(p, positive)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _placement(p, "the model (local engine)")
+    _placement(p, "the model")
     add_knob_flags(p, skip=SWEEP_SKIPPED)
 
     p = command("report", cmd_report, "one offline HTML page: objective, frontier, plots, attributions, dataset comparison",

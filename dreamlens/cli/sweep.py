@@ -5,6 +5,42 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
+
+
+def _gpus(text: str) -> float:
+    """An argparse `type=`: GPUs per Ray worker, 0 or more (a fraction shares a GPU)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GPUs (0, 1, 0.5, ...), got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more (0: the workers run on their CPUs), got {text}")
+    return value
+
+
+def add_ray_arguments(p: argparse.ArgumentParser, positive: Any) -> None:
+    """`sweep`'s Ray options: the cluster's address, the workers, and the GPUs each asks for."""
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on Ray: the cluster at ADDRESS (HOST:PORT, ray://HOST:PORT, auto), else at $RAY_ADDRESS, "
+                   "else a local cluster on 127.0.0.1 (needs dreamlens-tl[ray])")
+    p.add_argument("--workers", type=positive, default=None,
+                   help="Ray workers, one torch thread each (default: as many as the cluster's CPUs and GPUs hold)")
+    p.add_argument("--gpus-per-worker", type=_gpus, default=None, metavar="N",
+                   help="GPUs each Ray worker asks for and loads the model on (default 1 when the cluster has GPUs, "
+                   "else 0; 0.5: two workers share a GPU)")
+
+
+def _workers_line(result: Any) -> str | None:
+    """Where the last run's Ray workers ran (from sweep.json), e.g. 'ray workers (127.0.0.1:6379): 2 on cuda at 10.0.0.2'."""
+    from collections import Counter
+
+    run = result.runs[-1] if result.runs else {}
+    workers = run.get("workers") if run.get("engine") == "ray" else None
+    if not workers:
+        return None
+    where = Counter((w.get("device"), w.get("node")) for w in workers)
+    return f"ray workers ({run.get('address')}): " + ", ".join(f"{n} on {d} at {node}" for (d, node), n in where.items())
 
 SWEEP_SKIPPED = ("checkpoint_every",)  # config fields a sweep sets itself: no flag (its store is its checkpoint)
 
@@ -15,6 +51,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.ray is None and args.workers is not None:
         raise SweepError("--workers is the number of Ray workers: pass --ray [ADDRESS] with it, or drop it")
+    gpus = getattr(args, "gpus_per_worker", None)
+    if args.ray is None and gpus is not None:
+        raise SweepError("--gpus-per-worker applies to Ray workers: pass --ray [ADDRESS] with it, or drop it")
     modes = args.modes or 1
     if args.mode_limit is not None and modes == 1:
         raise SweepError("--mode-limit applies only with --modes K; add --modes 2 (or more), or drop --mode-limit")
@@ -28,12 +67,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         tokens=args.tokens, window=args.window, top_k=args.top_k, per_document=args.per_document,
         chunk_size=args.chunk_size, modes=modes, mode_limit=args.mode_limit, engine="local" if args.ray is None else "ray",
         address=args.ray or None, workers=args.workers, progress=not args.quiet,
+        **({"gpus_per_worker": gpus} if gpus is not None else {}),
         device=getattr(args, "device", None), dtype=getattr(args, "dtype", None), **options,
     )
     s = result.summary
     limits = result.config.get("limits") or []
     limit = 6.0 if 6.0 in limits else (limits[-1] if limits else None)
     print(f"{len(result)} objectives in {args.out}: {len(result) - before} computed now, {before} from before")
+    if (line := _workers_line(result)) is not None and len(result) > before:
+        print(line)
     failed = s[s["stopped"] == "error"] if "stopped" in s.columns else s.iloc[:0]
     if len(failed):
         print(f"{len(failed)} could not be dreamed (the summary's `error` column says why), e.g. {failed['objective'].iloc[0]}: "

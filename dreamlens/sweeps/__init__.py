@@ -41,6 +41,15 @@ def _model_spec(model: Any, engine: str) -> tuple[str | None, HookedTransformer 
     return f"in-memory:{model.cfg.model_name}", model
 
 
+def _local_run(model: HookedTransformer) -> dict[str, Any]:
+    """What a run of the local engine records in sweep.json: where its model is."""
+    import uuid
+    from datetime import UTC, datetime
+
+    return {"id": uuid.uuid4().hex[:8], "engine": "local", "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            "device": str(model.cfg.device), "dtype": str(model.cfg.dtype).removeprefix("torch.")}
+
+
 def sweep(
     objectives: str | os.PathLike | Sequence[str | Objective],
     out: str | os.PathLike,
@@ -60,6 +69,7 @@ def sweep(
     engine: str = "local",
     address: str | None = None,
     workers: int | None = None,
+    gpus_per_worker: float | None = None,
     progress: bool = True,
     device: Any = None,
     dtype: Any = None,
@@ -77,8 +87,15 @@ def sweep(
     the key tokens of those before it; each mode a dream of `budget`), ranked by activation at xe <=
     `mode_limit` (default 6); the summary then has a row per mode (columns `mode`, `found`).
 
-    device/dtype: where the local engine loads a named model (as `load_model` takes them); not part of the
-    sweep's identity. The Ray engine's workers load it on their CPU in float32.
+    engine="ray": `address` the cluster ("HOST:PORT", "ray://HOST:PORT", "auto"; default $RAY_ADDRESS,
+    else a local cluster on 127.0.0.1, started and stopped here), `workers` how many (default: as many as
+    its CPUs and GPUs hold), `gpus_per_worker` the GPUs each asks for (default 1 when the cluster has GPUs,
+    else 0; a fraction shares one). An address where nothing answers fails within seconds.
+
+    device/dtype: where the model is loaded (as `load_model` takes them; not part of the sweep's identity):
+    by the local engine (default: `load_model`'s), or by each Ray worker (default: its GPU when it has
+    one, else its CPU; float32). Each run's engine, and each Ray worker's node, GPUs and device, are
+    recorded in sweep.json (`Sweep.runs`).
 
     Resumable and idempotent: run again, the finished chunks are kept and only the rest is computed; a
     folder holding a sweep of another config is refused (`SweepConfigError` names the differing keys).
@@ -89,11 +106,11 @@ def sweep(
 
     if engine not in ENGINES:
         raise SweepError(f"unknown engine {engine!r}; choose 'local' (this process) or 'ray' (a Ray cluster)")
-    if engine == "local" and (address is not None or workers is not None):
-        raise SweepError("address= and workers= apply to the Ray engine; pass engine='ray', or drop them")
-    if engine == "ray" and (device is not None or dtype is not None):
-        raise SweepError("the Ray engine's workers load the model on their CPU in float32; drop device= and dtype= "
-                         "(--device, --dtype), or run the sweep with the local engine (no --ray)")
+    if engine == "local" and (address is not None or workers is not None or gpus_per_worker is not None):
+        raise SweepError("address=, workers= and gpus_per_worker= apply to the Ray engine; pass engine='ray', or drop them")
+    if engine == "ray" and device is not None and str(device).split(":")[0] not in ("cpu", "cuda"):
+        raise SweepError(f"a Ray worker loads the model on 'cpu' or on its GPU ('cuda'), got device={device!r}; pass one "
+                         "of those, or leave it out (its GPU when it has one, else its CPU)")
     if not (isinstance(model, (str, os.PathLike)) or model is None) and (device is not None or dtype is not None):
         raise SweepError("device= and dtype= apply to a model the sweep loads; move a loaded model yourself "
                          "(model.to(device), model.to(dtype)), or pass its name")
@@ -129,13 +146,16 @@ def sweep(
                 o.validate(net)
             settings.check_mode_budget(net)  # on this model, before the folder is written
             store.create()
+            store.record_run(_local_run(net))
             run_local(store, settings, net, saes=saes, progress=progress)
         else:
             from .ray_engine import run_ray
 
             parse_objectives(names)  # every objective readable before any worker starts
             store.create()
-            run_ray(todo, settings, store.write_chunk, model=spec, address=address, workers=workers, progress=progress)
+            run_ray(todo, settings, store.write_chunk, model=spec, address=address, workers=workers,
+                    gpus_per_worker=gpus_per_worker, device=None if device is None else str(device), dtype=dtype,
+                    record=store.record_run, progress=progress)
     except KeyboardInterrupt:
         done = load_sweep(out).n_done if (Path(out) / "sweep.json").is_file() else 0
         warnings.warn(

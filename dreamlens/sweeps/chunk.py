@@ -278,6 +278,10 @@ def _dreams(
         except DreamError as e:
             named = [k for k in batch if repr(str(objs[k])) in str(e)] or batch
             batch = [k for k in batch if k not in named]
+        except Exception as e:  # out of memory with the whole list: each objective alone needs less
+            if not out_of_memory(e):
+                raise
+            break
     for k in range(len(objs)):
         if how[k]:
             continue
@@ -290,9 +294,33 @@ def _dreams(
                 break
             except DreamError as e:
                 error = error or f"{type(e).__name__}: {e}"
-        else:
+            except Exception as e:  # out of memory even one prompt per pass: this objective's row says so
+                if not out_of_memory(e):
+                    raise
+                error = memory_error(e)
+                break
+        if not how[k]:
             out[k] = error
     return out, how, share
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether an error is running out of memory (torch's, a RuntimeError saying so, or Python's MemoryError)."""
+    from ..scoring.batching import is_oom
+
+    return isinstance(e, MemoryError) or is_oom(e)
+
+
+def memory_error(e: BaseException) -> str:
+    """The `error` of an objective whose dream ran out of memory (its passes already halved to one prompt),
+    once the memory it held is released."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    first = (str(e).strip().splitlines() or [""])[0]
+    return (f"{type(e).__name__}: {first} (out of memory with one prompt per pass: give each worker more memory, e.g. "
+            "fewer workers per GPU or node, or dream shorter prompts)")
 
 
 def _no_frontier() -> pd.DataFrame:

@@ -4,120 +4,47 @@ slices and run chunks; the driver merges each chunk's scan, writes each finished
 
 from __future__ import annotations
 
-import logging
 import math
 import os
-import sys
+import socket
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DreamlensError
-from ..install import DISTRIBUTION
+from .cluster import (
+    INSTALL_HINT,
+    RAY_VERSION,
+    RayEngineError,
+    RayMissingError,
+    cluster,
+    cluster_address,
+    import_ray,
+    plan_workers,
+    worker_device,
+    worker_env,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from ..analysis.scan import ScanResult
 
-RAY_VERSION = "2.60.0"
-INSTALL_HINT = f'pip install "{DISTRIBUTION}[ray]" (ray=={RAY_VERSION})'
+__all__ = [
+    "run_ray", "SweepWorker", "RESTARTS", "ATTEMPTS", "INSTALL_HINT", "RAY_VERSION", "RayEngineError", "RayMissingError",
+    "cluster", "import_ray",
+]
+
 # Ray restarts a worker that dies and reruns its task this many times; after that the driver moves the
 # task to a fresh worker, up to ATTEMPTS times in all, before giving up on the sweep.
 RESTARTS = 3
 ATTEMPTS = 3
-# read by ray when imported: "0" keeps a local cluster on 127.0.0.1 (see `cluster`)
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-# environment passed on to every worker (with PYTHONPATH, so workers import the driver's dreamlens)
-PASSED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "DREAMLENS_CACHE", "XDG_CACHE_HOME", "TOKENIZERS_PARALLELISM")
 
 Frames = tuple["pd.DataFrame", "pd.DataFrame", "pd.DataFrame"]
-
-
-class RayEngineError(DreamlensError, RuntimeError):
-    """The Ray engine cannot run: no cluster at the address, no CPU for a worker, or a chunk whose
-    workers kept dying."""
-
-
-class RayMissingError(DreamlensError, ImportError):
-    """`engine="ray"` (or `--ray`) without ray installed."""
-
-
-def import_ray() -> Any:
-    """The `ray` module, imported on first use; `RayMissingError` naming the install command if absent."""
-    try:
-        import ray
-    except ImportError as e:
-        raise RayMissingError(
-            f"the Ray engine needs ray, which is not installed: {INSTALL_HINT}; or run the sweep with the local "
-            "engine (engine='local', or no --ray)"
-        ) from e
-    return ray
-
-
-# ---------------------------------------------------------------------------------------------
-# The cluster
-
-
-def worker_env() -> dict[str, str]:
-    """What every worker's environment gets: PYTHONPATH with the folder this dreamlens is imported from
-    (unless it is installed in site-packages), one thread for OpenMP, and the driver's model-cache settings."""
-    import dreamlens
-
-    root = str(Path(dreamlens.__file__).resolve().parents[1])
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if not any(part in ("site-packages", "dist-packages") for part in Path(root).parts) and root not in paths:
-        paths.insert(0, root)
-    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if paths:
-        env["PYTHONPATH"] = os.pathsep.join(paths)
-    env.update({k: os.environ[k] for k in PASSED_ENV if k in os.environ})
-    return env
-
-
-@contextmanager
-def cluster(address: str | None, workers: int | None) -> Iterator[Any]:
-    """Ray, connected: to a running cluster at `address` ("auto", "HOST:PORT", "ray://..."), to the one
-    this process already joined, or else to a local cluster on 127.0.0.1 with `workers` CPUs (default:
-    all), started here and shut down on exit. Yields the `ray` module."""
-    # Ray resolves 127.0.0.1 to the machine's routable address unless it is told it runs no multi-node
-    # cluster (read when ray is first imported): set for a local cluster, so every Ray process stays on
-    # the loopback interface, and restored once its processes have started.
-    loopback = not address and "ray" not in sys.modules and LOOPBACK_ENV not in os.environ
-    if loopback:
-        os.environ[LOOPBACK_ENV] = "0"
-    try:
-        ray = import_ray()
-        started = not ray.is_initialized()  # else a notebook or a test joined a cluster already: leave it running
-        if started:
-            _init(ray, address, workers)
-    finally:
-        if loopback:
-            os.environ.pop(LOOPBACK_ENV, None)
-    try:
-        yield ray
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _init(ray: Any, address: str | None, workers: int | None) -> None:
-    quiet: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
-    try:
-        if address:
-            ray.init(address=address, **quiet)
-        else:
-            ray.init(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
-        where = f"the Ray cluster at {address!r}" if address else "a local Ray cluster on 127.0.0.1"
-        fix = ("start it (`ray start --head` on its head node) or give its address as HOST:PORT, or drop the address "
-               "to start a local cluster" if address else "check that `ray start --head --node-ip-address 127.0.0.1` works")
-        raise RayEngineError(f"could not connect to {where}: {type(e).__name__}: {e}; {fix}") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,12 +52,13 @@ def _init(ray: Any, address: str | None, workers: int | None) -> None:
 
 
 class SweepWorker:
-    """One worker (a Ray actor with one CPU): loads the model once from its spec, then scans corpus slices
-    (`scan_part`) and runs chunks (`run_chunk`), one at a time. `state()` answers while a task runs.
+    """One worker (a Ray actor with one CPU, and the GPUs it asked for): loads the model once from its spec,
+    on its GPU when it has one (`worker_device`), then scans corpus slices (`scan_part`) and runs chunks
+    (`run_chunk`), one at a time. `state()` answers while a task runs.
 
     An error while loading is kept and raised by every call, so it reaches the driver as itself."""
 
-    def __init__(self, model: str | None, threads: int = 1):
+    def __init__(self, model: str | None, threads: int = 1, device: str | None = None, dtype: Any = None):
         self.threads = threads
         self.task: str | None = None
         self.error: BaseException | None = None
@@ -140,9 +68,15 @@ class SweepWorker:
         try:
             from .chunk import load_model_spec
 
-            self.model = load_model_spec(model)
+            self.model = load_model_spec(model, device=worker_device(device, self.gpu_ids()), dtype=dtype)
         except Exception as e:
             self.error = e
+
+    @staticmethod
+    def gpu_ids() -> list[str]:
+        import ray
+
+        return [str(g) for g in ray.get_gpu_ids()]
 
     def _threads(self) -> None:
         import torch
@@ -163,15 +97,20 @@ class SweepWorker:
         return self.state()
 
     def state(self) -> dict[str, Any]:
-        """This worker's process id, the task it is running (None when idle), its torch threads, where it
-        imports dreamlens from, and the error that stopped it loading the model (None if it loaded)."""
+        """This worker's process id, node (address and host name), the GPUs Ray gave it, the device and dtype
+        its model is on (None before it loaded), the task it is running (None when idle), its torch threads,
+        where it imports dreamlens from, and the error that stopped it loading the model (None if it loaded)."""
+        import ray
         import torch
 
         import dreamlens
 
         error = repr(self.error) if self.error is not None else None
-        return {"pid": os.getpid(), "task": self.task, "threads": torch.get_num_threads(), "dreamlens": dreamlens.__file__,
-                "error": error}
+        cfg = getattr(self.model, "cfg", None)
+        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "host": socket.gethostname(),
+                "gpu_ids": self.gpu_ids(), "device": None if cfg is None else str(cfg.device),
+                "dtype": None if cfg is None else str(cfg.dtype).removeprefix("torch."), "task": self.task,
+                "threads": torch.get_num_threads(), "dreamlens": dreamlens.__file__, "error": error}
 
     def scan_part(self, objectives: list[str], settings: Any, part: tuple[int, int]) -> ScanResult:
         """Slice `part` = (i, n) of the chunk's scan (unscored: the merged scan's examples are scored once)."""
@@ -217,32 +156,70 @@ class _Job:
 
 
 class _Pool:
-    """The workers (Ray actor handles), created with restarts and task retries."""
+    """The workers (Ray actor handles), created with restarts and task retries, each asking for one CPU
+    and `gpus` GPUs; `states` the state of each worker that has loaded the model, by actor name."""
 
-    def __init__(self, ray: Any, model: str | None, n: int, threads: int):
-        self.ray, self.model, self.threads = ray, model, threads
+    def __init__(self, ray: Any, model: str | None, n: int, threads: int, gpus: float = 0.0, device: str | None = None,
+                 dtype: Any = None):
+        self.ray, self.model, self.threads, self.gpus, self.device, self.dtype = ray, model, threads, gpus, device, dtype
         self.run_id = uuid.uuid4().hex[:8]
         self.created = 0
+        self.names: dict[Any, str] = {}
+        self.states: dict[str, dict[str, Any]] = {}
+        self.pending: dict[Any, str] = {}  # state requests of replacement workers
         self.actor_cls = ray.remote(SweepWorker)
         self.actors = [self.new() for _ in range(n)]
 
     def new(self) -> Any:
         name = f"dreamlens-sweep-{self.run_id}-{self.created}"
         self.created += 1
-        return self.actor_cls.options(
-            name=name, num_cpus=1, max_restarts=RESTARTS, max_task_retries=RESTARTS, max_concurrency=2,
+        actor = self.actor_cls.options(
+            name=name, num_cpus=1, num_gpus=self.gpus, max_restarts=RESTARTS, max_task_retries=RESTARTS, max_concurrency=2,
             runtime_env={"env_vars": worker_env()},
-        ).remote(self.model, self.threads)
+        ).remote(self.model, self.threads, self.device, self.dtype)
+        self.names[actor] = name
+        return actor
+
+    def replace(self, actor: Any) -> Any:
+        """A fresh worker in place of `actor`; its state is asked for now and read once it has loaded."""
+        self.actors.remove(actor)
+        fresh = self.new()
+        self.actors.append(fresh)
+        self.pending[fresh.state.remote()] = self.names[fresh]
+        return fresh
 
     def check(self) -> list[dict[str, Any]]:
         """Every worker's state, once it has loaded the model; a loading error is raised as itself."""
         try:
-            return _get(self.ray, [a.check.remote() for a in self.actors])
+            states = _get(self.ray, [a.check.remote() for a in self.actors])
         except self.ray.exceptions.RayActorError as e:
             raise RayEngineError(
                 f"a Ray worker died {RESTARTS + 1} times while loading the model {self.model or 'embedded'!r} ({e}); "
                 "it is being killed (out of memory?): give each worker more memory, or run fewer workers per node"
             ) from e
+        self.states.update({self.names[a]: s for a, s in zip(self.actors, states)})
+        return states
+
+    def refresh(self) -> None:
+        """Ask every worker for its state again (one Ray restarted may be on another node now)."""
+        self.pending.update({a.state.remote(): self.names[a] for a in self.actors})
+
+    def collect(self, timeout: float = 0) -> None:
+        """The states asked for (of replacement workers, or by `refresh`) that answer within `timeout` seconds."""
+        if not self.pending:
+            return
+        done, _ = self.ray.wait(list(self.pending), num_returns=len(self.pending), timeout=timeout)
+        for ref in done:
+            name = self.pending.pop(ref)
+            try:
+                self.states[name] = self.ray.get(ref)
+            except Exception:  # a replacement that died too: nothing to report
+                pass
+
+    def report(self) -> list[dict[str, Any]]:
+        """Each worker that loaded the model: its name, node, host, GPUs, device, dtype and process id."""
+        keys = ("node", "host", "gpu_ids", "device", "dtype", "pid")
+        return [{"worker": name, **{k: s.get(k) for k in keys}} for name, s in self.states.items()]
 
     def close(self) -> None:
         for a in self.actors:
@@ -263,10 +240,6 @@ def _get(ray: Any, refs: Any) -> Any:
         raise
 
 
-def _cpus(ray: Any) -> int:
-    return int(ray.cluster_resources().get("CPU", 0))
-
-
 def run_ray(
     todo: Sequence[tuple[int, list[str]]],
     settings: Any,
@@ -276,17 +249,28 @@ def run_ray(
     address: str | None = None,
     workers: int | None = None,
     threads: int = 1,
+    gpus_per_worker: float | None = None,
+    device: str | None = None,
+    dtype: Any = None,
+    record: Callable[[dict[str, Any]], Any] | None = None,
     progress: bool = True,
 ) -> None:
     """Run the chunks `todo` ((chunk index, objectives) pairs) on Ray workers; `write(index, frames)` is
     called here, on the driver, exactly once per chunk as it finishes (in any order).
 
     Each worker loads the model from `model` (the spec: None for the embedded model, a name or path for
-    `load_model`, or "package.module:function"), never from pickled weights. A chunk's scan is split
-    into one corpus slice per worker; the slices are merged here and the chunk (dreams and metrics) runs
-    on the next idle worker. A worker that dies is restarted by Ray and its task rerun; if it keeps dying,
-    the task moves to a fresh worker. `workers`: default every CPU of the cluster; `threads` torch threads
-    per worker. On an error or Ctrl-C the workers are stopped; every chunk already written stays."""
+    `load_model`, or "package.module:function"), never from pickled weights: on `device` in `dtype` when
+    given, else on its GPU when it has one, else its CPU, in float32. A chunk's scan is split into one
+    corpus slice per worker; the slices are merged here and the chunk (dreams and metrics) runs on the
+    next idle worker. A worker that dies is restarted by Ray and its task rerun; if it keeps dying, the
+    task moves to a fresh worker.
+
+    `address`: the cluster (default $RAY_ADDRESS, else a local cluster on 127.0.0.1). `workers`: default
+    as many as the cluster's CPUs and GPUs hold; `gpus_per_worker`: GPUs each asks for (default 1 when
+    the cluster has GPUs, else 0); `threads` torch threads per worker. `record(run)` is called with what
+    ran where (the engine, the address, each worker's node, GPUs and device) once the workers have
+    loaded the model, and again at the end. On an error or Ctrl-C the workers are stopped; every chunk
+    already written stays."""
     todo = [(int(i), list(objs)) for i, objs in todo]
     if not todo:
         return
@@ -297,22 +281,30 @@ def run_ray(
     from ..optim.loop import sigterm_as_interrupt
 
     with cluster(address, workers) as ray:
-        cpus = _cpus(ray)
-        if cpus < 1:
-            raise RayEngineError("the Ray cluster has no CPU for a worker; start a node with CPUs (`ray start --num-cpus N`)")
-        n = min(workers or cpus, cpus)
-        if workers and workers > cpus:
-            warnings.warn(f"the Ray cluster has {cpus} CPU(s): running {n} worker(s), not {workers}", stacklevel=2)
+        n, gpus, warning = plan_workers(ray.cluster_resources(), workers, gpus_per_worker)
+        if warning:
+            warnings.warn(warning, stacklevel=2)
         total = sum(len(o) for _, o in todo)
-        label = f"{n} ray worker{'s' * (n > 1)}"
+        label = f"{n} ray worker{'s' * (n > 1)}" + (f", {gpus:g} GPU each" if gpus else "")
         bar = tqdm(total=total, desc=f"sweep (starting {label})", unit="obj", disable=not progress, smoothing=0.1)
-        pool = _Pool(ray, model, n, threads)
+        pool = _Pool(ray, model, n, threads, gpus, device, dtype)
+        run = {"id": pool.run_id, "engine": "ray", "address": cluster_address(address) or "local",
+               "started": datetime.now(UTC).isoformat(timespec="seconds"), "gpus_per_worker": gpus}
+
+        def report(timeout: float = 0, **more: Any) -> None:
+            if record is not None:
+                pool.collect(timeout)
+                record({**run, **more, "workers": pool.report()})
+
         try:
             with sigterm_as_interrupt():
                 pool.check()
+                report()
                 bar.set_description(f"sweep ({label})", refresh=False)
                 bar.reset(total)  # rate and ETA from here: the workers have loaded the model
                 _schedule(ray, pool, [_Chunk(i, o) for i, o in todo], settings, write, bar)
+                pool.refresh()  # restarted and replacement workers: where they ran, too
+                report(timeout=10, finished=datetime.now(UTC).isoformat(timespec="seconds"))
         finally:
             bar.close()
             pool.close()
@@ -363,11 +355,8 @@ def _schedule(ray: Any, pool: _Pool, chunks: list[_Chunk], settings: Any, write:
                     f"{what} failed on {job.attempts} workers, each restarted {RESTARTS} times ({type(e).__name__}: {e}); "
                     "a worker process is being killed (out of memory?): give workers more memory or run fewer per node"
                 ) from e
-            pool.actors.remove(actor)
-            actor = pool.new()
-            pool.actors.append(actor)
             ready.appendleft(job)
-            idle.append(actor)
+            idle.append(pool.replace(actor))
             continue
         idle.append(actor)
         c = job.chunk

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +105,18 @@ class SweepStore:
             where = str(self.folder)
             raise OutputError(f"cannot write the sweep to {where!r} ({e.strerror or e}); choose a writable folder") from e
 
+    def record_run(self, run: dict[str, Any]) -> None:
+        """Note in sweep.json what a run of this sweep ran on (`run`: its engine, and for Ray its address and
+        each worker's node, GPUs and device), under "runs"; a run recorded again (same "id") is updated."""
+        meta = read_meta(self.folder)
+        runs = [r for r in meta.get("runs", []) if r.get("id") != run.get("id")]
+        meta["runs"] = [*runs, run]
+        try:
+            atomic_write_text(self.folder / "sweep.json", json.dumps(meta, indent=1))
+        except OSError as e:
+            raise OutputError(f"cannot write {str(self.folder / 'sweep.json')!r} ({e.strerror or e}); choose a writable "
+                              "folder") from e
+
     def done(self, number: int) -> bool:
         return (self.folder / "summary" / chunk_name(number)).is_file()
 
@@ -149,7 +161,8 @@ class Sweep:
     is its place in the sweep) and `mode`: `summary` (one row per dream, i.e. per objective and mode, 1
     when the sweep took no modes: dataset statistics, best dream overall and at each fluency limit,
     ratio, percentile, beats-dataset, top example), `frontiers` (of each mode), `examples` (of each
-    objective). A store written before sweeps took modes reads as mode 1 everywhere."""
+    objective). A store written before sweeps took modes reads as mode 1 everywhere. `runs`: what each
+    run of it ran on, in order (engine; for Ray the address and each worker's node, GPUs and device)."""
 
     folder: Path
     config: dict[str, Any]
@@ -157,6 +170,7 @@ class Sweep:
     summary: pd.DataFrame
     frontiers: pd.DataFrame
     examples: pd.DataFrame
+    runs: list[dict[str, Any]] = field(default_factory=list)  # what each run ran on (`SweepStore.record_run`)
 
     @property
     def n_done(self) -> int:
@@ -248,4 +262,5 @@ def load_sweep(folder: str | os.PathLike) -> Sweep:
             if col in frame.columns:
                 frame[col] = [[int(t) for t in w] for w in frame[col]]
         frames[name] = frame
-    return Sweep(path, meta["config"], list(meta["objectives"]), frames["summary"], frames["frontiers"], frames["examples"])
+    return Sweep(path, meta["config"], list(meta["objectives"]), frames["summary"], frames["frontiers"], frames["examples"],
+                 list(meta.get("runs", [])))
