@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import warnings
 from pathlib import Path
 
@@ -39,8 +40,19 @@ DOCS = [
 EPO = dict(length=5, population=3, children=6, topk=32, iters=5, restart_every=3, seed=1)
 
 
+def _cpu() -> str:
+    """The processor's family, model and stepping (Linux), else what `platform` knows: two machines with
+    the same torch and instruction set can still differ in the last bit (their kernels block by cache)."""
+    try:
+        pairs = (line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()[:30] if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in pairs}
+        return " ".join(f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
 def _platform() -> dict[str, str]:
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": _cpu()}
 
 
 def _tiny_sae(hook: str):
