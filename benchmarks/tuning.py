@@ -47,6 +47,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "scratch_adapt": ("adapt", {"examples": False}),  # from ADAPT's beam search (today's scratch default)
     "scratch_self15": ("adapt", {"examples": False, "self_share": 0.15}),
     "scratch_self35": ("adapt", {"examples": False, "self_share": 0.35}),
+    "scratch_self50": ("adapt", {"examples": False, "self_share": 0.5}),
+    # 128 prompts of 12 tokens sampled from the model (no scan): fluent starts the members cover
+    "scratch_sampled": ("adapt", {"examples": False, "sampled": 128}),
 }
 
 
@@ -66,6 +69,16 @@ def self_starts(model: Any, objective: Any, tokens: int, length: int, seed: int)
                      progress=False)
     spent = n * 64 + int(sc.meta["n_tokens"]) + 32 * (length + 1)  # sampling, the scan, the scoring of its top 32
     return example_spans(sc, 0, length, positive=False), spent
+
+
+def sampled_starts(model: Any, n: int, length: int, seed: int) -> tuple[list[Any], int]:
+    """n prompts of `length` tokens sampled from the model after the start token (its KV cache): the
+    token-forwards of sampling (their scoring as starts is charged by the run)."""
+    torch.manual_seed(seed)
+    bos = model.tokenizer.bos_token_id
+    ids = model.generate(torch.full((n, 1), bos, dtype=torch.long), max_new_tokens=length, stop_at_eos=False,
+                         temperature=1.0, use_past_kv_cache=True, verbose=False, return_type="tokens")
+    return [(r, tuple(int(t) for t in row[1:])) for r, row in enumerate(ids)], n * length
 
 
 def judge(r: Any, scan: Any, i: int) -> dict[str, float]:
@@ -115,6 +128,8 @@ def main() -> None:
             ex, spent = (starts, 0) if seeded else (None, 0)
             if share:
                 ex, spent = self_starts(model, t, int(budget * share / 2), 12, seed=0)
+            if options.get("sampled"):
+                ex, spent = sampled_starts(model, options.pop("sampled"), 12, seed=0)
             r = dl.dream(model, t, method, examples=ex or None, length=12, seed=0, max_token_forwards=budget - spent,
                          iters=100_000, progress=False, **options)
             m = judge(r, scan, i)
