@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model name or folder (default: the embedded SmolLM2-135M)")
     p.add_argument("--iters", type=count, default=None, help="iterations (default 300)")
     p.add_argument("--length", type=positive, default=None, help="optimized tokens (default 12)")
+    p.add_argument("--min-length", type=positive, default=None,
+                   help="adapt: deletions may shrink the prompt to this many tokens (default: --length)")
+    p.add_argument("--max-length", type=positive, default=None,
+                   help="adapt: insertions may grow the prompt to this many tokens (default: --length)")
     p.add_argument("--seed", type=_integer(), default=None)
     p.add_argument("--population", type=positive, default=None, help="EPO members (default 8)")
     p.add_argument("--children", type=positive, default=None, help="children per member (default 32)")
@@ -148,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-share", type=float, default=None,
                    help="epo, adapt: share of children whose new token is sampled from the model (0..1; adapt's default 0.25)")
     p.add_argument("--shift-share", type=float, default=None,
-                   help="adapt: share of children that insert or delete a token, shifting the prompt (0..1; default 0.25)")
+                   help="adapt: share of children that insert or delete a token, shifting the prompt or, with a length "
+                        "range, changing its length (0..1; default 0.25)")
     p.add_argument("--prefix", default=None, help="fixed text before the dream")
     p.add_argument("--suffix", default=None, help="fixed text after the dream")
     p.add_argument("--ascii-only", action="store_true", default=None, help="ban tokens with non-ASCII characters")

@@ -102,8 +102,9 @@ class DreamConfig:
                 f"{name} must be None (the same as length) or at least 1 token, got {value!r}",
             )
         lo, hi = self.length_range()
-        yield lo <= self.length, f"min_length ({lo}) must be <= length ({self.length}), the starting length; use min_length <= {self.length}"
-        yield hi >= self.length, f"max_length ({hi}) must be >= length ({self.length}), the starting length; use max_length >= {self.length}"
+        start = f"length ({self.length}), the starting length"
+        yield lo <= self.length, f"min_length ({lo}) must be <= {start}; use min_length <= {self.length}"
+        yield hi >= self.length, f"max_length ({hi}) must be >= {start}; use max_length >= {self.length}"
 
     def length_range(self) -> tuple[int, int]:
         """(shortest, longest) prompt length: (length, length) unless min_length / max_length are set."""

@@ -83,9 +83,9 @@ def resizes(
         return []
     pos = torch.randint(L, (M, n), generator=gen)
     insert = torch.rand((M, n), generator=gen) < 0.5
-    if L >= hi:
+    if hi <= L:
         insert[:] = False
-    elif L <= lo:
+    elif lo >= L:
         insert[:] = True
     rows = torch.arange(M).unsqueeze(1).expand(M, n)
     new = _sample(logp[rows, pos].reshape(M * n, -1), banned, gen).view(M, n)
