@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import run_cli
 
 import dreamlens as dl
 from dreamlens import scoring
@@ -189,3 +190,16 @@ def test_epo_and_gcg_refuse_a_range_naming_adapt(tiny_model, method):
 def test_a_range_beyond_the_context_is_refused(tiny_model):
     with pytest.raises(scoring.DreamError, match="max_length=80"):
         dl.dream(tiny_model, OBJ, length=6, max_length=80, iters=1, progress=False)
+
+
+def test_cli_dreams_a_range_and_reports_it(tmp_path, capsys, tiny_cli):
+    out = tmp_path / "dream"
+    rc, text, err = run_cli(capsys, "dream", OBJ, "--length", "5", "--min-length", "4", "--max-length", "7", "--iters", "4",
+                            "--children", "8", "--seed", "1", "--out", out)
+    assert rc == 0, err
+    assert "frontier" in text.lower()
+    r = DreamResult.load(out)
+    assert r.config["min_length"] == 4 and r.config["max_length"] == 7 and len(set(lengths(r))) > 1
+    rc, _, err = run_cli(capsys, "report", out, "--out", tmp_path / "page.html", "--attributions", "2")
+    assert rc == 0, err
+    assert (tmp_path / "page.html").read_text().count("<html") == 1
