@@ -12,8 +12,10 @@ rises while the member stalls and falls when it improves.
 Beyond the paper (ADAPTConfig): candidate starts (`init_prompts`, e.g. dataset examples) replace the
 beam search, the members taking those that cover the starts' activation-fluency region; a share of the
 children may come from the model's own distribution (`lm_share`) or shift the prompt by an insertion
-or a deletion (`shift_share`, `optim.moves`); `lineage` keeps each member to its own children, and
-`restart_patience` moves a stalled member to the best unused start.
+or a deletion (`shift_share`, `optim.moves`); with a length range (`min_length` / `max_length`) those
+insertions and deletions grow and shrink the prompt instead (`step_lengths`: the members and children
+of each length go through passes of their own length); `lineage` keeps each member to its own
+children, and `restart_patience` moves a stalled member to the best unused start.
 """
 
 from __future__ import annotations

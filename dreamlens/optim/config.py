@@ -190,7 +190,9 @@ class ADAPTConfig(DreamConfig):
     with the budget and ended better at every fluency limit.
 
     In ADAPT, `children` and `iters` are those of the mutation phase; `init_text` (or `init_ids`)
-    skips the beam search (every member starts from it); `max_token_forwards` includes the beam search."""
+    skips the beam search (every member starts from it); `max_token_forwards` includes the beam search.
+    With `min_length` / `max_length`, the beam search (or the starts) give prompts of `length` tokens and
+    the `shift_share` of children change the length by one within the range."""
 
     beams: int = 4  # B: partial prompts kept by the beam search, then the members of the mutation phase
     lam_min: float = 0.03  # penalties of the B slots, log-spaced from lam_min to lam_max, in spreads of
