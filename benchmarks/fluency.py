@@ -235,19 +235,26 @@ def rescore(model: Any, target: Target, r: Any, layout: Any, batch: int = 256) -
     between the history's pre-activation and the one recomputed in the same pass (a consistency check)."""
     post = np.zeros(len(r), dtype=np.float64)
     pre = np.asarray(r.activation, dtype=np.float64)
-    idx = np.flatnonzero(pre > -1e-6)  # a hair below 0: the history's floats may differ slightly
-    ids = np.asarray(r.ids)
-    uniq, first, inverse = np.unique(ids[idx], axis=0, return_index=True, return_inverse=True)
-    values = np.zeros(len(uniq), dtype=np.float64)
-    diff = 0.0
-    for lo in range(0, len(uniq), batch):
-        span = torch.as_tensor(uniq[lo : lo + batch], dtype=torch.long, device=model.cfg.device)
-        vals, _ = dl.run_objectives(model, [target.score, target.dream], layout.assemble(span), start=layout.start)
-        values[lo : lo + batch] = vals[0].double().cpu().numpy()
-        seen = pre[idx[first[lo : lo + batch]]]
-        diff = max(diff, float(np.max(np.abs(vals[1].double().cpu().numpy() - seen))))
-    post[idx] = values[inverse.reshape(-1)]
-    return post, diff, len(uniq)
+    positive = np.flatnonzero(pre > -1e-6)  # a hair below 0: the history's floats may differ slightly
+    by_length: dict[int, list[int]] = {}  # a run with a length range holds prompts of several lengths
+    for i in positive:
+        by_length.setdefault(len(r.ids[i]), []).append(int(i))
+    diff, n_uniq = 0.0, 0
+    for length, rows in sorted(by_length.items()):
+        idx = np.asarray(rows)
+        sub = layout.with_length(length)
+        ids = np.stack([np.asarray(r.ids[i], dtype=np.int64) for i in rows])
+        uniq, first, inverse = np.unique(ids, axis=0, return_index=True, return_inverse=True)
+        values = np.zeros(len(uniq), dtype=np.float64)
+        for lo in range(0, len(uniq), batch):
+            span = torch.as_tensor(uniq[lo : lo + batch], dtype=torch.long, device=model.cfg.device)
+            vals, _ = dl.run_objectives(model, [target.score, target.dream], sub.assemble(span), start=sub.start)
+            values[lo : lo + batch] = vals[0].double().cpu().numpy()
+            seen = pre[idx[first[lo : lo + batch]]]
+            diff = max(diff, float(np.max(np.abs(vals[1].double().cpu().numpy() - seen))))
+        post[idx] = values[inverse.reshape(-1)]
+        n_uniq += len(uniq)
+    return post, diff, n_uniq
 
 
 def run_job(model: Any, target: Target, job: Job, settings: dict[str, Any], folder: Path,

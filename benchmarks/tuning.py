@@ -38,6 +38,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "adapt_lm": ("adapt", {**OFF, "lm_share": 0.25}),
     "adapt_shift": ("adapt", {**OFF, "shift_share": 0.25}),
     "adapt_lm_shift": ("adapt", BOTH),  # chosen: ADAPTConfig's defaults
+    # A length range around length 12: the insertions and deletions grow and shrink the prompt instead of
+    # shifting it (optim.moves.resizes).
+    "adapt_lm_shift_len": ("adapt", {**BOTH, "min_length": 8, "max_length": 16}),
+    "adapt_lm_shift_len10": ("adapt", {**BOTH, "min_length": 10, "max_length": 14}),
+    "adapt_lm_shift_len11": ("adapt", {**BOTH, "min_length": 11, "max_length": 13}),
+    "adapt_lm_shift_grow": ("adapt", {**BOTH, "max_length": 16}),  # insertions grow it, deletions stop at 12
+    "adapt_lm_shift_shrink": ("adapt", {**BOTH, "min_length": 8}),  # deletions shrink it, insertions stop at 12
     "adapt_lm_shift_hi": ("adapt", {**BOTH, "lam_min": 0.1, "lam_max": 3.0}),
     "adapt_full": ("adapt", {**BOTH, "lineage": True, "restart_patience": 8}),
     "adapt_full_b8": ("adapt", {**BOTH, "lineage": True, "restart_patience": 8, "beams": 8, "children": 16}),

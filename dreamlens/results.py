@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -75,6 +76,19 @@ def pareto_front(activation: np.ndarray, xe: np.ndarray) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
+def stack_ids(rows: Sequence[Any], length: int = 0) -> np.ndarray:
+    """Prompts' token ids as one array: [n, length] int64 when they share one length (`length` for
+    none), else (prompts of a length range) a 1-D object array holding one int64 array per prompt."""
+    arrays = [np.asarray(r, dtype=np.int64) for r in rows]
+    if not arrays:
+        return np.zeros((0, length), np.int64)
+    if len({len(a) for a in arrays}) == 1:
+        return np.stack(arrays)
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out
+
+
 def best_under(activation: np.ndarray, xe: np.ndarray, max_xe: float = float("inf")) -> int | None:
     """The index of the highest activation among the points with xe <= max_xe (the first on ties; None if none)."""
     ok = np.flatnonzero(np.asarray(xe, dtype=np.float64) <= max_xe)
@@ -101,7 +115,8 @@ class DreamResult:
     objective: str
     method: str
     config: dict[str, Any]
-    ids: np.ndarray = field(metadata=_column(2, "tokens"))  # [n, length] int
+    # [n, length] int; with a length range (prompts of several lengths) a 1-D object array of rows (`stack_ids`)
+    ids: np.ndarray = field(metadata=_column(2, "tokens"))
     activation: np.ndarray = field(metadata=_column(3, "float"))  # [n] float
     xe: np.ndarray = field(metadata=_column(4, "float"))  # [n] float
     iteration: np.ndarray = field(metadata=_column(0, "int"))  # [n] int
@@ -250,8 +265,7 @@ class DreamResult:
         length = int(meta["config"].get("length", 0))
         for name, column in columns:
             if column.kind == "tokens":
-                rows = [np.asarray(r, dtype=np.int64) for r in hist[name]]
-                values[name] = np.stack(rows) if rows else np.zeros((0, length), np.int64)
+                values[name] = stack_ids(list(hist[name]), length)
             elif column.kind == "text":
                 values[name] = list(hist[name])
             else:

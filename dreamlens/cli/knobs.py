@@ -18,7 +18,9 @@ from typing import Any
 # is neither here nor in SKIPPED fails `tests/test_cli_knobs.py`.
 HELP: dict[str, str] = {
     # every method
-    "length": "optimized tokens",
+    "length": "optimized tokens (with a length range: the starting length)",
+    "min_length": "adapt: deletions may shrink the prompt to this many tokens (default: --length; epo, gcg: fixed)",
+    "max_length": "adapt: insertions may grow the prompt to this many tokens (default: --length; epo, gcg: fixed)",
     "children": "children per member per iteration (adapt: of the mutation phase; gcg: candidates per step)",
     "iters": "iterations at most (the budget usually ends a dream first)",
     "seed": "random seed",
@@ -54,7 +56,8 @@ HELP: dict[str, str] = {
     "temp_max": "sampling temperature over the proposals at the highest strength",
     "patience": "iterations without improvement before the mutation strength rises",
     "step": "how much the strength (0..1) rises on stagnation or falls on improvement",
-    "shift_share": "share of children that insert or delete a token, shifting the prompt (0..1)",
+    "shift_share": "share of children that insert or delete a token, shifting the prompt or, with a length range, "
+                   "changing its length (0..1)",
     "lineage": "each member keeps the best of itself and its own children (not of all children)",
 }
 # Fields without a flag of their own: token-id lists (no command-line form), and what other flags set.

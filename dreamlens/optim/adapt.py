@@ -12,8 +12,10 @@ rises while the member stalls and falls when it improves.
 Beyond the paper (ADAPTConfig): candidate starts (`init_prompts`, e.g. dataset examples) replace the
 beam search, the members taking those that cover the starts' activation-fluency region; a share of the
 children may come from the model's own distribution (`lm_share`) or shift the prompt by an insertion
-or a deletion (`shift_share`, `optim.moves`); `lineage` keeps each member to its own children, and
-`restart_patience` moves a stalled member to the best unused start.
+or a deletion (`shift_share`, `optim.moves`); with a length range (`min_length` / `max_length`) those
+insertions and deletions grow and shrink the prompt instead (`step_lengths`: the members and children
+of each length go through passes of their own length); `lineage` keeps each member to its own
+children, and `restart_patience` moves a stalled member to the best unused start.
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ from torch import Tensor
 
 from ..objectives import Objective, ObjectiveError
 from ..results import DreamResult
-from ..scoring import GRADIENT_COST, Evaluator, Layout, check_not_constant, retokenizes
+from ..scoring import GRADIENT_COST, Evaluator, Layout, LengthEvaluators, check_not_constant, retokenizes
 from .config import ADAPTConfig
 from .loop import Callback, Method, check_resume, load_resume, objective_folder, prepare, run
-from .members import MemberState, allowed_tokens, cover, initial_span, random_prompts, select_members, start_pool
-from .moves import model_swaps, shifts
+from .members import MemberState, Prompts, allowed_tokens, cover, initial_span, random_prompts, select_members, start_pool
+from .moves import model_swaps, resizes, shifts
 from .sampling import next_token_logprobs, span_logprobs
 
 if TYPE_CHECKING:
@@ -81,10 +83,6 @@ def spread(f: Float[Tensor, " n"]) -> float:
     v = f[torch.isfinite(f)].double()
     s = float(v.std(unbiased=False)) if v.numel() > 1 else 0.0
     return s if s > 1e-12 else 1.0
-
-
-def _sublayout(layout: Layout, length: int) -> Layout:
-    return Layout(layout.head, layout.tail, length, layout.n_bos)
 
 
 def _readable(model: HookedTransformer, objective: Objective, layout: Layout) -> bool:
@@ -176,7 +174,7 @@ def beam_search(
     nll = torch.zeros(beams.shape[0], dtype=torch.float64)  # summed -log p of each beam, for unreadable steps
     for t in range(beams.shape[1], L):
         n = beams.shape[0]
-        sub = _sublayout(layout, t + 1)
+        sub = layout.with_length(t + 1)
         logp = next_token_logprobs(model, beams, layout)
         ev.compute.add_tokens(n * (len(layout.head) + t))
         logp[:, banned] = float("-inf")
@@ -334,6 +332,7 @@ class ADAPT(Method):
         self.unit = torch.tensor(cfg.penalties(), dtype=torch.float64)  # penalties per spread of the activation
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.init_span: Tensor | None = None
+        self.lengths = LengthEvaluators(ev)  # with a length range: the evaluator of each length
 
     def init(self) -> None:
         """Check, before any search, that the objective can be climbed from the user's prompt or random ones."""
@@ -386,25 +385,70 @@ class ADAPT(Method):
         self.states = [ADAPTState.from_dict(states[0], self.unit)]
 
     def step(self, iteration: int) -> None:
+        if self.cfg.variable_length:
+            self.step_lengths(iteration)
+            return
         cfg, s = self.cfg, self.states[0]
-        owner = torch.zeros(len(s.members), dtype=torch.long)
+        members = s.matrix()
+        owner = torch.zeros(len(members), dtype=torch.long)
         # First-order change of each member's loss for each swap: the exact one-hot gradient,
         # which includes the swapped token's own cross-entropy (its direct term).
-        scores = -self.ev.gradients(s.members.to(self.model.cfg.device), owner, s.penalties).cpu().double()
+        scores = -self.ev.gradients(members.to(self.model.cfg.device), owner, s.penalties).cpu().double()
         scores[..., self.banned] = float("-inf")
-        M = len(s.members)
+        M = len(members)
         n_lm, n_shift = round(cfg.children * cfg.lm_share), round(cfg.children * cfg.shift_share)
-        children = mutate(s.members, scores, s.strengths, cfg, s.generator, cfg.children - n_lm - n_shift)
+        children = mutate(members, scores, s.strengths, cfg, s.generator, cfg.children - n_lm - n_shift)
         parent = torch.arange(M).repeat_interleave(cfg.children - n_lm - n_shift)
         if n_lm or n_shift:  # the model's own proposals: one more pass over the members (charged)
-            logp = span_logprobs(self.model, s.members.to(self.model.cfg.device), self.layout).cpu()
+            logp = span_logprobs(self.model, members.to(self.model.cfg.device), self.layout).cpu()
             self.ev.compute.add_tokens(M * self.layout.seq_len)
-            swaps = model_swaps(s.members, logp, self.banned, n_lm, s.generator)
-            moved = shifts(s.members, logp, self.banned, n_shift, s.generator)
+            swaps = model_swaps(members, logp, self.banned, n_lm, s.generator)
+            moved = shifts(members, logp, self.banned, n_shift, s.generator)
             children = torch.cat([children, swaps, moved])
             parent = torch.cat([parent, torch.arange(M).repeat_interleave(len(swaps) // M),
                                 torch.arange(M).repeat_interleave(len(moved) // M)])
         f, xe, _ = self.ev.evaluate(children, torch.zeros(len(children), dtype=torch.long), iteration)
+        self.update_members(children, parent, f, xe)
+
+    def step_lengths(self, iteration: int) -> None:
+        """One iteration with a length range: the members of each length get their gradients, swaps and
+        model proposals from passes of their own length; insertions and deletions (`moves.resizes`) make
+        children one token longer or shorter; every child is scored in passes of its own length."""
+        cfg, s, device = self.cfg, self.states[0], self.model.cfg.device
+        s.members = [m.clone() for m in s.members]  # one row per member, whatever its length
+        n_lm, n_shift = round(cfg.children * cfg.lm_share), round(cfg.children * cfg.shift_share)
+        n_grad = cfg.children - n_lm - n_shift
+        groups: dict[int, list[int]] = {}
+        for i, m in enumerate(s.members):
+            groups.setdefault(len(m), []).append(i)
+        self.lengths.forget_parents()  # children reuse this iteration's passes only
+        children: list[Tensor] = []
+        parent: list[int] = []
+        for length in sorted(groups):
+            idx = groups[length]
+            ev, rows = self.lengths.at(length), torch.stack([s.members[i] for i in idx])
+            sel = torch.tensor(idx, dtype=torch.long)
+            scores = -ev.gradients(rows.to(device), torch.zeros(len(idx), dtype=torch.long), s.penalties[sel]).cpu().double()
+            scores[..., self.banned] = float("-inf")
+            kids = [mutate(rows, scores, [s.strengths[i] for i in idx], cfg, s.generator, n_grad)]
+            if n_lm or n_shift:  # the model's own proposals: one more pass over these members (charged)
+                logp = span_logprobs(self.model, rows.to(device), ev.layout).cpu()
+                ev.compute.add_tokens(len(idx) * ev.layout.seq_len)
+                kids.append(model_swaps(rows, logp, self.banned, n_lm, s.generator))
+                moved = resizes(rows, logp, self.banned, n_shift, s.generator, cfg.length_range())
+            else:
+                moved = []
+            for k in kids:  # each block: the members' children in member order, k.shape[0] // len(idx) each
+                children += list(k)
+                parent += [i for i in idx for _ in range(len(k) // len(idx))]
+            children += moved
+            parent += [i for i in idx for _ in range(len(moved) // len(idx))]
+        f, xe, _ = self.lengths.evaluate(children, torch.zeros(len(children), dtype=torch.long), iteration)
+        self.update_members(children, torch.tensor(parent, dtype=torch.long), f, xe)
+
+    def update_members(self, children: Prompts, parent: Int[Tensor, " children"], f: Tensor, xe: Tensor) -> None:
+        """The members after an iteration's children were scored; strengths and restarts updated."""
+        cfg, s = self.cfg, self.states[0]
         if cfg.lineage:
             improved = s.select_lineage(children, parent, f, xe, s.penalties)
         else:

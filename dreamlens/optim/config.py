@@ -27,7 +27,11 @@ Check = tuple[bool, str]
 class DreamConfig:
     """The knobs every optimizer has. Subclasses add their own, and may change a default."""
 
-    length: int = 12  # optimized tokens
+    length: int = 12  # optimized tokens (with a length range: the starting length)
+    # A length range (ADAPT): insertions and deletions may grow a prompt to max_length tokens or shrink it
+    # to min_length (None: `length`, so by default every prompt keeps one length).
+    min_length: int | None = None
+    max_length: int | None = None
     children: int = 32  # children per member per iteration
     iters: int = 300
     seed: int = 0
@@ -60,6 +64,7 @@ class DreamConfig:
     def checks(self) -> Iterator[Check]:
         """Every check of this config, in the order they are made."""
         yield isinstance(self.length, int) and self.length >= 1, f"length must be at least 1 token, got {self.length!r}"
+        yield from self.length_checks()
         yield from self.method_checks()
         yield self.children >= 1, f"children must be at least 1 per member, got {self.children}"
         yield self.iters >= 0, f"iters must be >= 0, got {self.iters}"
@@ -86,6 +91,40 @@ class DreamConfig:
         yield (
             isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool),
             f"seed must be an integer, got {self.seed!r}",
+        )
+
+    def length_checks(self) -> Iterator[Check]:
+        """The length range's checks: 1 <= min_length <= length <= max_length."""
+        for name in ("min_length", "max_length"):
+            value = getattr(self, name)
+            yield (
+                value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
+                f"{name} must be None (the same as length) or at least 1 token, got {value!r}",
+            )
+        lo, hi = self.length_range()
+        start = f"length ({self.length}), the starting length"
+        yield lo <= self.length, f"min_length ({lo}) must be <= {start}; use min_length <= {self.length}"
+        yield hi >= self.length, f"max_length ({hi}) must be >= {start}; use max_length >= {self.length}"
+
+    def length_range(self) -> tuple[int, int]:
+        """(shortest, longest) prompt length: (length, length) unless min_length / max_length are set."""
+        lo = self.length if self.min_length is None else self.min_length
+        hi = self.length if self.max_length is None else self.max_length
+        return lo, hi
+
+    @property
+    def variable_length(self) -> bool:
+        """Whether prompts may change length (a range wider than one length)."""
+        lo, hi = self.length_range()
+        return lo < hi
+
+    def fixed_length_check(self, method: str) -> Check:
+        """The check of a method that keeps every prompt at one length: no length range."""
+        return (
+            not self.variable_length,
+            f"{method} keeps every prompt at one length, but min_length={self.min_length} / max_length={self.max_length} "
+            f"set a range; dream with method='adapt' (it inserts and deletes tokens within the range), or drop "
+            f"min_length and max_length",
         )
 
     def method_checks(self) -> Iterator[Check]:
@@ -126,6 +165,7 @@ class EPOConfig(DreamConfig):
         return log_penalties(self.lam_min, self.lam_max, self.population)
 
     def method_checks(self) -> Iterator[Check]:
+        yield self.fixed_length_check("EPO")
         yield self.population >= 1, f"population must be at least 1 member, got {self.population}"
         yield self.topk >= 1, f"topk must be at least 1, got {self.topk}"
         yield self.restart_every >= 0, f"restart_every must be >= 0 (0 disables restarts), got {self.restart_every}"
@@ -150,7 +190,9 @@ class ADAPTConfig(DreamConfig):
     with the budget and ended better at every fluency limit.
 
     In ADAPT, `children` and `iters` are those of the mutation phase; `init_text` (or `init_ids`)
-    skips the beam search (every member starts from it); `max_token_forwards` includes the beam search."""
+    skips the beam search (every member starts from it); `max_token_forwards` includes the beam search.
+    With `min_length` / `max_length`, the beam search (or the starts) give prompts of `length` tokens and
+    the `shift_share` of children change the length by one within the range."""
 
     beams: int = 4  # B: partial prompts kept by the beam search, then the members of the mutation phase
     lam_min: float = 0.03  # penalties of the B slots, log-spaced from lam_min to lam_max, in spreads of
@@ -220,6 +262,7 @@ class GCGConfig(DreamConfig):
     iters: int = 500
 
     def method_checks(self) -> Iterator[Check]:
+        yield self.fixed_length_check("GCG")
         yield (
             self.lam > 0,
             f"lam must be positive, got {self.lam}; for GCG without fluency use a tiny lam such as 1e-6",

@@ -110,7 +110,7 @@ class EPO(Method):
 
     def step(self, iteration: int) -> None:
         cfg, ev, K, M, C, L = self.cfg, self.ev, len(self.objectives), self.cfg.population, self.cfg.children, self.cfg.length
-        pop = torch.stack([s.members for s in self.states])  # [K, M, L]
+        pop = torch.stack([s.matrix() for s in self.states])  # [K, M, L]
         flat = pop.view(K * M, L).to(self.model.cfg.device)
         # Gradients: the one-hot gradient of each member's loss -f + lam_i * xe.
         grad = ev.gradients(flat, self.owner, self.lams.repeat(K))
@@ -154,9 +154,10 @@ class EPOState(MemberState):
         self.stall = 0
         lam_r = math.exp(lam_lo + (lam_hi - lam_lo) * torch.rand((), generator=self.generator).item())
         j = int((-self.activation + lam_r * self.xe).argmin())
-        M, L = self.members.shape
+        members = self.matrix()
+        M, L = members.shape
         self.members, self.activation, self.xe = (
-            self.members[j].expand(M, L).clone(), self.activation[j].expand(M).clone(), self.xe[j].expand(M).clone()
+            members[j].expand(M, L).clone(), self.activation[j].expand(M).clone(), self.xe[j].expand(M).clone()
         )
 
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-import torch
 from torch import Tensor
 
 from ..models import bos_token_id, decode
@@ -124,7 +123,7 @@ def run(
     with fast_weights(model), sigterm_as_interrupt():  # weights restored however the run ends; SIGTERM is Ctrl-C
         if resume is not None:
             for k, r in enumerate(resume):
-                ev.restore(k, torch.as_tensor(r.ids), r.activation, r.xe, r.iteration, r.text)
+                ev.restore(k, list(r.ids), r.activation, r.xe, r.iteration, r.text)
             ev.compute.restore(resume[0].n_forward, resume[0].n_gradient, resume[0].token_forwards)
             method.restore([r.state for r in resume])
             first, wall_prev = resume[0].iterations + 1, resume[0].wall_time
@@ -243,6 +242,12 @@ def prepare(
     sizes = ("population", "beams", "children", "topk", "topk_max")
     check_vocab_sizes(model, **{k: getattr(cfg, k) for k in sizes if hasattr(cfg, k)})
     layout = make_layout(model, cfg.length, cfg.prefix, cfg.suffix)
+    for name, n in zip(("min_length", "max_length"), cfg.length_range()):
+        if n != cfg.length:  # every length of the range must fit the context and have a fluency to score
+            try:
+                make_layout(model, n, cfg.prefix, cfg.suffix)
+            except DreamError as e:
+                raise DreamError(f"{name}={n}: {e}") from None
     banned = banned_mask(
         model, ascii_only=cfg.ascii_only, ban_whitespace_only=cfg.ban_whitespace_only, extra=cfg.banned_tokens
     )

@@ -115,19 +115,42 @@ def load_generator(state: str) -> torch.Generator:
     return gen
 
 
+# Members as one [members, length] tensor, or (prompts of a length range, ADAPT) a list of 1-D rows.
+Prompts = Int[Tensor, "members length"] | list[Int[Tensor, " length"]]
+
+
+def pick(prompts: Prompts, idx: Int[Tensor, " n"]) -> Prompts:
+    """The prompts at `idx`, in the form they came in (a tensor's rows, or a list's items)."""
+    return prompts[idx] if isinstance(prompts, Tensor) else [prompts[int(i)] for i in idx]
+
+
+def join(a: Prompts, b: Prompts) -> Prompts:
+    """a's prompts then b's: one tensor when both are tensors of one length, else a list of rows."""
+    if isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape[1:] == b.shape[1:]:
+        return torch.cat([a, b])
+    return [*a, *b]
+
+
 @dataclass
 class MemberState:
     """The members of one objective, their activations and xe, and the generator that draws their
     children. Subclasses add their method's own state; `to_dict` keys are those results store."""
 
-    members: Int[Tensor, "members length"]
+    members: Prompts
     activation: Float[Tensor, " members"]
     xe: Float[Tensor, " members"]
     generator: torch.Generator
 
+    def matrix(self) -> Int[Tensor, "members length"]:
+        """The members as one tensor (how every method keeps them, but ADAPT with a length range)."""
+        if not isinstance(self.members, Tensor):
+            raise TypeError("these members have several lengths (a length range); only ADAPT takes them")
+        return self.members
+
     def members_dict(self) -> dict[str, Any]:
         """The members' part of `to_dict` (the keys results have always stored)."""
-        return {"population": self.members.tolist(), "pop_f": self.activation.tolist(), "pop_xe": self.xe.tolist()}
+        members = self.members.tolist() if isinstance(self.members, Tensor) else [m.tolist() for m in self.members]
+        return {"population": members, "pop_f": self.activation.tolist(), "pop_xe": self.xe.tolist()}
 
     def generator_text(self) -> str:
         """The generator's part of `to_dict` (its "generator")."""
@@ -136,8 +159,13 @@ class MemberState:
     @staticmethod
     def members_from_dict(d: dict[str, Any]) -> dict[str, Any]:
         """The constructor arguments of `members_dict`'s output, and of its "generator"."""
+        rows = d["population"]
+        members: Prompts = (
+            torch.tensor(rows, dtype=torch.long) if len({len(r) for r in rows}) <= 1
+            else [torch.tensor(r, dtype=torch.long) for r in rows]
+        )
         return {
-            "members": torch.tensor(d["population"], dtype=torch.long),
+            "members": members,
             "activation": torch.tensor(d["pop_f"], dtype=torch.float64),
             "xe": torch.tensor(d["pop_xe"], dtype=torch.float64),
             "generator": load_generator(d["generator"]),
@@ -147,7 +175,7 @@ class MemberState:
         raise NotImplementedError
 
     def select_lineage(
-        self, children: Int[Tensor, "children length"], parent: Int[Tensor, " children"], f: Float[Tensor, " children"],
+        self, children: Prompts, parent: Int[Tensor, " children"], f: Float[Tensor, " children"],
         xe: Float[Tensor, " children"], lams: Float[Tensor, " members"],
     ) -> Bool[Tensor, " members"]:
         """Member i becomes the best of itself and its own children (`parent == i`) under its penalty
@@ -166,14 +194,14 @@ class MemberState:
         return improved
 
     def select(
-        self, children: Int[Tensor, "children length"], f: Float[Tensor, " children"], xe: Float[Tensor, " children"],
+        self, children: Prompts, f: Float[Tensor, " children"], xe: Float[Tensor, " children"],
         lams: Float[Tensor, " members"],
     ) -> Bool[Tensor, " members"]:
         """Member i becomes the best of the members and the children under its own penalty lams[i]
         (elitist: never worse). Returns which members' losses improved."""
-        pool = torch.cat([self.members, children])
+        pool = join(self.members, children)
         pool_f, pool_xe = torch.cat([self.activation, f]), torch.cat([self.xe, xe])
         best = select_members(pool_f, pool_xe, lams)
         old = -self.activation + lams * self.xe
-        self.members, self.activation, self.xe = pool[best], pool_f[best], pool_xe[best]
+        self.members, self.activation, self.xe = pick(pool, best), pool_f[best], pool_xe[best]
         return -self.activation + lams * self.xe < old - 1e-12

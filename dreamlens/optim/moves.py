@@ -1,11 +1,13 @@
 """Moves that do not come from the gradient: a swap to a token the model itself expects there, and
-insertions and deletions (FLRT's delete / insert), which shift the prompt by one token.
+insertions and deletions (FLRT's delete / insert).
 
-The span keeps its length, so every prompt still shares one frontier and one batch: an insertion at
+At one length (`shifts`) the span keeps its length, so every prompt shares one batch: an insertion at
 position p drops the first token (`t1 .. t(p-1), new, tp .. tL`), a deletion at p gives the prompt a new
 first token (`new, t0 .. t(p-1), t(p+1) .. tL`). The last tokens, where most objectives read, stay
-where they are. New tokens are sampled from the parent's own next-token distribution at the position
-(`sampling.span_logprobs`), banned tokens excluded.
+where they are. With a length range (`resizes`) they change the length instead: an insertion at p
+gives `t0 .. t(p-1), new, tp ..` (one token longer), a deletion drops tp (one shorter). New tokens are
+sampled from the parent's own next-token distribution at the position (`sampling.span_logprobs`),
+banned tokens excluded.
 """
 
 from __future__ import annotations
@@ -65,3 +67,35 @@ def shifts(
             else:
                 out[m, j] = torch.cat([t, p_m[:p], p_m[p + 1 :]])
     return out.view(M * n, L)
+
+
+def resizes(
+    parents: Int[Tensor, "members length"], logp: Float[Tensor, "members length d_vocab"],
+    banned: Bool[Tensor, " d_vocab"], n: int, gen: torch.Generator, lengths: tuple[int, int],
+) -> list[Int[Tensor, " new_length"]]:
+    """n children per parent (all of one length L), each an insertion (length L+1) or a deletion (L-1)
+    at a random position 0..L-1, even odds, within `lengths` (shortest, longest): at the longest length
+    every child is a deletion, at the shortest an insertion. An inserted token is sampled from the
+    distribution after the parent's tokens before its position."""
+    M, L = parents.shape
+    lo, hi = lengths
+    if n == 0 or not lo <= L <= hi or lo == hi:
+        return []
+    pos = torch.randint(L, (M, n), generator=gen)
+    insert = torch.rand((M, n), generator=gen) < 0.5
+    if hi <= L:
+        insert[:] = False
+    elif lo >= L:
+        insert[:] = True
+    rows = torch.arange(M).unsqueeze(1).expand(M, n)
+    new = _sample(logp[rows, pos].reshape(M * n, -1), banned, gen).view(M, n)
+    out = []
+    for m in range(M):
+        p_m = parents[m]
+        for j in range(n):
+            p = int(pos[m, j])
+            if insert[m, j]:
+                out.append(torch.cat([p_m[:p], new[m, j : j + 1], p_m[p:]]))
+            else:
+                out.append(torch.cat([p_m[:p], p_m[p + 1 :]]))
+    return out

@@ -10,6 +10,7 @@ Evaluator that puts them together.
 - batching.py   memory estimates, Batcher, buckets, fast_weights
 - cache.py      ScoreCache
 - evaluator.py  Evaluator, History, Compute, GRADIENT_COST
+- lengths.py    LengthEvaluators (prompts of a length range)
 - checks.py     DreamError, check_vocab_sizes, check_not_constant
 """
 
@@ -29,6 +30,7 @@ from .checks import DreamError, check_not_constant, check_vocab_sizes, objective
 from .evaluator import GRADIENT_COST, Compute, Evaluator, History
 from .gradients import add_selection_term, gradient_pass, onehot_inputs, token_gradients
 from .layout import Layout, make_layout
+from .lengths import LengthEvaluators
 from .reuse import KVRecorder, Parents, forward_from, kv_classes, record_parents, reuse_obstacle
 from .tokens import banned_mask, retokenizes
 from .xe import ce_terms, forward_scores, full_pass, logits, score, score_batched, span_xe, token_logits
@@ -43,6 +45,7 @@ __all__ = [
     "History",
     "KVRecorder",
     "Layout",
+    "LengthEvaluators",
     "Parents",
     "ScoreCache",
     "add_selection_term",

@@ -22,6 +22,8 @@ class ScoreCache:
     def key(ids: Sequence[int] | Tensor) -> bytes:
         if isinstance(ids, Tensor):
             return ids.to(torch.int64).cpu().numpy().tobytes()
+        if isinstance(ids, np.ndarray):
+            return np.ascontiguousarray(ids, dtype=np.int64).tobytes()
         return torch.tensor(list(ids), dtype=torch.int64).numpy().tobytes()
 
     def get(self, key: bytes) -> tuple[np.ndarray, float] | None:

@@ -13,6 +13,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from ..results import stack_ids
 from .batching import Batcher, buckets, call_cost_tokens, estimate_batch_tokens, pass_tokens
 from .cache import ScoreCache
 from .gradients import gradient_pass
@@ -68,10 +69,10 @@ class History:
         return max(self.values) if self.values else float("-inf")
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
-        """ids [n, length], values, xe, iteration (numpy) and texts."""
-        ids = torch.stack(self.ids).numpy() if self.ids else np.zeros((0, self.length), np.int64)
+        """ids [n, length] (prompts of several lengths: one row each, `results.stack_ids`), values, xe,
+        iteration (numpy) and texts."""
         return (
-            ids,
+            stack_ids([r.numpy() for r in self.ids], self.length),
             np.asarray(self.values, dtype=np.float64),
             np.asarray(self.xe, dtype=np.float64),
             np.asarray(self.iteration, dtype=np.int64),
@@ -151,6 +152,7 @@ class Evaluator:
     ):
         self.model, self.objectives, self.layout = model, list(objectives), layout
         self.prefix, self.suffix, self.batch_size = prefix, suffix, batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.cache = ScoreCache(cache_size)
         self.history = [History(layout.length) for _ in self.objectives]
         self.compute = Compute()
@@ -166,6 +168,24 @@ class Evaluator:
         self.last_plan: list[tuple[int, Tensor, Tensor | None]] = []  # (start, rows, parents) per pass group
         self.last_gradient_rows: Tensor | None = None
 
+    def sibling(self, length: int) -> Evaluator:
+        """An evaluator of spans of `length` tokens in the same context, with the same settings, that
+        shares this one's cache, histories and compute (so prompts of a length range are scored once,
+        recorded in one history, and charged to one budget). Its prefix reuse is its own."""
+        other = Evaluator(
+            self.model, self.objectives, self.layout.with_length(length), prefix=self.prefix, suffix=self.suffix,
+            batch_size=self.batch_size, cache_size=self.cache.max_size, reuse=self.reuse, dedup=self.dedup,
+            max_batch_tokens=self.max_batch_tokens,
+        )
+        other.cache, other.history, other.compute = self.cache, self.history, self.compute
+        other.reuse_obstacle, other._checked = self.reuse_obstacle, self._checked  # reuse was checked on this model
+        return other
+
+    def forget_parents(self) -> None:
+        """Drop what the latest gradient pass left for prefix reuse: candidates get full passes until the
+        next one (so that what a candidate costs never depends on passes of earlier iterations)."""
+        self._parents = None
+
     @property
     def parents(self) -> Parents | None:
         """What the latest gradient (or remember) pass left for prefix reuse (for benchmarks)."""
@@ -174,7 +194,7 @@ class Evaluator:
     def restore(
         self,
         owner: int,
-        ids: Tensor,
+        ids: Sequence[Any] | Tensor | np.ndarray,
         values: Sequence[float] | np.ndarray,
         xe: Sequence[float] | np.ndarray,
         iteration: Sequence[int] | np.ndarray,

@@ -44,6 +44,10 @@ class Layout:
         """First position that belongs to the prompt for position reductions (after the start token)."""
         return self.n_bos
 
+    def with_length(self, length: int) -> Layout:
+        """The same context around a span of `length` tokens."""
+        return Layout(self.head, self.tail, length, self.n_bos)
+
     def assemble(self, span_ids: Int[Tensor, "batch length"]) -> Int[Tensor, "batch seq"]:
         b = span_ids.shape[0]
         dev = span_ids.device
