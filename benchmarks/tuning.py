@@ -57,6 +57,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "scratch_self50": ("adapt", {"examples": False, "self_share": 0.5}),
     # 128 prompts of 12 tokens sampled from the model (no scan): fluent starts the members cover
     "scratch_sampled": ("adapt", {"examples": False, "sampled": 128}),
+    # the length range that paid with examples (12..16), without them
+    "scratch_grow": ("adapt", {"examples": False, "max_length": 16}),
+    "scratch_self35_grow": ("adapt", {"examples": False, "self_share": 0.35, "max_length": 16}),
 }
 
 
