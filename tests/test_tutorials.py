@@ -32,6 +32,9 @@ def execute(name: str, tmp_path: Path, jupyter_path: Path, monkeypatch) -> list:
     pytest.importorskip("ipykernel")
     monkeypatch.setenv("JUPYTER_PATH", str(jupyter_path))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    # one torch thread, as scripts/execute_tutorials.py runs them: on a busy CPU, threads that wait by
+    # spinning cost several times the notebook's own work
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     nb = nbformat.read(TUTORIALS / name, as_version=4)
     client = nbclient.NotebookClient(
         nb, kernel_name="dreamlens-tests", timeout=600, resources={"metadata": {"path": str(tmp_path)}}
