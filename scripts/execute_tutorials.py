@@ -1,7 +1,8 @@
 """Execute every notebook in tutorials/ in place, so the committed notebooks show their outputs.
 
 Deterministic (fixed seeds in the notebooks, one torch thread, no hub access), small (long text outputs
-cut, figures as PNG), and run with this interpreter's kernel. Usage: `.venv/bin/python scripts/execute_tutorials.py [NAME ...]`.
+cut, figures as PNG, only the first circuitsvis view of each notebook kept: each inlines a 1.3 MB script),
+run with this interpreter's kernel in a scratch folder (the notebooks print paths relative to it). Usage: `.venv/bin/python scripts/execute_tutorials.py [NAME ...]`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import nbformat
 
 TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
 MAX_TEXT = 4000  # characters kept of one text output (a progress bar or a long table)
-MAX_HTML = 200_000  # a larger HTML output (circuitsvis inlines its 1.3 MB script) is replaced by a note
+MAX_HTML = 200_000  # a larger HTML output (circuitsvis inlines its 1.3 MB script), after the first, becomes a note
 
 
 def _kernel(root: Path) -> str:
@@ -34,8 +35,10 @@ def _kernel(root: Path) -> str:
 
 
 def _trim(nb: nbformat.NotebookNode) -> None:
-    """Drop progress bars' widget state and cut long text, so the committed file stays small."""
+    """Drop progress bars' widget state and cut long text, so the committed file stays small; keep the
+    first circuitsvis view (a reader on the web sees one) and replace the others by a note."""
     nb.metadata.pop("widgets", None)
+    kept_view = False
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
@@ -49,9 +52,14 @@ def _trim(nb: nbformat.NotebookNode) -> None:
                 data.pop("image/svg+xml", None)
             html = data.get("text/html")
             if html is not None and len("".join(html)) > MAX_HTML:
-                data.pop("text/html")
-                data["text/plain"] = ("[an interactive circuitsvis view, not kept in the committed notebook "
-                                      "(its inlined script is 1.3 MB): run the cell to see it]")
+                if not kept_view:
+                    kept_view = True
+                    data["text/plain"] = "[an interactive circuitsvis view]"  # not its object's repr (an address)
+                else:
+                    data.pop("text/html")
+                    data["text/plain"] = ("[an interactive circuitsvis view, not kept in the committed notebook "
+                                          "(its inlined script is 1.3 MB; the first view above is kept): run the cell "
+                                          "to see it]")
             if out.output_type == "stream" and len(out.text) > MAX_TEXT:
                 out.text = out.text[:MAX_TEXT] + "\n[... output cut ...]\n"
             if out.output_type in ("display_data", "execute_result") and not data:

@@ -32,6 +32,9 @@ def execute(name: str, tmp_path: Path, jupyter_path: Path, monkeypatch) -> list:
     pytest.importorskip("ipykernel")
     monkeypatch.setenv("JUPYTER_PATH", str(jupyter_path))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    # one torch thread, as scripts/execute_tutorials.py runs them: on a busy CPU, threads that wait by
+    # spinning cost several times the notebook's own work
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     nb = nbformat.read(TUTORIALS / name, as_version=4)
     client = nbclient.NotebookClient(
         nb, kernel_name="dreamlens-tests", timeout=600, resources={"metadata": {"path": str(tmp_path)}}
@@ -95,3 +98,15 @@ def test_committed_notebook_is_executed(name):
     assert not errors, f"{name}: an error output ({errors[0].get('ename')}: {errors[0].get('evalue')})"
     assert any(c.get("outputs") for c in cells), f"{name} has no outputs"
     assert any("image/png" in o.get("data", {}) for c in cells for o in c.get("outputs", [])), f"{name} shows no figure"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in TUTORIALS.glob("*.ipynb")))
+def test_committed_notebook_shows_a_view_and_no_scratch_path(name):
+    """A reader on the web sees one circuitsvis view (the others are trimmed: each inlines a 1.3 MB script),
+    and no path of the scratch folder the notebook was executed in."""
+    outputs = [o for c in json.loads((TUTORIALS / name).read_text())["cells"] if c["cell_type"] == "code"
+               for o in c.get("outputs", [])]
+    views = [o for o in outputs if "CircuitsVis.render(" in "".join(o.get("data", {}).get("text/html", ""))]
+    assert len(views) == 1, f"{name}: {len(views)} circuitsvis views kept; run scripts/execute_tutorials.py"
+    text = " ".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", "")) for o in outputs)
+    assert "/tmp" not in text and "/home/" not in text and "/root/" not in text, f"{name} prints an absolute path"
