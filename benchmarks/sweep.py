@@ -177,7 +177,7 @@ def scale(args: argparse.Namespace) -> None:
     chunks = math.ceil(n / chunk)
     kill_after = min(chunks - 1, max(1, round(args.kill_at * chunks)))
     argv = ["sweep", spec, "--out", str(out), "--budget", str(budget), "--tokens", str(tokens), "--window", str(window),
-            "--top-k", "8", "--chunk-size", str(chunk), "--length", str(length), "--quiet", "--ray", "--workers",
+            "--top-examples", "8", "--chunk-size", str(chunk), "--length", str(length), "--quiet", "--ray", "--workers",
             str(args.workers), *(["--model", model] if model else [])]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local cluster on 127.0.0.1
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
