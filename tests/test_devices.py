@@ -168,11 +168,6 @@ def test_load_model_follows_the_environment(monkeypatch, tmp_path, tokenizer):
     assert dl.load_model(tmp_path, dtype="float32").W_E.dtype == torch.float32
 
 
-def test_a_sweep_on_ray_refuses_device_and_dtype(tmp_path):
-    with pytest.raises(dl.sweeps.SweepError, match="Ray engine's workers load the model on their CPU"):
-        dl.sweep("blocks.0.mlp.hook_post[0]", tmp_path / "s", engine="ray", dtype="bf16")
-
-
 # ---------------------------------------------------------------------------------------------
 # Batch sizes and out-of-memory
 

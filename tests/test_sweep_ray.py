@@ -52,6 +52,14 @@ def dreamlens_workers(ray) -> list:
     return [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("dreamlens-sweep-")]
 
 
+def test_ray_workers_load_the_model_in_the_sweeps_dtype(ray_cluster, tmp_path):
+    """dtype= reaches every Ray worker (each loads its own model): sweep.json says what each one ran in."""
+    got = dl.sweep("blocks.1.mlp.hook_post[0:2]", tmp_path / "sweep", engine="ray", dtype="bf16",
+                   **{**SWEEP, "budget": 200})
+    assert got.complete and len(got) == 2
+    assert [(w["device"], w["dtype"]) for w in got.runs[-1]["workers"]] == [("cpu", "bfloat16")] * 2
+
+
 def test_ray_equals_local(ray_cluster, local, tmp_path):
     out = tmp_path / "sweep"
     got = dl.sweep(SPEC, out, engine="ray", **SWEEP)
