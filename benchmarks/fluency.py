@@ -85,6 +85,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "epo": ("epo", {"init": "sample", "lm_share": 0.25}),
     "adapt": ("adapt", {"budget_dependent": True}),  # the beam search gets a share of the budget
     "gcg": ("gcg", {}),
+    # A length range of 12..16 tokens (insertions grow the prompt, deletions stop at 12): from the examples,
+    # and without them from the model's own text, scanned (ADAPTConfig.self_scan, optim.self_scan).
+    "adapt_examples_range": ("adapt", {"examples": True, "max_length": 16}),
+    "adapt_self_scan": ("adapt", {"self_scan": 0.35, "max_length": 16, "budget_dependent": True}),
+    "adapt_range": ("adapt", {"max_length": 16, "budget_dependent": True}),  # from its beam search
 }
 
 NEURONS = [
@@ -197,17 +202,33 @@ def inexact_fracs(settings: dict[str, Any]) -> list[float]:
     return [f for f in CURVE[:-1] if sizes(settings["budget"] * f) != sizes(settings["budget"])]
 
 
-def make_jobs(settings: dict[str, Any]) -> list[Job]:
-    """Method-major, in the order of `--methods`, the default method's budget-curve runs right after its
-    own: a run cut short by time loses the last methods, never targets."""
+def make_jobs(settings: dict[str, Any], methods: list[str]) -> list[Job]:
+    """The runs of `methods`, method-major, in the order of `--methods`, the default method's budget-curve
+    runs right after its own: a run cut short by time loses the last methods, never targets."""
     T, S = range(len(settings["targets"])), range(settings["seeds"])
     d = settings["default"]
     jobs = []
-    for m in settings["methods"]:
+    for m in methods:
         jobs += [Job(t, m, s) for t in T for s in S]
         if m == d and settings["curve"]:
             jobs += [Job(t, d, s, f) for f in inexact_fracs(settings) for t in T for s in S]
     return jobs
+
+
+def with_earlier_methods(settings: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`settings` with the methods an earlier run of the same benchmark (every setting but the methods
+    and the machine equal) recorded in `path`, so that a folder's settings name every method run there
+    (those of this run first replace theirs)."""
+    try:
+        prev = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return settings
+    same = ("quick", "length", "budget", "seeds", "scan_tokens", "targets", "scan_n_tokens")
+    if any(prev.get(k) != json.loads(json.dumps(settings[k])) for k in same):
+        return settings
+    methods = list(dict.fromkeys(prev.get("methods", []) + settings["methods"]))
+    configs = {**prev.get("method_configs", {}), **settings["method_configs"]}
+    return {**settings, "methods": methods, "method_configs": configs, "default": default_name(methods)}
 
 
 def job_spec(job: Job, settings: dict[str, Any]) -> dict[str, Any]:
@@ -712,6 +733,7 @@ def main() -> None:
               f"for {len(targets)} targets: {'from the cache' if sc.from_cache else f'{time.perf_counter() - t:.0f} s'} "
               f"(saved to {out / f'scan_{label}'})", flush=True)
     settings["scan_n_tokens"] = [int(sc.meta.get("n_tokens", 0)) for sc in scans]
+    settings = with_earlier_methods(settings, out / "settings.json")
     _write_json(out / "settings.json", settings)
     if args.scan_only:
         for i, tg in enumerate(targets):
@@ -720,7 +742,7 @@ def main() -> None:
                   f"{s['from_a']} of them from part A")
         return
 
-    jobs = make_jobs(settings)
+    jobs = make_jobs(settings, methods)
     mine = [j for k, j in enumerate(jobs) if k % shard_n == shard_i]
     names = settings["targets"]
     print(f"# {len(mine)} of {len(jobs)} runs in this {'shard' if args.shard else 'run'} ({out})", flush=True)

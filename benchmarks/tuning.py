@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,36 +48,18 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "adapt_full": ("adapt", {**BOTH, "lineage": True, "restart_patience": 8}),
     "adapt_full_b8": ("adapt", {**BOTH, "lineage": True, "restart_patience": 8, "beams": 8, "children": 16}),
     "epo_lm": ("epo", {"lm_share": 0.25}),
-    # Without examples (the goal for a method without the dataset): `self_share` spends that share of the
+    # Without examples (the goal for a method without the dataset): `self_scan` (ADAPTConfig) spends that share of the
     # budget on text sampled from the model and scanned for the target; its top windows are the starts.
     "scratch_adapt": ("adapt", {"examples": False}),  # from ADAPT's beam search (today's scratch default)
-    "scratch_self15": ("adapt", {"examples": False, "self_share": 0.15}),
-    "scratch_self35": ("adapt", {"examples": False, "self_share": 0.35}),
-    "scratch_self50": ("adapt", {"examples": False, "self_share": 0.5}),
+    "scratch_self15": ("adapt", {"examples": False, "self_scan": 0.15}),
+    "scratch_self35": ("adapt", {"examples": False, "self_scan": 0.35}),
+    "scratch_self50": ("adapt", {"examples": False, "self_scan": 0.5}),
     # 128 prompts of 12 tokens sampled from the model (no scan): fluent starts the members cover
     "scratch_sampled": ("adapt", {"examples": False, "sampled": 128}),
     # the length range that paid with examples (12..16), without them
     "scratch_grow": ("adapt", {"examples": False, "max_length": 16}),
-    "scratch_self35_grow": ("adapt", {"examples": False, "self_share": 0.35, "max_length": 16}),
+    "scratch_self35_grow": ("adapt", {"examples": False, "self_scan": 0.35, "max_length": 16}),
 }
-
-
-def self_starts(model: Any, objective: Any, tokens: int, length: int, seed: int) -> tuple[list[Any], int]:
-    """Candidate starts without a dataset: about `tokens` tokens sampled from the model (documents of 64
-    tokens after the start token, with its KV cache), scanned for `objective`; the token-forwards spent
-    (sampling and scan, counted as tokens through the model)."""
-    n = max(1, tokens // 64)
-    torch.manual_seed(seed)
-    bos = model.tokenizer.bos_token_id
-    ids = model.generate(torch.full((n, 1), bos, dtype=torch.long), max_new_tokens=64, stop_at_eos=False,
-                         temperature=1.0, use_past_kv_cache=True, verbose=False, return_type="tokens")
-    texts = [model.tokenizer.decode(row[1:]) for row in ids]
-    with warnings.catch_warnings():  # the decoded samples may re-tokenize to a few tokens fewer
-        warnings.simplefilter("ignore")
-        sc = dl.scan(model, [objective], texts, tokens=n * 64, window=length, top_k=32, per_document=4, cache=False,
-                     progress=False)
-    spent = n * 64 + int(sc.meta["n_tokens"]) + 32 * (length + 1)  # sampling, the scan, the scoring of its top 32
-    return example_spans(sc, 0, length, positive=False), spent
 
 
 def sampled_starts(model: Any, n: int, length: int, seed: int) -> tuple[list[Any], int]:
@@ -133,11 +114,9 @@ def main() -> None:
         for v in names:
             method, options = VARIANTS[v]
             options = dict(options)
-            seeded, share = options.pop("examples", True), options.pop("self_share", 0.0)
+            seeded = options.pop("examples", True)
             t0 = time.perf_counter()
             ex, spent = (starts, 0) if seeded else (None, 0)
-            if share:
-                ex, spent = self_starts(model, t, int(budget * share / 2), 12, seed=0)
             if options.get("sampled"):
                 ex, spent = sampled_starts(model, options.pop("sampled"), 12, seed=0)
             r = dl.dream(model, t, method, examples=ex or None, length=12, seed=0, max_token_forwards=budget - spent,

@@ -45,6 +45,8 @@ HELP: dict[str, str] = {
     "restart_patience": "restart a member after this many iterations without improvement (0: never)",
     "lm_share": "share of children whose new token is sampled from the model (0..1)",
     # ADAPT
+    "self_scan": "without examples: share of the budget that samples text from the model and scans it for the "
+                 "objective; its top windows are the starts (0: the beam search)",
     "beams": "partial prompts of the beam search, then the members of the mutation phase",
     "beam_lm": "proposals per beam and step from the model's next-token distribution",
     "beam_grad": "proposals per beam and step from the gradient's top-k",

@@ -38,6 +38,7 @@ from .loop import Callback, Method, check_resume, load_resume, objective_folder,
 from .members import MemberState, Prompts, allowed_tokens, cover, initial_span, random_prompts, select_members, start_pool
 from .moves import model_swaps, resizes, shifts
 from .sampling import next_token_logprobs, span_logprobs
+from .self_scan import self_scan_starts
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -347,7 +348,14 @@ class ADAPT(Method):
         """The members' first prompts (each the best of the beam search's last candidates under its own
         penalty) and the penalties in activation units."""
         cfg, ev, unit = self.cfg, self.ev, self.unit
-        pool = start_pool(cfg)
+        prompts = cfg.init_prompts
+        if prompts is None and self.init_span is None and cfg.self_scan:
+            assert cfg.max_token_forwards is not None  # the config's checks ask for a budget with self_scan
+            prompts, spent = self_scan_starts(self.model, self.objectives[0], int(cfg.self_scan * cfg.max_token_forwards),
+                                              self.layout.length, self.banned, torch.Generator().manual_seed(cfg.seed))
+            ev.compute.add_tokens(spent)
+            prompts = prompts or None  # no window fired: the beam search
+        pool = start_pool(prompts)
         reserve = None
         if pool is not None:  # candidate starts (dataset examples): scored (charged); the members cover them
             pool_f, pool_xe, _ = ev.evaluate(pool, torch.zeros(len(pool), dtype=torch.long), 0)
@@ -376,7 +384,7 @@ class ADAPT(Method):
         lams = unit * scale  # in activation units per nat, from here on
         # Covered starts are the members as they are (most active under the lowest penalty); otherwise
         # each member takes the best start under its own penalty.
-        best = torch.arange(cfg.beams) if cfg.init_prompts is not None else select_members(pool_f, pool_xe, lams)
+        best = torch.arange(cfg.beams) if prompts is not None else select_members(pool_f, pool_xe, lams)
         strengths = [MutationStrength() for _ in range(cfg.beams)]
         self.states = [ADAPTState(pool[best].clone(), pool_f[best], pool_xe[best], self.generator, strengths, lams, unit,
                                   reserve=reserve)]

@@ -214,6 +214,9 @@ class ADAPTConfig(DreamConfig):
     lineage: bool = False  # each member keeps the best of itself and its own children (not of all children)
     restart_patience: int = 0  # a member this many iterations without improvement restarts from an unused
     # candidate start (init_prompts), the best one under its own penalty (0: never)
+    # Without starts given: this share of max_token_forwards samples text from the model and scans it
+    # for the objective; its top windows are the starts, as dataset examples would be (optim.self_scan).
+    self_scan: float = 0.0
 
     def penalties(self) -> np.ndarray:
         return log_penalties(self.lam_min, self.lam_max, self.beams)
@@ -246,6 +249,11 @@ class ADAPTConfig(DreamConfig):
             f"lm_share and shift_share must be >= 0 with a sum <= 1, got {self.lm_share} and {self.shift_share}",
         )
         yield self.restart_patience >= 0, f"restart_patience must be >= 0 (0: never), got {self.restart_patience}"
+        yield 0 <= self.self_scan < 1, f"self_scan is a share of the budget in [0, 1), got {self.self_scan}"
+        yield (
+            not self.self_scan or self.max_token_forwards is not None,
+            "self_scan spends a share of the token budget; set max_token_forwards (e.g. 40_000), or self_scan=0",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

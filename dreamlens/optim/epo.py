@@ -92,7 +92,7 @@ class EPO(Method):
         K, M, L = len(self.objectives), cfg.population, cfg.length
         gens = [torch.Generator().manual_seed(cfg.seed) for _ in range(K)]
         init = initial_span(model, cfg, layout)
-        pool = start_pool(cfg)
+        pool = start_pool(cfg.init_prompts)
         if pool is not None:  # candidate starts: scored first (charged), then each population covers them
             n = len(pool)
             f, xe, _ = self.ev.evaluate(pool.repeat(K, 1), torch.arange(K).repeat_interleave(n), 0)

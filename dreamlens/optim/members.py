@@ -9,6 +9,7 @@ random prompts of allowed tokens), the elitist selection that every such optimiz
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -66,10 +67,10 @@ def initial_span(model: HookedTransformer, cfg: DreamConfig, layout: Layout) -> 
     return span
 
 
-def start_pool(cfg: DreamConfig) -> Int[Tensor, "pool length"] | None:
-    """The config's candidate starts (`init_prompts`, their length checked by the config) as ids (None:
+def start_pool(prompts: Sequence[Sequence[int]] | None) -> Int[Tensor, "pool length"] | None:
+    """Candidate starts (a config's `init_prompts`, their length checked by the config) as ids (None:
     the method's own start)."""
-    return None if cfg.init_prompts is None else torch.tensor(cfg.init_prompts, dtype=torch.long)
+    return None if prompts is None else torch.tensor(prompts, dtype=torch.long)
 
 
 def cover(f: Float[Tensor, " pool"], xe: Float[Tensor, " pool"], n: int) -> Int[Tensor, " n"]:
