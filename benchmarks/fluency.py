@@ -90,6 +90,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "adapt_examples_range": ("adapt", {"examples": True, "max_length": 16}),
     "adapt_self_scan": ("adapt", {"self_scan": 0.35, "max_length": 16, "budget_dependent": True}),
     "adapt_range": ("adapt", {"max_length": 16, "budget_dependent": True}),  # from its beam search
+    "adapt_self_scan_fixed": ("adapt", {"self_scan": 0.35, "budget_dependent": True}),  # self-scan, length 12 only
 }
 
 NEURONS = [
