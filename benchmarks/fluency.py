@@ -83,14 +83,15 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # EPO beyond the paper: starts from text sampled from the model, and a quarter of each member's
     # children take a token sampled from the model's next-token distribution (EPOConfig's options).
     "epo": ("epo", {"init": "sample", "lm_share": 0.25}),
-    "adapt": ("adapt", {"budget_dependent": True}),  # the beam search gets a share of the budget
+    "adapt": ("adapt", {"self_scan": 0, "budget_dependent": True}),  # from its beam search (a share of the budget)
     "gcg": ("gcg", {}),
     # A length range of 12..16 tokens (insertions grow the prompt, deletions stop at 12): from the examples,
     # and without them from the model's own text, scanned (ADAPTConfig.self_scan, optim.self_scan).
     "adapt_examples_range": ("adapt", {"examples": True, "max_length": 16}),
     "adapt_self_scan": ("adapt", {"self_scan": 0.35, "max_length": 16, "budget_dependent": True}),
-    "adapt_range": ("adapt", {"max_length": 16, "budget_dependent": True}),  # from its beam search
-    "adapt_self_scan_fixed": ("adapt", {"self_scan": 0.35, "budget_dependent": True}),  # self-scan, length 12 only
+    "adapt_range": ("adapt", {"self_scan": 0, "max_length": 16, "budget_dependent": True}),  # from its beam search
+    # dl.dream's default without examples (ADAPTConfig.self_scan=None with a budget: SELF_SCAN_SHARE = 0.35)
+    "adapt_self_scan_fixed": ("adapt", {"self_scan": 0.35, "budget_dependent": True}),
 }
 
 NEURONS = [

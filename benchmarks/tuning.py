@@ -50,14 +50,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "epo_lm": ("epo", {"lm_share": 0.25}),
     # Without examples (the goal for a method without the dataset): `self_scan` (ADAPTConfig) spends that share of the
     # budget on text sampled from the model and scanned for the target; its top windows are the starts.
-    "scratch_adapt": ("adapt", {"examples": False}),  # from ADAPT's beam search (today's scratch default)
+    "scratch_adapt": ("adapt", {"examples": False, "self_scan": 0}),  # from ADAPT's beam search
     "scratch_self15": ("adapt", {"examples": False, "self_scan": 0.15}),
     "scratch_self35": ("adapt", {"examples": False, "self_scan": 0.35}),
     "scratch_self50": ("adapt", {"examples": False, "self_scan": 0.5}),
     # 128 prompts of 12 tokens sampled from the model (no scan): fluent starts the members cover
     "scratch_sampled": ("adapt", {"examples": False, "sampled": 128}),
     # the length range that paid with examples (12..16), without them
-    "scratch_grow": ("adapt", {"examples": False, "max_length": 16}),
+    "scratch_grow": ("adapt", {"examples": False, "self_scan": 0, "max_length": 16}),
     "scratch_self35_grow": ("adapt", {"examples": False, "self_scan": 0.35, "max_length": 16}),
 }
 

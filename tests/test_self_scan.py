@@ -51,7 +51,7 @@ def test_a_self_scan_dream_starts_from_the_sampled_windows_and_charges_them(tiny
     first = {tuple(ids) for ids, it in zip(r.ids, r.iteration) if it == 0}
     assert first == set(starts)  # every start scored at iteration 0, nothing else
     assert r.token_forwards >= spent + len(starts) * (L + 1)  # sampling, scan and the scoring of the starts
-    plain = dl.dream(tiny_model, OBJ, max_token_forwards=BUDGET, length=L, progress=False)
+    plain = dl.dream(tiny_model, OBJ, self_scan=0, max_token_forwards=BUDGET, length=L, progress=False)
     assert {tuple(ids) for ids, it in zip(plain.ids, plain.iteration) if it == 0} != first
     again = dl.dream(tiny_model, OBJ, self_scan=0.3, max_token_forwards=BUDGET, length=L, progress=False)
     assert list(again.text) == list(r.text)  # seeded: the same run twice
@@ -68,11 +68,49 @@ def test_self_scan_with_a_length_range_keeps_every_prompt_retokenizing(tiny_mode
         assert bool(ok.all())
 
 
+def first_prompts(result):
+    return {tuple(ids) for ids, it in zip(result.ids, result.iteration) if it == 0}
+
+
+def test_the_default_self_scans_with_a_budget_and_no_starts(tiny_model):
+    cfg = dl.ADAPTConfig(max_token_forwards=BUDGET)
+    assert cfg.self_scan is None and cfg.self_scan_share() == dl.optim.config.SELF_SCAN_SHARE > 0
+    assert dl.ADAPTConfig().self_scan_share() == 0  # no budget: the beam search
+    assert dl.ADAPTConfig(max_token_forwards=BUDGET, init_text="a b").self_scan_share() == 0  # starts given
+    assert dl.ADAPTConfig(max_token_forwards=BUDGET, init_ids=(1, 2), self_scan=0.3).self_scan_share() == 0
+    assert dl.ADAPTConfig(max_token_forwards=BUDGET, self_scan=0).self_scan_share() == 0
+    share = dl.optim.config.SELF_SCAN_SHARE
+    default = dl.dream(tiny_model, OBJ, max_token_forwards=BUDGET, length=L, progress=False)
+    explicit = dl.dream(tiny_model, OBJ, self_scan=share, max_token_forwards=BUDGET, length=L, progress=False)
+    beam = dl.dream(tiny_model, OBJ, self_scan=0, max_token_forwards=BUDGET, length=L, progress=False)
+    assert list(default.text) == list(explicit.text)
+    starts, _ = self_scan_starts(tiny_model, dl.objective(OBJ), int(share * BUDGET), L, banned(tiny_model),
+                                 torch.Generator().manual_seed(0))
+    assert first_prompts(default) == set(starts) != first_prompts(beam)
+
+
+def test_the_default_falls_back_to_the_beam_search_without_a_start_token(tiny_model, monkeypatch):
+    import dreamlens.optim.adapt as adapt_module
+
+    monkeypatch.setattr(adapt_module, "bos_token_id", lambda model: None)
+    default = dl.dream(tiny_model, OBJ, max_token_forwards=BUDGET, length=L, progress=False)
+    beam = dl.dream(tiny_model, OBJ, self_scan=0, max_token_forwards=BUDGET, length=L, progress=False)
+    assert list(default.text) == list(beam.text)
+
+
 @pytest.mark.parametrize("options, needle", [
     ({"self_scan": 0.3}, "set max_token_forwards"),
+
     ({"self_scan": 1.0, "max_token_forwards": 1000}, "self_scan is a share of the budget in [0, 1)"),
 ])
 def test_self_scan_errors(tiny_model, options, needle):
     with pytest.raises(DreamError) as e:
         dl.dream(tiny_model, OBJ, length=L, progress=False, **options)
     assert needle in str(e.value)
+
+
+def test_self_scan_and_examples_together_are_refused_before_any_work(tiny_model):
+    with pytest.raises(DreamError) as e:
+        dl.dream(tiny_model, OBJ, self_scan=0.3, max_token_forwards=BUDGET, length=L, progress=False,
+                 examples=[(0, (5, 6, 7, 8, 9))])
+    assert "drop self_scan or examples=" in str(e.value)

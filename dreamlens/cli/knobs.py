@@ -46,7 +46,7 @@ HELP: dict[str, str] = {
     "lm_share": "share of children whose new token is sampled from the model (0..1)",
     # ADAPT
     "self_scan": "without examples: share of the budget that samples text from the model and scans it for the "
-                 "objective; its top windows are the starts (0: the beam search)",
+                 "objective; its top windows are the starts (0: the beam search; none: 0.35 with a budget)",
     "beams": "partial prompts of the beam search, then the members of the mutation phase",
     "beam_lm": "proposals per beam and step from the model's next-token distribution",
     "beam_grad": "proposals per beam and step from the gradient's top-k",

@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from ..models import bos_token_id
 from ..objectives import Objective, ObjectiveError
 from ..results import DreamResult
 from ..scoring import GRADIENT_COST, Evaluator, Layout, LengthEvaluators, check_not_constant, retokenizes
@@ -349,9 +350,12 @@ class ADAPT(Method):
         penalty) and the penalties in activation units."""
         cfg, ev, unit = self.cfg, self.ev, self.unit
         prompts = cfg.init_prompts
-        if prompts is None and self.init_span is None and cfg.self_scan:
-            assert cfg.max_token_forwards is not None  # the config's checks ask for a budget with self_scan
-            prompts, spent = self_scan_starts(self.model, self.objectives[0], int(cfg.self_scan * cfg.max_token_forwards),
+        share = cfg.self_scan_share()
+        if cfg.self_scan is None and bos_token_id(self.model) is None:
+            share = 0.0  # the default's self-scan samples after the start token; without one, the beam search
+        if prompts is None and self.init_span is None and share:
+            assert cfg.max_token_forwards is not None  # a share is only set (or allowed) with a budget
+            prompts, spent = self_scan_starts(self.model, self.objectives[0], int(share * cfg.max_token_forwards),
                                               self.layout.length, self.banned, torch.Generator().manual_seed(cfg.seed))
             ev.compute.add_tokens(spent)
             prompts = prompts or None  # no window fired: the beam search

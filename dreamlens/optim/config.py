@@ -179,6 +179,13 @@ class EPOConfig(DreamConfig):
         yield 0.0 <= self.lm_share <= 1.0, f"lm_share must be between 0 and 1, got {self.lm_share}"
 
 
+# ADAPT's share of the budget for a self-scan when no starts are given (ADAPTConfig.self_scan=None). Chosen by
+# benchmarks/fluency.py (README, "How well it works"): at 40,000 token-forwards, from a self-scan of 0.35 of
+# the budget ADAPT beat the held-out dataset max at its median fluency on 10 of 16 runs, from its beam search
+# on 7; 0.35 was the best of 0.15 / 0.35 / 0.5 on the tuning proxy (benchmarks/results/tuning.md).
+SELF_SCAN_SHARE = 0.35
+
+
 @dataclass(frozen=True, kw_only=True)
 class ADAPTConfig(DreamConfig):
     """ADAPT's knobs. The paper publishes no hyperparameters: these are ours. The penalties were chosen
@@ -216,7 +223,18 @@ class ADAPTConfig(DreamConfig):
     # candidate start (init_prompts), the best one under its own penalty (0: never)
     # Without starts given: this share of max_token_forwards samples text from the model and scans it
     # for the objective; its top windows are the starts, as dataset examples would be (optim.self_scan).
-    self_scan: float = 0.0
+    # None: SELF_SCAN_SHARE when a budget is set and no starts are given, else the beam search.
+    self_scan: float | None = None
+
+    def self_scan_share(self) -> float:
+        """The share of the budget the self-scan takes in this run: 0 when starts are given (they win: the
+        later modes of `modes=K` start from examples), else `self_scan`, or without it SELF_SCAN_SHARE
+        when a budget is set (0 without one: the beam search)."""
+        if self.init_prompts is not None or self.init_text is not None or self.init_ids is not None:
+            return 0.0
+        if self.self_scan is not None:
+            return self.self_scan
+        return SELF_SCAN_SHARE if self.max_token_forwards is not None else 0.0
 
     def penalties(self) -> np.ndarray:
         return log_penalties(self.lam_min, self.lam_max, self.beams)
@@ -249,9 +267,10 @@ class ADAPTConfig(DreamConfig):
             f"lm_share and shift_share must be >= 0 with a sum <= 1, got {self.lm_share} and {self.shift_share}",
         )
         yield self.restart_patience >= 0, f"restart_patience must be >= 0 (0: never), got {self.restart_patience}"
-        yield 0 <= self.self_scan < 1, f"self_scan is a share of the budget in [0, 1), got {self.self_scan}"
+        share = self.self_scan
+        yield share is None or 0 <= share < 1, f"self_scan is a share of the budget in [0, 1), got {share}"
         yield (
-            not self.self_scan or self.max_token_forwards is not None,
+            not share or self.max_token_forwards is not None,
             "self_scan spends a share of the token budget; set max_token_forwards (e.g. 40_000), or self_scan=0",
         )
 

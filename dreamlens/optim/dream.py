@@ -106,6 +106,9 @@ def dream(
             raise DreamError("examples= starts one objective's dream from its examples; pass a single objective")
         if resume is not None:
             raise DreamError("examples= sets where a fresh run starts; a resumed run continues from its own state, drop one")
+        if getattr(cfg, "self_scan", None):
+            raise DreamError("self_scan finds starts when no examples are given, and examples= gives them; "
+                             "drop self_scan or examples=")
         cfg = dataclasses.replace(cfg, init_prompts=example_starts(examples, objective, cfg.length), init_text=None,
                                   init_ids=None)
     return run(model, objective, cfg, callback=callback, resume=resume, progress=progress)
