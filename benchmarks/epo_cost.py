@@ -68,7 +68,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(cfg.seed)
 
     with scoring.fast_weights(model):
-        recorder = scoring.Recorder()  # what the default evaluator computed, for raw_needed
+        recorder = scoring.PassRecorder()  # what the default evaluator computed, for raw_needed
         fast = scoring.Evaluator(model, objs, layout, scoring.Batching(batch_size=cfg.batch_size), recorder=recorder)
         pop = epo.random_prompts(model, M, layout, epo.allowed_tokens(banned), gen)[None]  # [1, M, L]
         f0, x0, _ = fast.evaluate(pop[0], owner, 0)

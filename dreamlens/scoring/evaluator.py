@@ -17,7 +17,7 @@ from ..results import stack_ids
 from .batching import Batcher, Batching, buckets, call_cost_tokens, estimate_batch_tokens, pass_tokens
 from .cache import ScoreCache
 from .gradients import gradient_pass
-from .recorder import Recorder
+from .recorder import PassRecorder
 from .reuse import Parents, forward_from, record_parents, reuse_obstacle
 from .tokens import retokenizes
 from .xe import full_pass, score, score_batched
@@ -146,7 +146,7 @@ class Evaluator:
         layout: Layout,
         batching: Batching | None = None,
         *,
-        recorder: Recorder | None = None,
+        recorder: PassRecorder | None = None,
     ):
         batching = Batching() if batching is None else batching
         self.model, self.objectives, self.layout, self.batching = model, list(objectives), layout, batching

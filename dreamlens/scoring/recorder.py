@@ -1,12 +1,12 @@
 """What an Evaluator did, pass by pass, for benchmarks that replay its work with bare forwards: an
-optional Recorder the Evaluator reports to (runs never need one)."""
+optional PassRecorder the Evaluator reports to (runs never need one)."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
 
-class Recorder:
+class PassRecorder:
     """The latest `score_rows` call's pass groups and the latest gradient pass's rows of the Evaluators
     it is given to (`Evaluator(..., recorder=...)`; shared with their `sibling`s).
 
