@@ -68,8 +68,9 @@ def main() -> None:
     gen = torch.Generator().manual_seed(cfg.seed)
 
     with scoring.fast_weights(model):
-        fast = scoring.Evaluator(model, objs, layout, batch_size=cfg.batch_size)
-        pop = epo.random_prompts(model, M, layout, epo.allowed_tokens(banned), gen, "", "")[None]  # [1, M, L]
+        recorder = scoring.PassRecorder()  # what the default evaluator computed, for raw_needed
+        fast = scoring.Evaluator(model, objs, layout, scoring.Batching(batch_size=cfg.batch_size), recorder=recorder)
+        pop = epo.random_prompts(model, M, layout, epo.allowed_tokens(banned), gen)[None]  # [1, M, L]
         f0, x0, _ = fast.evaluate(pop[0], owner, 0)
         pop_f, pop_xe = f0[None], x0[None]
 
@@ -114,7 +115,7 @@ def main() -> None:
             parents = ev.parents
             start_t = time.perf_counter()
             with torch.no_grad():
-                for start, rows, par in ev.last_plan:
+                for start, rows, par in recorder.plan:
                     if not len(rows):
                         continue
                     n_per = ev.batcher.rows(layout.seq_len - start)
@@ -134,7 +135,8 @@ def main() -> None:
                         )
                         new = tokens[:, start:]
                         model(new, past_kv_cache=cache, attention_mask=torch.ones_like(new))
-            fwd_bwd(ev.last_gradient_rows)
+            assert recorder.gradient_rows is not None
+            fwd_bwd(recorder.gradient_rows)
             return time.perf_counter() - start_t
 
         def direct_term_times() -> tuple[float, float]:
@@ -159,7 +161,9 @@ def main() -> None:
             _, kids, best, pf, px = iteration(fast, gen, it, None)
             pool = torch.cat([pop[0], kids[0]])
             pop[0], pop_f[0], pop_xe[0] = pool[best], pf[best], px[best]
-        plain = scoring.Evaluator(model, objs, layout, batch_size=cfg.batch_size, reuse=False, dedup=False)
+        plain = scoring.Evaluator(
+            model, objs, layout, scoring.Batching(batch_size=cfg.batch_size, reuse_prefix=False, dedup=False)
+        )
         iteration(plain, torch.Generator().manual_seed(1), 0, None)  # warm the plain path too
 
         t_fast, t_plain, r_all, r_needed, same, work = [], [], [], [], [], []

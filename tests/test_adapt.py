@@ -35,8 +35,7 @@ def _beam(model, objective=OBJ, length=4, beams=3, k_lm=3, k_grad=4, **banned_kw
     banned = scoring.banned_mask(model, **banned_kw)
     trace = ad.BeamTrace()
     lams = torch.tensor(np.logspace(-1, 1, beams))
-    pool, f, xe = ad.beam_search(model, obj, layout, ev, lams, banned, torch.Generator().manual_seed(0),
-                                 k_lm=k_lm, k_grad=k_grad, trace=trace)
+    pool, f, xe = ad.beam_search(ev, lams, banned, torch.Generator().manual_seed(0), ad.BeamWidths(k_lm, k_grad), trace)
     return trace, pool, f, xe, banned, ev
 
 

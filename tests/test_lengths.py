@@ -58,7 +58,7 @@ def test_every_prompt_retokenizes_to_its_ids_in_context(tiny_model, request, whi
     layout = scoring.make_layout(tiny_model, r.config["length"], r.prefix, r.suffix)
     for ids, text in zip(r.ids, r.text):
         span = torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]
-        ok, texts = scoring.retokenizes(tiny_model, span, layout.with_length(len(ids)), r.prefix, r.suffix)
+        ok, texts = scoring.retokenizes(tiny_model, span, layout.with_length(len(ids)))
         assert bool(ok[0]) and texts[0] == text
 
 
@@ -151,7 +151,7 @@ def test_resizes_change_the_length_by_one_within_the_range():
 
 def test_length_evaluators_group_by_length_and_charge_each_token(tiny_model):
     layout = scoring.make_layout(tiny_model, 4)
-    base = scoring.Evaluator(tiny_model, [dl.objective(OBJ)], layout, reuse=False)
+    base = scoring.Evaluator(tiny_model, [dl.objective(OBJ)], layout, scoring.Batching(reuse_prefix=False))
     evs = scoring.LengthEvaluators(base)
     gen = torch.Generator().manual_seed(0)
     allowed = torch.nonzero(~scoring.banned_mask(tiny_model)).flatten()

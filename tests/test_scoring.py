@@ -51,6 +51,34 @@ def test_evaluator_counts_and_records_through_compute_and_history(tiny_model):
     assert len(h) == int(ok.sum()) and h.values == [float(v) for v in f[ok]] and h.iteration == [0] * len(h)
 
 
+def test_the_layout_carries_its_context_text_to_the_retokenization_check(tiny_model):
+    layout = scoring.make_layout(tiny_model, 3, "Note:", " end")
+    assert (layout.prefix, layout.suffix) == ("Note:", " end")
+    assert layout.with_length(5) == scoring.make_layout(tiny_model, 5, "Note:", " end")
+    span = torch.tensor([[500, 600, 700]])
+    ok, texts = scoring.retokenizes(tiny_model, span, layout)
+    full = tiny_model.tokenizer(layout.prefix + texts[0] + layout.suffix, add_special_tokens=False)["input_ids"]
+    assert bool(ok[0]) == (full == list(layout.head[layout.n_bos :]) + span[0].tolist() + list(layout.tail))
+    bare = scoring.Layout(layout.head, layout.tail, 3, layout.n_bos)  # the context's ids without its text
+    assert not scoring.retokenizes(tiny_model, span, bare)[0].any()
+
+
+def test_batching_comes_from_a_config_and_a_recorder_sees_every_pass(tiny_model):
+    cfg = dl.EPOConfig(batch_size=7, max_batch_tokens=300, reuse_prefix=False)
+    assert scoring.Batching.of(cfg) == scoring.Batching(batch_size=7, max_batch_tokens=300, reuse_prefix=False)
+    rec = scoring.PassRecorder()
+    layout = scoring.make_layout(tiny_model, 4)
+    ev = scoring.Evaluator(tiny_model, [dl.objective(OBJ)], layout, recorder=rec)
+    parents = torch.tensor([[500, 600, 700, 800], [501, 601, 701, 801]])
+    ev.gradients(parents, torch.zeros(2, dtype=torch.long), torch.ones(2))
+    assert rec.gradient_rows is not None and torch.equal(rec.gradient_rows.cpu(), parents)
+    kids = torch.tensor([[500, 600, 700, 900], [900, 601, 701, 801]])
+    ev.score_rows(kids, torch.zeros(2, dtype=torch.long))
+    starts = sorted(start for start, _, _ in rec.plan)
+    assert sum(len(rows) for _, rows, _ in rec.plan) == 2 and starts[-1] > 0  # one child reuses its parent
+    assert ev.sibling(3).recorder is rec
+
+
 def test_banned_mask_is_memoized_once_on_the_model(tiny_model):
     a = scoring.banned_mask(tiny_model, ascii_only=True)
     a[:] = True  # a fresh copy: changing it changes no later call

@@ -147,7 +147,7 @@ def test_shifted_prompts_retokenize_in_context(tiny_model, examples):
     cfg = dict(length=L, iters=6, beams=2, children=8, shift_share=0.5, lm_share=0.25, prefix="Note:", suffix=" end")
     r = dl.dream(tiny_model, OBJ, "adapt", examples=examples, progress=False, **cfg)
     layout = scoring.make_layout(tiny_model, L, "Note:", " end")
-    ok, _ = scoring.retokenizes(tiny_model, torch.as_tensor(np.asarray(r.ids)), layout, "Note:", " end")
+    ok, _ = scoring.retokenizes(tiny_model, torch.as_tensor(np.asarray(r.ids)), layout)
     assert ok.all()
     # the shifts were proposed and kept: some recorded prompt is an insertion or deletion of another
     seen = {tuple(map(int, ids)) for ids in r.ids}

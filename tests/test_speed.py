@@ -116,7 +116,7 @@ def test_dedup_never_drops_a_distinct_prompt_with_reuse(tiny_model):
     layout = scoring.make_layout(tiny_model, 6)
     objs = [dl.objective(OBJ), dl.objective("blocks.0.mlp.hook_post[5]@max")]
     parents, kids = family(3, 6, 10)
-    ev = scoring.Evaluator(tiny_model, objs, layout, cache_size=5)  # a tiny cache: evictions on the way
+    ev = scoring.Evaluator(tiny_model, objs, layout, scoring.Batching(cache_size=5))  # a tiny cache: evictions on the way
     _, _, ok0 = ev.evaluate(parents, torch.tensor([0, 1, 0]), 0)
     ev.gradients(parents, torch.tensor([0, 1, 0]), torch.ones(3))
     # duplicates inside the batch, prompts equal to their parents, prompts differing at the last token only
@@ -181,7 +181,7 @@ def test_tiny_memory_budget_still_completes(tiny_model):
     vals, xe = scoring.score(tiny_model, [dl.objective(OBJ)], torch.as_tensor(small.ids), layout)
     np.testing.assert_allclose(small.activation, vals[0].numpy(), atol=1e-4)
     np.testing.assert_allclose(small.xe, xe.numpy(), atol=1e-4)
-    ev = scoring.Evaluator(tiny_model, [dl.objective(OBJ)], layout, max_batch_tokens=3)
+    ev = scoring.Evaluator(tiny_model, [dl.objective(OBJ)], layout, scoring.Batching(max_batch_tokens=3))
     assert ev.batcher.rows(7) == 1 and ev.grad_batcher.rows(7) == 1  # one prompt per pass
     parents, kids = family(2, 6, 10)
     ev.gradients(parents, torch.zeros(2, dtype=torch.long), torch.ones(2))
@@ -202,7 +202,7 @@ def test_out_of_memory_halves_the_batch_and_goes_on(tiny_model):
         if act.shape[0] > 5:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    ev = scoring.Evaluator(tiny_model, objs, layout, batch_size=64)
+    ev = scoring.Evaluator(tiny_model, objs, layout, scoring.Batching(batch_size=64))
     with tiny_model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", limit)]), pytest.warns(UserWarning, match="out of memory"):
         ev.gradients(parents, torch.zeros(2, dtype=torch.long), torch.ones(2))
         vals, _xe = ev.score_rows(kids)
@@ -233,7 +233,7 @@ def test_fast_weights_are_bitwise_equal_and_restored(tiny_model):
 def test_batches_follow_the_memory_estimate(tiny_model):
     n = scoring.estimate_batch_tokens(tiny_model, 10)
     assert n >= 10
-    ev = scoring.Evaluator(tiny_model, [dl.objective(OBJ)], scoring.make_layout(tiny_model, 6), batch_size=4)
+    ev = scoring.Evaluator(tiny_model, [dl.objective(OBJ)], scoring.make_layout(tiny_model, 6), scoring.Batching(batch_size=4))
     assert ev.batcher.rows(7) == 4  # batch_size whole prompts per pass
     assert ev.batcher.rows(2) == 14  # shorter rows (reused prefixes) fit more prompts in the same tokens
 

@@ -24,16 +24,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from ..errors import DreamError
 from ..models import bos_token_id
 from ..objectives import Objective, ObjectiveError
 from ..results import DreamResult
-from ..scoring import GRADIENT_COST, Evaluator, Layout, LengthEvaluators, check_not_constant, retokenizes
+from ..scoring import GRADIENT_COST, Batching, Evaluator, Layout, LengthEvaluators, check_not_constant, retokenizes
 from .config import ADAPTConfig
 from .loop import Callback, Method, check_resume, load_resume, objective_folder, prepare, run
 from .members import MemberState, Prompts, allowed_tokens, cover, initial_span, random_prompts, select_members, start_pool
@@ -117,16 +118,24 @@ class BeamTrace:
     proposals: list[Tensor] = field(default_factory=list)  # [n_beams, proposals] new tokens at step t
 
 
-def beam_sizes(cfg: ADAPTConfig, layout: Layout) -> tuple[int, int]:
+class BeamWidths(NamedTuple):
+    """Proposals per beam and step: from the model's next-token distribution (`lm`) and from the
+    gradient (`grad`)."""
+
+    lm: int
+    grad: int
+
+
+def beam_sizes(cfg: ADAPTConfig, layout: Layout) -> BeamWidths:
     """(beam_lm, beam_grad), shrunk together until the beam search's cost fits `beam_share` of the
     token budget (never below one proposal of each kind)."""
     k_lm, k_grad = cfg.beam_lm, cfg.beam_grad
     if cfg.max_token_forwards is None:
-        return k_lm, k_grad
+        return BeamWidths(k_lm, k_grad)
     cap = cfg.beam_share * cfg.max_token_forwards
     while beam_cost(cfg.beams, k_lm, k_grad, layout) > cap and (k_lm > 1 or k_grad > min(1, cfg.beam_grad)):
         k_lm, k_grad = max(1, k_lm * 3 // 4), max(min(1, cfg.beam_grad), k_grad * 3 // 4)
-    return k_lm, k_grad
+    return BeamWidths(k_lm, k_grad)
 
 
 def beam_cost(beams: int, k_lm: int, k_grad: int, layout: Layout) -> int:
@@ -143,28 +152,24 @@ def beam_cost(beams: int, k_lm: int, k_grad: int, layout: Layout) -> int:
 
 
 def beam_search(
-    model: HookedTransformer,
-    objective: Objective,
-    layout: Layout,
     ev: Evaluator,
     lams: Float[Tensor, " beams"],
     banned: Bool[Tensor, " d_vocab"],
     gen: torch.Generator,
-    *,
-    k_lm: int,
-    k_grad: int,
-    prefix: str = "",
-    suffix: str = "",
+    widths: BeamWidths,
     trace: BeamTrace | None = None,
-    reuse: bool = True,
-    max_batch_tokens: int | None = None,
 ) -> tuple[Int[Tensor, "pool length"], Float[Tensor, " pool"], Float[Tensor, " pool"]]:
-    """Grow B prompts left to right, slot i keeping the best candidate under `f / s - lams[i] * xe`
-    (s: the spread of f over the step's candidates). Returns the last step's candidates (full
-    prompts, scored and recorded by `ev` at iteration 0), from which each member takes its start.
+    """Grow B prompts left to right in `ev`'s layout, slot i keeping the best candidate under
+    `f / s - lams[i] * xe` (f: `ev`'s one objective; s: the spread of f over the step's candidates),
+    each beam proposing `widths` new tokens a step. Returns the last step's candidates (full prompts,
+    scored and recorded by `ev` at iteration 0), from which each member takes its start.
 
     Partial prompts are scored with the suffix after them, by Evaluators of their own length (with
-    `reuse` and `max_batch_tokens` as the run's) whose compute is added to `ev`'s counters."""
+    `ev`'s batching) whose compute is added to `ev`'s counters."""
+    if len(ev.objectives) != 1:
+        raise DreamError(f"the beam search climbs one objective; its evaluator scores {len(ev.objectives)}")
+    model, objective, layout = ev.model, ev.objectives[0], ev.layout
+    k_lm, k_grad = widths
     B, L = len(lams), layout.length
     allowed = allowed_tokens(banned)
     if layout.head:
@@ -182,10 +187,7 @@ def beam_search(
         logp[:, banned] = float("-inf")
         lm_top = logp.topk(k_lm, dim=-1).indices  # [n, k_lm]
         readable = t == L - 1 or _readable(model, objective, sub)
-        step_ev = ev if t == L - 1 else Evaluator(
-            model, [objective], sub, prefix=prefix, suffix=suffix, batch_size=ev.batch_size, reuse=reuse,
-            max_batch_tokens=max_batch_tokens,
-        )
+        step_ev = ev if t == L - 1 else Evaluator(model, [objective], sub, ev.batching)
         proposals = lm_top
         if k_grad and readable:
             # The gradient at the new position, linearized around the model's favourite token there
@@ -205,7 +207,7 @@ def beam_search(
             loss = -f[None, :] / spread(f) + lams[:, None].double() * xe[None, :]  # [B, n*k]
             cand_nll = torch.zeros(len(cand), dtype=torch.float64)
         else:  # the objective cannot be read yet (a fixed position beyond this step): grow fluently
-            ok, _ = retokenizes(model, cand, sub, prefix, suffix)
+            ok, _ = retokenizes(model, cand, sub)
             cand_nll = nll.repeat_interleave(k) - logp.gather(1, proposals).reshape(-1).double()
             loss = cand_nll[None, :].expand(B, -1).clone()
             f = torch.zeros(len(cand), dtype=torch.float64)
@@ -324,10 +326,7 @@ class ADAPT(Method):
     def __init__(
         self, model: HookedTransformer, objective: Objective, cfg: ADAPTConfig, layout: Layout, banned: Tensor, index: int = 0
     ):
-        ev = Evaluator(
-            model, [objective], layout, prefix=cfg.prefix, suffix=cfg.suffix, batch_size=cfg.batch_size,
-            reuse=cfg.reuse_prefix, max_batch_tokens=cfg.max_batch_tokens,
-        )
+        ev = Evaluator(model, [objective], layout, Batching.of(cfg))
         super().__init__(model, [objective], cfg, layout, ev, indices=[index])
         self.desc = f"adapt {index}" if index else "adapt"
         self.banned = banned
@@ -342,7 +341,7 @@ class ADAPT(Method):
         self.init_span = initial_span(model, cfg, layout)
         probe = self.init_span
         if probe is None:
-            probe = random_prompts(model, 2, layout, allowed_tokens(self.banned), self.generator, cfg.prefix, cfg.suffix)
+            probe = random_prompts(model, 2, layout, allowed_tokens(self.banned), self.generator)
         check_not_constant(model, self.objectives[0], probe.to(model.cfg.device), layout)
 
     def start(self) -> None:
@@ -378,12 +377,7 @@ class ADAPT(Method):
             # first position would cost a batch; its own magnitude is a cheap, scale-true stand-in.
             scale = max(abs(float(pool_f[0])), 1e-6) if torch.isfinite(pool_f[0]) else 1.0
         else:
-            k_lm, k_grad = beam_sizes(cfg, self.layout)
-            pool, pool_f, pool_xe = beam_search(
-                self.model, self.objectives[0], self.layout, ev, unit, self.banned, self.generator, k_lm=k_lm,
-                k_grad=k_grad, prefix=cfg.prefix, suffix=cfg.suffix, reuse=cfg.reuse_prefix,
-                max_batch_tokens=cfg.max_batch_tokens,
-            )
+            pool, pool_f, pool_xe = beam_search(ev, unit, self.banned, self.generator, beam_sizes(cfg, self.layout))
             scale = spread(pool_f)
         lams = unit * scale  # in activation units per nat, from here on
         # Covered starts are the members as they are (most active under the lowest penalty); otherwise

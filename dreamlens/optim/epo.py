@@ -29,7 +29,7 @@ from torch import Tensor
 from ..lazy import moved
 from ..objectives import Objective
 from ..results import DreamResult
-from ..scoring import Evaluator, Layout, check_not_constant
+from ..scoring import Batching, Evaluator, Layout, check_not_constant
 from .config import EPOConfig
 from .loop import Callback, IterationInfo, Method, check_resume, load_resume, prepare, run
 from .members import MemberState, allowed_tokens, cover, initial_span, random_prompts, start_pool
@@ -74,10 +74,7 @@ class EPO(Method):
     states: list[EPOState]  # type: ignore[assignment]  # set by init / restore, before any step
 
     def __init__(self, model: HookedTransformer, objectives: Sequence[Objective], cfg: EPOConfig, layout: Layout, banned: Tensor):
-        ev = Evaluator(
-            model, objectives, layout, prefix=cfg.prefix, suffix=cfg.suffix, batch_size=cfg.batch_size,
-            reuse=cfg.reuse_prefix, max_batch_tokens=cfg.max_batch_tokens,
-        )
+        ev = Evaluator(model, objectives, layout, Batching.of(cfg))
         super().__init__(model, objectives, cfg, layout, ev)
         K, M = len(self.objectives), cfg.population
         self.banned, self.allowed = banned, allowed_tokens(banned)
@@ -172,11 +169,11 @@ def start_prompts(
     if init is not None:
         return init.expand(M, layout.length).clone()
     if cfg.init == "sample":
-        ids, spent = sample_prompts(model, M, layout, banned, gen, prefix=cfg.prefix, suffix=cfg.suffix)
+        ids, spent = sample_prompts(model, M, layout, banned, gen)
         ev.compute.add_tokens(spent)
         if ids is not None:
             return ids
-    return random_prompts(model, M, layout, allowed, gen, cfg.prefix, cfg.suffix)
+    return random_prompts(model, M, layout, allowed, gen)
 
 
 def propose_children(

@@ -35,12 +35,12 @@ def allowed_tokens(banned: Bool[Tensor, " d_vocab"]) -> Int[Tensor, " n_allowed"
 
 def random_prompts(
     model: HookedTransformer, n: int, layout: Layout, allowed: Int[Tensor, " n_allowed"], gen: torch.Generator,
-    prefix: str, suffix: str, tries: int = 100,
+    tries: int = 100,
 ) -> Int[Tensor, "n length"]:
     """n random prompts of allowed tokens that re-tokenize to themselves in context."""
     ids = allowed[torch.randint(len(allowed), (n, layout.length), generator=gen)]
     for _ in range(tries):
-        ok, _ = retokenizes(model, ids, layout, prefix, suffix)
+        ok, _ = retokenizes(model, ids, layout)
         if ok.all():
             return ids
         bad = torch.nonzero(~ok).flatten()
@@ -61,7 +61,7 @@ def initial_span(model: HookedTransformer, cfg: DreamConfig, layout: Layout) -> 
             f"the initial prompt has {len(ids)} tokens but length is {layout.length}; set length={len(ids)}"
         )
     span = torch.tensor([ids], dtype=torch.long)
-    ok, _ = retokenizes(model, span, layout, cfg.prefix, cfg.suffix)
+    ok, _ = retokenizes(model, span, layout)
     if not ok.all():
         raise DreamError("the initial prompt's text does not tokenize back to the same ids in its context; pick other ids")
     return span

@@ -346,7 +346,7 @@ class Starts:
         assert xe is not None  # computed with the patterns
         mask = banned_mask(self.model, ascii_only=cfg.ascii_only, ban_whitespace_only=cfg.ban_whitespace_only,
                            extra=cfg.banned_tokens).cpu()
-        ok = retokenizes(self.model, self.spans, self.layout, cfg.prefix, cfg.suffix)[0].cpu()
+        ok = retokenizes(self.model, self.spans, self.layout)[0].cpu()
         if (ok & (xe <= self.limit)).any():
             ok &= xe <= self.limit
         prompts = [p for p in earlier if p is not None]
@@ -359,7 +359,7 @@ class Starts:
             if not ok[j]:
                 break
             span, n = self.repair(self.spans[j], mask)
-            if retokenizes(self.model, span[None], self.layout, cfg.prefix, cfg.suffix)[0].all():
+            if retokenizes(self.model, span[None], self.layout)[0].all():
                 return self.ranks[j], span.tolist(), n
         return None
 

@@ -55,8 +55,6 @@ def sample_prompts(
     banned: Bool[Tensor, " d_vocab"],
     gen: torch.Generator,
     *,
-    prefix: str = "",
-    suffix: str = "",
     temperature: float = 1.0,
     tries: int = 20,
 ) -> tuple[Int[Tensor, "n length"] | None, int]:
@@ -77,7 +75,7 @@ def sample_prompts(
             probs = torch.softmax(logp / temperature, dim=-1)
             nxt = torch.multinomial(probs, 1, generator=gen)
             rows = torch.cat([rows, nxt], dim=1)
-        ok, _ = retokenizes(model, rows, layout, prefix, suffix)
+        ok, _ = retokenizes(model, rows, layout)
         out[todo[ok]] = rows[ok]
         todo = todo[~ok]
         if len(todo) == 0:

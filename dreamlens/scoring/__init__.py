@@ -7,9 +7,10 @@ Evaluator that puts them together.
 - gradients.py  onehot_inputs, token_gradients, gradient_pass, add_selection_term
 - tokens.py     banned_mask, retokenizes
 - reuse.py      prefix reuse on the parents' KV caches
-- batching.py   memory estimates, Batcher, buckets, fast_weights
+- batching.py   Batching (an evaluator's settings), memory estimates, Batcher, buckets, fast_weights
 - cache.py      ScoreCache
 - evaluator.py  Evaluator, History, Compute, GRADIENT_COST
+- recorder.py   PassRecorder (what an evaluator did, pass by pass, for benchmarks)
 - lengths.py    LengthEvaluators (prompts of a length range)
 - checks.py     DreamError, check_vocab_sizes, check_not_constant
 """
@@ -17,6 +18,7 @@ Evaluator that puts them together.
 from .batching import (
     CE_CHUNK_ELEMENTS,
     Batcher,
+    Batching,
     buckets,
     call_cost_tokens,
     ce_rows,
@@ -31,6 +33,7 @@ from .evaluator import GRADIENT_COST, Compute, Evaluator, History
 from .gradients import add_selection_term, gradient_pass, onehot_inputs, token_gradients
 from .layout import Layout, make_layout
 from .lengths import LengthEvaluators
+from .recorder import PassRecorder
 from .reuse import KVRecorder, Parents, forward_from, kv_classes, record_parents, reuse_obstacle
 from .tokens import banned_mask, retokenizes
 from .xe import ce_terms, forward_scores, full_pass, logits, score, score_batched, span_xe, token_logits
@@ -39,6 +42,7 @@ __all__ = [
     "CE_CHUNK_ELEMENTS",
     "GRADIENT_COST",
     "Batcher",
+    "Batching",
     "Compute",
     "DreamError",
     "Evaluator",
@@ -47,6 +51,7 @@ __all__ = [
     "Layout",
     "LengthEvaluators",
     "Parents",
+    "PassRecorder",
     "ScoreCache",
     "add_selection_term",
     "banned_mask",

@@ -7,7 +7,8 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -16,6 +17,36 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 T = TypeVar("T")
+
+class BatchingKnobs(Protocol):
+    """What `Batching.of` reads from a config (a DreamConfig has them)."""
+
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def max_batch_tokens(self) -> int | None: ...
+    @property
+    def reuse_prefix(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How an Evaluator puts prompts through the model: at most `batch_size` prompts and
+    `max_batch_tokens` tokens a pass (None: estimated from free memory); children from their parents'
+    KV caches (`reuse_prefix`); each distinct prompt forwarded once (`dedup`; off only for
+    comparisons); up to `cache_size` prompts' scores kept."""
+
+    batch_size: int = 64
+    max_batch_tokens: int | None = None
+    reuse_prefix: bool = True
+    dedup: bool = True
+    cache_size: int = 2_000_000
+
+    @classmethod
+    def of(cls, config: BatchingKnobs) -> Batching:
+        """A run's batching, from its config's batch_size, max_batch_tokens and reuse_prefix."""
+        return cls(batch_size=config.batch_size, max_batch_tokens=config.max_batch_tokens, reuse_prefix=config.reuse_prefix)
+
 
 # Logits are the largest transient (rows x positions x vocabulary); cross-entropy is computed in row
 # chunks of at most this many logit entries (64 MiB in fp32).

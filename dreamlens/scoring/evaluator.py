@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,9 +14,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..results import stack_ids
-from .batching import Batcher, buckets, call_cost_tokens, estimate_batch_tokens, pass_tokens
+from .batching import Batcher, Batching, buckets, call_cost_tokens, estimate_batch_tokens, pass_tokens
 from .cache import ScoreCache
 from .gradients import gradient_pass
+from .recorder import PassRecorder
 from .reuse import Parents, forward_from, record_parents, reuse_obstacle
 from .tokens import retokenizes
 from .xe import full_pass, score, score_batched
@@ -130,53 +131,45 @@ class Evaluator:
     owner) is never recomputed. `history[k]` keeps owner k's rows, once per distinct prompt; `compute`
     counts what was spent.
 
-    `dedup=False` (for comparisons only) forwards every row and every gradient row, repeats included.
-    Prefix reuse (`reuse=True`): the latest `gradients` pass (or `remember`) leaves its prompts'
-    keys/values behind; a candidate that shares a prefix with one of them is computed from its first
-    differing position on. Batches hold at most `batch_size` prompts and `max_batch_tokens` tokens
-    (default: estimated from free memory); on out-of-memory they are halved."""
+    Candidates are placed, and checked to re-tokenize, in the `layout`'s context. `batching` (default
+    `Batching()`): `dedup=False` (for comparisons only) forwards every row and every gradient row,
+    repeats included. Prefix reuse (`reuse_prefix`): the latest `gradients` pass (or `remember`) leaves
+    its prompts' keys/values behind; a candidate that shares a prefix with one of them is computed from
+    its first differing position on. Batches hold at most `batch_size` prompts and `max_batch_tokens`
+    tokens (default: estimated from free memory); on out-of-memory they are halved. A `recorder`
+    (benchmarks only) is told every pass group and gradient pass."""
 
     def __init__(
         self,
         model: HookedTransformer,
         objectives: Sequence[Objective],
         layout: Layout,
+        batching: Batching | None = None,
         *,
-        prefix: str = "",
-        suffix: str = "",
-        batch_size: int = 64,
-        cache_size: int = 2_000_000,
-        reuse: bool = True,
-        dedup: bool = True,
-        max_batch_tokens: int | None = None,
+        recorder: PassRecorder | None = None,
     ):
-        self.model, self.objectives, self.layout = model, list(objectives), layout
-        self.prefix, self.suffix, self.batch_size = prefix, suffix, batch_size
-        self.max_batch_tokens = max_batch_tokens
-        self.cache = ScoreCache(cache_size)
+        batching = Batching() if batching is None else batching
+        self.model, self.objectives, self.layout, self.batching = model, list(objectives), layout, batching
+        self.recorder = recorder
+        self.cache = ScoreCache(batching.cache_size)
         self.history = [History(layout.length) for _ in self.objectives]
         self.compute = Compute()
-        self.dedup = dedup
-        self.reuse_obstacle = reuse_obstacle(model, self.objectives) if reuse else "reuse=False"
+        self.reuse_obstacle = reuse_obstacle(model, self.objectives) if batching.reuse_prefix else "reuse=False"
         self.reuse = self.reuse_obstacle is None
         self._checked = False  # reuse is compared once with the full pass before it is trusted
         self._parents: Parents | None = None
         self._hooks = list(dict.fromkeys(h for o in self.objectives for h in o.hooks))
-        self.batcher = Batcher(pass_tokens(model, layout.seq_len, batch_size, max_batch_tokens))
-        self.grad_batcher = Batcher(max_batch_tokens or estimate_batch_tokens(model, layout.seq_len, grad=True))
+        max_tokens = batching.max_batch_tokens
+        self.batcher = Batcher(pass_tokens(model, layout.seq_len, batching.batch_size, max_tokens))
+        self.grad_batcher = Batcher(max_tokens or estimate_batch_tokens(model, layout.seq_len, grad=True))
         self.call_cost = call_cost_tokens(model)
-        self.last_plan: list[tuple[int, Tensor, Tensor | None]] = []  # (start, rows, parents) per pass group
-        self.last_gradient_rows: Tensor | None = None
 
     def sibling(self, length: int) -> Evaluator:
         """An evaluator of spans of `length` tokens in the same context, with the same settings, that
         shares this one's cache, histories and compute (so prompts of a length range are scored once,
-        recorded in one history, and charged to one budget). Its prefix reuse is its own."""
-        other = Evaluator(
-            self.model, self.objectives, self.layout.with_length(length), prefix=self.prefix, suffix=self.suffix,
-            batch_size=self.batch_size, cache_size=self.cache.max_size, reuse=self.reuse, dedup=self.dedup,
-            max_batch_tokens=self.max_batch_tokens,
-        )
+        recorded in one history, and charged to one budget), and its recorder. Its prefix reuse is its own."""
+        batching = replace(self.batching, reuse_prefix=self.reuse, cache_size=self.cache.max_size)
+        other = Evaluator(self.model, self.objectives, self.layout.with_length(length), batching, recorder=self.recorder)
         other.cache, other.history, other.compute = self.cache, self.history, self.compute
         other.reuse_obstacle, other._checked = self.reuse_obstacle, self._checked  # reuse was checked on this model
         return other
@@ -217,14 +210,14 @@ class Evaluator:
         """f (for each row's own objective), xe, and whether the row is valid (re-tokenizes).
         Invalid rows get f = -inf and xe = +inf, so no selection ever keeps them."""
         n = span_ids.shape[0]
-        ok, texts = retokenizes(self.model, span_ids, self.layout, self.prefix, self.suffix)
+        ok, texts = retokenizes(self.model, span_ids, self.layout)
         keys = [ScoreCache.key(r) for r in span_ids.cpu()]
         first: dict[bytes, int] = {}  # each distinct prompt's first row
         for i in range(n):
             if ok[i]:
                 first.setdefault(keys[i], i)
         known: dict[bytes, tuple[np.ndarray, float]] = {}  # taken now: later puts may evict them
-        if self.dedup:
+        if self.batching.dedup:
             for key in first:
                 got = self.cache.get(key)
                 if got is not None:
@@ -276,14 +269,17 @@ class Evaluator:
             starts = head + shared.clamp(max=L - 1).long()  # recompute at least the last span token
         vals = torch.zeros((len(self.objectives), n), dtype=torch.float64)
         xe = torch.zeros(n, dtype=torch.float64)
-        self.last_plan = []
+        rec = self.recorder
+        if rec is not None:
+            rec.scoring()
 
         def score_full(idx: Tensor) -> None:
             rows = span_ids[idx.to(device)]
             v, x = score_batched(self.model, self.objectives, rows, self.layout, self.batcher)
             vals[:, idx], xe[idx] = v.double().cpu(), x.double().cpu()
             self.compute.add_tokens(len(idx) * seq)
-            self.last_plan.append((0, rows, None))
+            if rec is not None:
+                rec.pass_group(0, rows, None)
 
         full = torch.nonzero(starts == 0).flatten()  # no parent; or no start token and a new first token
         if len(full):
@@ -305,7 +301,8 @@ class Evaluator:
             rows = span_ids[idx.to(device)]
             tokens = self.layout.assemble(rows)
             p = par[idx].to(device)
-            self.last_plan.append((start, rows, p))
+            if rec is not None:
+                rec.pass_group(start, rows, p)
 
             def run(lo: int, hi: int, tokens: Tensor = tokens, p: Tensor = p, start: int = start) -> tuple[Tensor, Tensor]:
                 assert self._parents is not None
@@ -353,7 +350,7 @@ class Evaluator:
         owner = torch.as_tensor(owner).cpu()
         groups: dict[tuple[bytes, int], list[int]] = {}
         for i, row in enumerate(span_ids.cpu()):
-            key = (ScoreCache.key(row), int(owner[i])) if self.dedup else (b"", i)
+            key = (ScoreCache.key(row), int(owner[i])) if self.batching.dedup else (b"", i)
             groups.setdefault(key, []).append(i)
         rows: list[int] = []
         plan = []
@@ -383,7 +380,8 @@ class Evaluator:
                     t = 0.0 if lb == la else (float(lam[i]) - la) / (lb - la)
                     grad[i] = g[ia] if t == 0.0 else g[ib] if t == 1.0 else torch.lerp(g[ia], g[ib], t)
         self.compute.add_gradient(len(rows), GRADIENT_COST * len(rows) * self.layout.seq_len)
-        self.last_gradient_rows = span_ids[idx]
+        if self.recorder is not None:
+            self.recorder.gradient_pass(span_ids[idx])
         return grad
 
     @torch.no_grad()

@@ -1,5 +1,6 @@
 """Where the optimized tokens sit in the sequences the model sees:
-[start token] + prefix context + optimized span + suffix context."""
+[start token] + prefix context + optimized span + suffix context; the layout carries the context's
+text too, so that a prompt's re-tokenization in context needs nothing else."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where the optimized tokens sit in the sequences the model sees."""
+    """Where the optimized tokens sit in the sequences the model sees, and the context's text (`prefix`
+    and `suffix`, whose ids are in `head` and `tail`)."""
 
     head: tuple[int, ...]  # start token (if any) + prefix context ids
     tail: tuple[int, ...]  # suffix context ids
     length: int  # optimized tokens
     n_bos: int  # 1 if head begins with the start token
+    prefix: str = ""  # the text before the span (its ids: head after the start token)
+    suffix: str = ""  # the text after the span (its ids: tail)
 
     @property
     def span(self) -> slice:
@@ -46,7 +50,7 @@ class Layout:
 
     def with_length(self, length: int) -> Layout:
         """The same context around a span of `length` tokens."""
-        return Layout(self.head, self.tail, length, self.n_bos)
+        return Layout(self.head, self.tail, length, self.n_bos, self.prefix, self.suffix)
 
     def assemble(self, span_ids: Int[Tensor, "batch length"]) -> Int[Tensor, "batch seq"]:
         b = span_ids.shape[0]
@@ -57,6 +61,8 @@ class Layout:
 
 
 def make_layout(model: HookedTransformer, length: int, prefix: str = "", suffix: str = "") -> Layout:
+    """The layout of `length` optimized tokens after the model's start token (if it has one) and
+    `prefix`, before `suffix` (a config's context text); raises when it does not fit the context."""
     if not isinstance(length, int) or length < 1:
         raise DreamError(f"length must be a positive number of tokens, got {length!r}")
     bos = bos_token_id(model)
@@ -70,4 +76,4 @@ def make_layout(model: HookedTransformer, length: int, prefix: str = "", suffix:
         )
     if length == 1 and not head:
         raise DreamError("with no start token and no prefix, a 1-token prompt has no fluency to score; use length >= 2")
-    return Layout(tuple(head), tuple(tail), length, int(bos is not None))
+    return Layout(tuple(head), tuple(tail), length, int(bos is not None), prefix, suffix)

@@ -64,13 +64,14 @@ def _banned_base(model: HookedTransformer, ascii_only: bool, ban_whitespace_only
 
 
 def retokenizes(
-    model: HookedTransformer, span_ids: Int[Tensor, "batch length"], layout: Layout, prefix: str = "", suffix: str = ""
+    model: HookedTransformer, span_ids: Int[Tensor, "batch length"], layout: Layout
 ) -> tuple[Bool[Tensor, " batch"], list[str]]:
-    """Whether each prompt's text, placed in its context, tokenizes back to exactly its ids; and the texts."""
+    """Whether each prompt's text, placed in its context (the layout's prefix and suffix), tokenizes back
+    to exactly its ids; and the texts."""
     rows = span_ids.tolist()
     texts = [decode(model, r) for r in rows]
     tokenizer: Any = model.tokenizer
-    full = tokenizer([prefix + t + suffix for t in texts], add_special_tokens=False)["input_ids"]
+    full = tokenizer([layout.prefix + t + layout.suffix for t in texts], add_special_tokens=False)["input_ids"]
     head = list(layout.head[layout.n_bos :])
     tail = list(layout.tail)
     ok = [f == head + r + tail for f, r in zip(full, rows)]
