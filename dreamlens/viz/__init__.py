@@ -55,8 +55,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # the report's names, for a type checker
-    from .report import ReportError, build_modes_report, build_report, load_result, write_modes_report, write_report
     from .attribution import TokenView, attribution_page, page, render_attribution, token_view, tooltips
+    from .report import ReportError, build_modes_report, build_report, load_result, write_modes_report, write_report
     from .sweep_report import build_sweep_report, write_sweep_report
 
 
