@@ -1,14 +1,18 @@
 """Token attribution: values against direct re-evaluation, alternatives, errors, and safe rendering."""
 
+import html
+import re
+
 import numpy as np
 import pytest
 import torch
 
 import dreamlens as dl
 from dreamlens import scoring
-from dreamlens.analysis.attribution import Attribution, AttributionError, attribute_frontier, js_literal
+from dreamlens.analysis.attribution import Attribution, AttributionError, attribute_frontier
 from dreamlens.models import encode
 from dreamlens.results import DreamResult
+from dreamlens.viz.attribution import token_view, tooltips
 
 OBJ = "blocks.1.mlp.hook_post[3]"
 TEXT = "The cat sat on the mat"
@@ -66,7 +70,7 @@ def test_prefix_and_suffix_are_context_like_in_dreams(tiny_model):
     expect = direct(tiny_model, swaps(ids, a.alt_ids), "A dog", " the mat").reshape(a.alt_values.shape)
     np.testing.assert_allclose(a.alt_values, expect, atol=1e-5)
     assert a.prefix_tokens and a.suffix_tokens
-    assert len(a.view().tokens) == len(a.prefix_tokens) + a.length + len(a.suffix_tokens)
+    assert len(token_view(a).tokens) == len(a.prefix_tokens) + a.length + len(a.suffix_tokens)
 
 
 def test_alternatives_are_gradient_picks_then_distinct_allowed_random_tokens(tiny_model, attr):
@@ -97,7 +101,7 @@ def test_tables(attr):
     long = attr.alternatives()
     assert len(long) == attr.alt_ids.size
     np.testing.assert_allclose(long["drop"], attr.value - attr.alt_values.reshape(-1))
-    tips = attr.tooltips()
+    tips = tooltips(attr)
     assert len(tips) == attr.length and attr.alt_tokens[0][0].strip() in tips[0]
 
 
@@ -124,36 +128,46 @@ def hostile() -> Attribution:
     )
 
 
-def _without_library(page: str) -> str:
-    """The page minus circuitsvis's inlined library (minified code, not ours)."""
-    start = page.find("var CircuitsVis=")
-    end = page.find("</script>", start)
-    call = page.rfind("CircuitsVis.render(", start, end)
-    return page[:start] + page[call if call > 0 else end :]
+def _frames(page: str) -> list[str]:
+    """The documents of the page's circuitsvis views (each an iframe's srcdoc), unescaped."""
+    return [html.unescape(d) for d in re.findall(r'<iframe class="dreamlens-view"[^>]*srcdoc="([^"]*)"', page)]
+
+
+def _without_library(doc: str) -> str:
+    """A view's document minus circuitsvis's inlined library (minified code, not ours)."""
+    start = doc.find("var CircuitsVis=")
+    call = doc.find("CircuitsVis.render(", start)
+    return doc[:start] + doc[call:]
 
 
 @pytest.mark.parametrize("kind", ["html", "render"])
 def test_hostile_token_strings_are_escaped(kind):
     a = hostile()
     page = a.html() if kind == "html" else a.render().local_src
-    ours = _without_library(page)
-    assert len(ours) < 20_000 and "CircuitsVis" in ours  # the library was cut, our part kept
+    # the page itself holds nothing but escaped text: every view is a document in an iframe's srcdoc
+    outside = re.sub(r'srcdoc="[^"]*"', "", page)
+    assert "<script" not in outside and "<img" not in outside and "<b>" not in outside
+    (doc,) = _frames(page)
+    ours = _without_library(doc)
+    assert len(ours) < 20_000 and "CircuitsVis.ColoredTokens" in ours  # the library was cut, our part kept
     assert "<script>alert" not in ours and "<img" not in ours and "<!--" not in ours and "<b>" not in ours
-    # tokens: HTML-escaped (circuitsvis sets them as innerHTML), then made safe for <script>
-    assert "\\u0026lt;script\\u0026gt;alert(1)" in ours
-    assert "\\u0026amp;amp;" in ours  # "&amp;" stays the five characters it is
-    # hover texts are set as DOM text (title), so only made safe for <script>
+    # tokens: HTML-escaped before circuitsvis gets them (it sets them as innerHTML)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in ours
+    assert "&amp;amp;" in ours  # "&amp;" stays the five characters it is
+    # hover texts are set as DOM text (title), as JSON made safe for <script> by jinja's tojson
     assert "\\u003c/script\\u003e" in ours
-    assert a.render().cdn_src.count("</script>") == a.render().cdn_src.count("<script")
+    assert ours.count("</script>") == ours.count("<script")
+    cdn = _frames(a.render().cdn_src)[0]
+    assert cdn.count("</script>") == cdn.count("<script")
 
 
-def test_js_literal_round_trips():
-    import json
-
-    obj = {"t": ["</script>", "<!--", "a&b", "\u2028"], "v": [1.5, -2.0]}
-    s = js_literal(obj)
-    assert "<" not in s and ">" not in s and "&" not in s and "\u2028" not in s
-    assert json.loads(s) == obj
+def test_a_view_is_circuitsvis_output_unedited():
+    view = token_view(hostile())
+    rendered = view.circuitsvis()
+    doc = view.document()
+    # circuitsvis's HTML is in the document as it returned it, apart from its random element id
+    same_id = lambda s: re.sub(r"circuits-vis-[0-9a-f-]+", "ID", s)
+    assert same_id(rendered.local_src) in same_id(doc)
 
 
 def test_frontier_attributions_use_the_results_context(tiny_model):

@@ -3,12 +3,12 @@ dataset examples), the saved folder, and the CLI (`dream --modes K`, `report` of
 
 from __future__ import annotations
 
-import html
 import json
 import re
 
 import pytest
 from conftest import assert_one_error_line, run_cli
+from markupsafe import escape
 
 import dreamlens as dl
 from dreamlens.analysis.patterns import nearest_examples
@@ -34,7 +34,7 @@ DOCS = [
 
 def escaped(text: str) -> str:
     """A prompt as the report shows it: its repr, HTML-escaped."""
-    return html.escape(repr(text), quote=True)
+    return str(escape(repr(text)))
 
 
 @pytest.fixture(scope="module")

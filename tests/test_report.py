@@ -10,6 +10,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from markupsafe import escape
 
 from dreamlens import cli
 from dreamlens.analysis.attribution import Attribution
@@ -68,7 +69,7 @@ def test_report_content(page, result):
     assert text.count('src="data:image/png;base64,') == 3
     assert json.dumps(attrs[0].tokens[0].strip()).strip('"') in text
     for t in result.frontier["text"]:
-        assert repr(t).replace("<", "&lt;").replace(">", "&gt;").replace("'", "&#x27;") in text
+        assert str(escape(repr(t))) in text  # shown exactly, escaped
 
 
 def test_report_has_no_external_urls_for_scripts_or_styles(page):
@@ -77,13 +78,17 @@ def test_report_has_no_external_urls_for_scripts_or_styles(page):
     assert not re.search(r"<link\b", text, re.I)
     assert not re.search(r"@import|url\(\s*['\"]?(https?:)?//", text, re.I)
     assert not re.search(r"\b(src|href)\s*=\s*['\"]?(https?:)?//", text, re.I)
-    assert "unpkg.com" not in text and "sourceMappingURL" not in text
+    assert "unpkg.com" not in text
+    # inside the views' documents too (circuitsvis's own script keeps its source-map comment: DevTools alone reads it)
+    for doc in _frames(text):
+        assert not re.search(r"<script[^>]*\bsrc\s*=", doc, re.I) and "unpkg.com" not in doc
 
 
 def test_hostile_strings_never_become_markup(page):
     text = page[0].read_text()
-    lib_start = text.find("var CircuitsVis=")
-    ours = text[:lib_start] + text[text.find("</script>", lib_start):]
+    docs = _frames(text)
+    assert len(docs) == len(page[1])  # one view (an iframe's document) per attribution
+    ours = "".join([re.sub(r'srcdoc="[^"]*"', "", text)] + [_without_library(d) for d in docs])
     i = ours.find("<script>alert")
     assert i < 0, ours[i - 300 : i + 50]
     assert "<img src=x" not in ours
@@ -135,6 +140,17 @@ def test_cli_bad_result_folders(result, tmp_path, capsys):
     assert not (tmp_path / "r.html").exists()
 
 
+def _frames(page: str) -> list[str]:
+    """The documents of the page's circuitsvis views (each an iframe's srcdoc), unescaped."""
+    return [html.unescape(d) for d in re.findall(r'<iframe class="dreamlens-view"[^>]*srcdoc="([^"]*)"', page)]
+
+
+def _without_library(doc: str) -> str:
+    """A view's document minus circuitsvis's inlined library (minified code, not ours)."""
+    start = doc.find("var CircuitsVis=")
+    return doc[:start] + doc[doc.find("CircuitsVis.render(", start):]
+
+
 # ---------------------------------------------------------------------------------------------
 # A real browser: the page loads offline with no console message and shows the tokens.
 
@@ -165,21 +181,28 @@ def test_report_in_headless_chromium(page, tmp_path):
     path, attrs = page
     dom, console = load_in_browser(path, tmp_path)
     assert console == [], console
-    assert dom.count('class="colored-tokens"') == len(attrs)  # every view rendered by circuitsvis
-    assert dom.count('data-titled="1"') == len(attrs)  # and got its hover texts
-    tokens = re.findall(r'<span style="display: inline-block;[^"]*">(.*?)</span>', dom)
-    shown = [t.replace("&nbsp;", " ") for t in tokens]  # the DOM as serialized: text escaped
-    for a in attrs[:-1]:
-        for t in a.tokens:
-            assert html.escape(t, quote=False) in shown
-    # the hostile tokens are shown as text; none became an element
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in tokens and "&amp;amp;" in tokens
-    assert not re.search(r'<img[^>]*src="x"', dom) and "&lt;img src=x onerror=alert(2)&gt;" in shown
-    assert re.search(r'title="[^"]*drop to best swap', dom)
+    # every view's frame was fitted to its drawn tokens, which got their hover texts (set from inside the frame)
+    assert dom.count('data-titled="1"') == len(attrs)
+    # each view's own document, loaded alone, shows its tokens as text
+    for k, (a, doc) in enumerate(zip(attrs, _frames(path.read_text()))):
+        view = tmp_path / f"view{k}.html"
+        view.write_text(doc, encoding="utf-8")
+        inner, console = load_in_browser(view, tmp_path)
+        assert console == [], console
+        assert inner.count('class="colored-tokens"') == 1 and 'data-titled="1"' in inner
+        tokens = re.findall(r'<span style="display: inline-block;[^"]*">(.*?)</span>', inner)
+        shown = [t.replace("&nbsp;", " ") for t in tokens]  # the DOM as serialized: text escaped
+        if a is attrs[-1]:  # the hostile tokens are shown as text; none became an element
+            assert "&lt;script&gt;alert(1)&lt;/script&gt;" in tokens and "&amp;amp;" in tokens
+            assert not re.search(r'<img[^>]*src="x"', inner) and "&lt;img src=x onerror=alert(2)&gt;" in shown
+        else:
+            for t in a.tokens:
+                assert html.escape(t, quote=False) in shown
+        assert re.search(r'title="[^"]*drop to best swap', inner)
 
 
 def test_single_attribution_page_in_headless_chromium(tmp_path):
     path = hostile_attribution().save_html(tmp_path / "a.html")
     dom, console = load_in_browser(path, tmp_path)
     assert console == [], console
-    assert 'data-titled="1"' in dom and "&lt;img src=x onerror=alert(2)&gt;" in dom and "<img" not in dom
+    assert 'data-titled="1"' in dom and "<img" not in dom

@@ -4,7 +4,6 @@ the chunk's determinism, sweeps of modes (and stores written before them), the r
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+from markupsafe import escape
 
 import dreamlens as dl
 from dreamlens.cli import build_parser, main
@@ -308,7 +308,7 @@ def test_an_objective_that_cannot_start_from_random_prompts(swept, tiny_model, t
     starts = list(dict.fromkeys(tuple(ids[-4:]) for ids, a in zip(top["ids"], top["activation"]) if a > 0 and len(ids) >= 4))
     assert [ids for n, ids in seen if n == [NAMES[1]]] == [None, *starts]  # random, then each distinct example start
     _same(s.summary.iloc[2:], full.summary.iloc[2:])  # the other chunk is untouched
-    assert f"no dream: DreamError: the objective {html.escape(repr(NAMES[1]), quote=True)}" in build_sweep_report(s)
+    assert f"no dream: DreamError: the objective {escape(repr(NAMES[1]))}" in build_sweep_report(s)
 
 
 def test_an_objective_out_of_memory_gets_an_error_row(swept, tiny_model, tmp_path, monkeypatch):
@@ -400,13 +400,13 @@ def test_the_report_lists_every_objective_offline(swept):
     _, s = swept
     page = build_sweep_report(s, limit=6.0)
     for name in NAMES:
-        assert f">{html.escape(repr(name), quote=True)}<" in page
+        assert f">{escape(repr(name))}<" in page
     assert page.count('<tr class="main">') == 4 and page.count('<tr class="detail" hidden>') == 4
     assert "<script>" in page and not re.search(r"(src|href)=\"(https?:)?//", page)
     assert "http://" not in page and "https://" not in page
     assert "4 of 4 objectives" in page and "best dream at xe ≤ 6" in page
     for text in s.frontier(0)["text"]:
-        assert html.escape(repr(text), quote=True) in page
+        assert escape(repr(text)) in page
 
 
 def test_the_sweep_command_end_to_end(tmp_path, capsys):
@@ -698,7 +698,7 @@ def test_the_report_of_a_sweep_of_modes(modes_swept):
     for r in s.summary.itertuples():
         assert f"(mode {r.mode} of 2: dreamed {'1st' if r.found == 1 else '2nd'}" in page
         for text in s.frontier(r.index, r.mode)["text"]:
-            assert html.escape(repr(text), quote=True) in page
+            assert escape(repr(text)) in page
     assert re.search(r'<td class="num" data-v="2" title="dreamed (1st|2nd)">2</td>', page)
 
 

@@ -41,15 +41,9 @@ _EXPORTS: dict[str, str] = {
     "dream_summary": "metrics",
     "Attribution": "attribution",
     "AttributionError": "attribution",
-    "TokenView": "attribution",
     "attribute": "attribution",
     "attribute_many": "attribution",
     "attribute_frontier": "attribution",
-    "js_literal": "attribution",
-    "circuitsvis_script": "attribution",
-    "head_scripts": "attribution",
-    "page": "attribution",
-    "STYLE": "attribution",
 }
 _SUBMODULES = {"errors", "sketch", "scan", "scan_cache", "merge", "compare", "metrics", "attribution", "patterns"}
 
@@ -84,30 +78,18 @@ __all__ = [
     "dream_summary",
     "Attribution",
     "AttributionError",
-    "TokenView",
     "attribute",
     "attribute_many",
     "attribute_frontier",
-    "js_literal",
-    "circuitsvis_script",
-    "head_scripts",
-    "page",
-    "STYLE",
 ]
 
 if TYPE_CHECKING:  # the same names for a type checker
     from .attribution import (
-        STYLE,
         Attribution,
         AttributionError,
-        TokenView,
         attribute,
         attribute_frontier,
         attribute_many,
-        circuitsvis_script,
-        head_scripts,
-        js_literal,
-        page,
     )
     from .compare import Comparison
     from .errors import CompareError, ScanCacheError, ScanError, ScanLookupError

@@ -1,16 +1,14 @@
 """Causal token attribution: each token of a prompt swapped for its top gradient alternatives and random
-tokens, re-scored with the dreams' own layout; `Attribution.render()` shows the drops with circuitsvis.
+tokens, re-scored with the dreams' own layout. Computing only: `dreamlens.viz.attribution` shows the drops
+with circuitsvis (`Attribution.render()` and `.html()` call it).
 """
 
 from __future__ import annotations
 
-import html
-import json
-import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -119,190 +117,27 @@ class Attribution:
             f"{self.length} tokens x {self.alt_ids.shape[1]} alternatives)"
         )
 
-    # -- rendering -------------------------------------------------------------------------------
-    def tooltips(self, max_alternatives: int | None = None) -> list[str]:
-        """The hover text of each position: both drops, then the alternatives, best first."""
-        out = []
-        for p in range(self.length):
-            order = np.argsort(-self.alt_values[p], kind="stable")[:max_alternatives]
-            lines = [
-                f"{self.tokens[p]!r}  (position {p})",
-                f"drop to best swap {self.drop_best[p]:+.4g}, to worst {self.drop_worst[p]:+.4g}",
-                f"value here {self.value:.4g}; with each swap (g: gradient pick, r: random):",
-            ]
-            for j in order:
-                src = "g" if j < self.n_gradient else "r"
-                lines.append(f"{self.alt_values[p, j]:>9.4g}  {src}  {self.alt_tokens[p][j]!r}")
-            out.append("\n".join(lines))
-        return out
-
-    def view(self, color_by: str = "drop_best", max_alternatives: int | None = None) -> TokenView:
-        """The circuitsvis view of this attribution: tokens colored by `color_by` ("drop_best" or
-        "drop_worst"), the drops and alternatives in each token's hover text."""
-        if color_by not in ("drop_best", "drop_worst"):
-            raise AttributionError(f"color_by must be 'drop_best' or 'drop_worst', got {color_by!r}")
-        drops = np.nan_to_num(getattr(self, color_by).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        ctx = "fixed context (not attributed)"
-        n_pre, n_suf = len(self.prefix_tokens), len(self.suffix_tokens)
-        caption = (
-            f"{self.objective} = {self.value:.4g} (xe {self.xe:.3g}). Tokens colored by {color_by.replace('_', ' ')}: "
-            "blue, the objective drops when this token is swapped; red, a swap raises it. Hover for the alternatives."
-        )
-        return TokenView(
-            tokens=list(self.prefix_tokens) + list(self.tokens) + list(self.suffix_tokens),
-            values=[0.0] * n_pre + [float(d) for d in drops] + [0.0] * n_suf,
-            titles=[ctx] * n_pre + self.tooltips(max_alternatives) + [ctx] * n_suf,
-            caption=caption,
-        )
-
+    # -- shown by `dreamlens.viz.attribution` (analysis computes, viz renders) ---------------------
     def render(self, color_by: str = "drop_best", max_alternatives: int | None = None) -> Any:
-        """circuitsvis HTML (a `RenderedHTML`: shown inline in Jupyter, from the self-contained source)."""
-        return self.view(color_by, max_alternatives).rendered()
+        """circuitsvis HTML (a `RenderedHTML`: shown inline in Jupyter, from the self-contained source);
+        see `dreamlens.viz.attribution`."""
+        return _viz().render_attribution(self, color_by, max_alternatives)
 
     def html(self, color_by: str = "drop_best", max_alternatives: int | None = None, title: str | None = None) -> str:
-        """A whole self-contained HTML page (works offline: the circuitsvis script is inlined)."""
-        return page([self.view(color_by, max_alternatives)], title=title or f"Token attribution: {self.objective}")
+        """A whole self-contained HTML page (works offline: circuitsvis's script is inlined)."""
+        return _viz().attribution_page(self, color_by, max_alternatives, title)
 
     def save_html(self, path: str | Path, **kwargs: Any) -> Path:
-        path = Path(path)
-        path.write_text(self.html(**kwargs), encoding="utf-8")
-        return path
+        """Write `html(**kwargs)` to `path`."""
+        return _viz().save_attribution(self, path, **kwargs)
 
 
-# ---------------------------------------------------------------------------------------------
-# circuitsvis views. circuitsvis's ColoredTokens puts each token string into innerHTML, so token strings
-# are HTML-escaped; every value is passed as JSON made safe for the <script> it sits in; the hover text
-# is set as a DOM `title` property (never parsed as HTML). Pages inline circuitsvis's script once.
+def _viz() -> ModuleType:
+    """The renderer of attributions. The one import of `viz` below it: the display methods of the result
+    delegate up, so that `attr.render()` works while analysis computes only."""
+    from ..viz import attribution  # lazy: viz sits above analysis; only the display methods reach it
 
-
-def js_literal(obj: Any) -> str:
-    """JSON that is safe inside a <script> element: no `</script>`, `<!--` or line separators."""
-    s = json.dumps(obj, ensure_ascii=True, allow_nan=False)
-    return s.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-
-
-STYLE = """
-.dreamlens-view { margin: 0.6em 0 1.2em; }
-.dreamlens-view .colored-tokens { padding-bottom: 4px !important; }
-.dreamlens-view .colored-tokens > span { cursor: help; }
-.dreamlens-view .colored-tokens > div { display: none; } /* circuitsvis's popup: the title says more */
-.dreamlens-view .caption { font: 13px system-ui, sans-serif; color: #444; margin: 4px 0; }
-"""
-
-# Sets each token's hover text once React has rendered the tokens (it renders asynchronously).
-_TITLES_JS = """window.dreamlensTitles = window.dreamlensTitles || function (id, titles) {
-  var root = document.getElementById(id);
-  function apply() {
-    var spans = root.querySelectorAll(".colored-tokens > span");
-    if (spans.length < titles.length) return false;
-    for (var i = 0; i < titles.length; i++) spans[i].title = titles[i];
-    root.setAttribute("data-titled", "1");
-    return true;
-  }
-  if (!apply()) {
-    var obs = new MutationObserver(function () { if (apply()) obs.disconnect(); });
-    obs.observe(root, {childList: true, subtree: true});
-  }
-};"""
-
-
-@dataclass
-class TokenView:
-    """Tokens colored by values with one hover text each, rendered by circuitsvis's ColoredTokens."""
-
-    tokens: list[str]
-    values: list[float]
-    titles: list[str]
-    caption: str = ""
-
-    def props(self) -> dict[str, Any]:
-        vals = [float(v) if np.isfinite(v) else 0.0 for v in self.values]
-        scale = max((abs(v) for v in vals), default=0.0) or 1.0  # symmetric, so 0 is white
-        return {
-            "tokens": [html.escape(t, quote=True) for t in self.tokens],
-            "values": [round(v, 6) for v in vals],
-            "minValue": -scale,
-            "maxValue": scale,
-            "positiveColor": "#1f77b4",
-            "negativeColor": "#d62728",
-        }
-
-    def _circuitsvis(self) -> Any:
-        from circuitsvis.tokens import colored_tokens
-
-        p = self.props()
-        return colored_tokens(p["tokens"], p["values"], min_value=p["minValue"], max_value=p["maxValue"],
-                              negative_color=p["negativeColor"], positive_color=p["positiveColor"])
-
-    def _fixed(self, src: str) -> str:
-        """circuitsvis's HTML with its props made safe, and its self-closing div closed."""
-        props = self.props()
-        order = ["tokens", "values", "minValue", "maxValue", "negativeColor", "positiveColor"]
-        unsafe = json.dumps({k: props[k] for k in order})
-        head, sep, tail = src.rpartition(unsafe)
-        if not sep:
-            raise RuntimeError("unexpected circuitsvis HTML layout: cannot find the props it was given")
-        src = head + js_literal({k: props[k] for k in order}) + tail
-        return re.sub(r'^(\s*<div id="[^"]*" style="[^"]*")\s*/>', r"\1></div>", src, count=1)
-
-    def rendered(self) -> Any:
-        """circuitsvis's own `RenderedHTML` (self-contained `local_src`), with the hover texts."""
-        raw = self._circuitsvis()
-        wrap = f"dl-view-{uuid.uuid4().hex[:12]}"
-        head = (
-            f'<style>{STYLE}</style><div class="dreamlens-view" id="{wrap}">'
-            f'<div class="caption">{html.escape(self.caption)}</div>'
-        )
-        tail = f"</div><script>{_TITLES_JS}\nwindow.dreamlensTitles({js_literal(wrap)}, {js_literal(self.titles)});</script>"
-        return _offline_html(head + self._fixed(raw.local_src) + tail, head + self._fixed(raw.cdn_src) + tail)
-
-    def html(self) -> str:
-        """This view inside a page that already holds circuitsvis's script (see `page`)."""
-        wrap, div = (f"dl-view-{uuid.uuid4().hex[:12]}" for _ in range(2))
-        return (
-            f'<div class="dreamlens-view" id="{wrap}"><div class="caption">{html.escape(self.caption)}</div>'
-            f'<div id="{div}"></div><script>CircuitsVis.render({js_literal(div)}, CircuitsVis.ColoredTokens, '
-            f"{js_literal(self.props())}); dreamlensTitles({js_literal(wrap)}, {js_literal(self.titles)});</script></div>"
-        )
-
-
-def circuitsvis_script() -> str:
-    """The circuitsvis library as inline JavaScript, taken from circuitsvis's own `local_src`."""
-    local = TokenView(["a"], [0.0], [""])._circuitsvis().local_src
-    start = local.find(">", local.find("<script")) + 1
-    end = local.rfind("CircuitsVis.render(")
-    if start <= 0 or end < start:
-        raise RuntimeError("unexpected circuitsvis HTML layout: cannot find its inlined script")
-    # The source-map comment is dropped so that nothing is ever fetched, even with DevTools open.
-    return local[start:end].replace("//# sourceMappingURL=iife.js.map", "")
-
-
-def _offline_html(local_src: str, cdn_src: str) -> Any:
-    """circuitsvis's RenderedHTML, always shown from the self-contained source: its own notebook repr
-    probes the internet and switches to the CDN when online."""
-    from circuitsvis.utils.render import RenderedHTML
-
-    class OfflineHTML(RenderedHTML):
-        def _repr_html_(self) -> str:
-            return self.local_src
-
-    return OfflineHTML(local_src, cdn_src)
-
-
-def head_scripts() -> str:
-    """What a page needs once, in its <head>, before any `TokenView.html()`."""
-    return f"<style>{STYLE}</style><script>{circuitsvis_script()}</script><script>{_TITLES_JS}</script>"
-
-
-def page(views: Sequence[TokenView], title: str = "dreamlens", intro: str = "") -> str:
-    """A self-contained HTML page of token views (circuitsvis inlined once, no external URL)."""
-    body = "\n".join(v.html() for v in views)
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{html.escape(title)}</title>{head_scripts()}"
-        "<style>body { font-family: system-ui, sans-serif; margin: 2em; }</style>"
-        f"</head><body><h1>{html.escape(title)}</h1>{intro}\n{body}\n</body></html>\n"
-    )
+    return attribution
 
 
 # ---------------------------------------------------------------------------------------------

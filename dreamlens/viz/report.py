@@ -5,8 +5,6 @@ and one about a dream's modes, side by side (`build_modes_report`).
 
 from __future__ import annotations
 
-import base64
-import html
 import math
 import os
 import time
@@ -16,12 +14,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+from markupsafe import Markup
 
-from ..analysis.attribution import Attribution, attribute_frontier, head_scripts
+from ..analysis.attribution import Attribution, attribute_frontier
 from ..errors import DreamlensError
 from ..io import atomic_write_text
+from ..models import decode
 from ..results import DreamResult, NotAResultError, ResultError
 from . import plots
+from .attribution import token_view
+from .html import kv, note, number, parts, png, render, table
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -34,59 +36,11 @@ class ReportError(DreamlensError, ValueError):
     """A report cannot be built from what it was given."""
 
 
-_CSS = """
-body { font-family: system-ui, -apple-system, sans-serif; margin: 2em auto; max-width: 1180px; color: #222; padding: 0 1em; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; font-size: 13px; margin: 0.5em 0; }
-th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
-th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-code, .prompt { font-family: ui-monospace, Menlo, Consolas, monospace; white-space: pre-wrap; }
-img { max-width: 100%; } .note { color: #666; font-size: 13px; }
-details { margin: 0.4em 0 1em; } summary { cursor: pointer; color: #555; font-size: 13px; }
-"""
+def _img(fig: Any, alt: str) -> Markup:
+    return png(plots.to_png(fig), alt)
 
 
-def _esc(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _num(v: Any) -> str:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return _esc(v)
-    return "n/a" if math.isnan(f) else f"{f:.4g}"
-
-
-def _table(df: pd.DataFrame, prompt_cols: Sequence[str] = ("text",)) -> str:
-    """An HTML table with every cell escaped; prompt texts shown exactly (repr), numbers right-aligned."""
-    head = "".join(f"<th>{_esc(c)}</th>" for c in df.columns)
-    rows = []
-    for _, r in df.iterrows():
-        cells = []
-        for c in df.columns:
-            v = r[c]
-            if c in prompt_cols:
-                cells.append(f'<td class="prompt">{_esc(repr(v)) if isinstance(v, str) else ""}</td>')
-            elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                cells.append(f'<td class="num">{_num(v)}</td>')
-            else:
-                cells.append(f"<td>{_esc(v)}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-
-
-def _kv(pairs: Sequence[tuple[str, Any]]) -> str:
-    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in pairs)
-    return f"<table>{rows}</table>"
-
-
-def _img(fig: Any, alt: str) -> str:
-    data = base64.b64encode(plots.to_png(fig)).decode()
-    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _overview(r: DreamResult) -> str:
+def _overview(r: DreamResult) -> Markup:
     pairs = [
         ("objective", r.objective),
         ("method", r.method),
@@ -101,21 +55,21 @@ def _overview(r: DreamResult) -> str:
         ("compute (token-forwards)", f"{r.token_forwards:,}"),
     ]
     config = ", ".join(f"{k}={v!r}" for k, v in r.config.items() if k not in ("prefix", "suffix"))
-    return _kv(pairs) + f'<p class="note">config: <code>{_esc(config)}</code></p>'
+    return kv(pairs) + parts().config(config)
 
 
-def neuronpedia_link(objective: str) -> str:
+def neuronpedia_link(objective: str) -> Markup:
     """A paragraph linking the feature's Neuronpedia page, when the objective is a latent of an SAE that has
     one (the page's only external link: no resource is loaded from it); else ''."""
     from ..neuronpedia.ids import neuronpedia_page
 
     page = neuronpedia_page(objective)
     if page is None:
-        return ""
-    return f'<p>This feature on Neuronpedia: <a href="{_esc(page.url)}">{_esc(page.url)}</a></p>'
+        return Markup("")
+    return parts().neuronpedia(page.url)
 
 
-def _best_table(r: DreamResult, thresholds: Sequence[float]) -> str:
+def _best_table(r: DreamResult, thresholds: Sequence[float]) -> Markup:
     rows = []
     for t in [*thresholds, math.inf]:
         limit = "none" if math.isinf(t) else t
@@ -126,39 +80,36 @@ def _best_table(r: DreamResult, thresholds: Sequence[float]) -> str:
             continue
         rows.append({"xe limit": limit, "activation": float(b["activation"]), "xe": float(b["xe"]),
                      "iteration": int(b["iteration"]), "text": b["text"]})
-    return _table(pd.DataFrame(rows))
+    return table(pd.DataFrame(rows))
 
 
-def _attribution_section(attrs: Sequence[Attribution]) -> str:
-    parts = [
-        '<p class="note">Each token of a frontier prompt is swapped for its top gradient alternatives and for '
-        "random tokens, and the objective re-evaluated. Colour: the drop to the best swap (blue: every swap "
-        "lowers the objective, red: some swap raises it). Hover a token for its drops and alternatives.</p>"
-    ]
+def _attribution_section(attrs: Sequence[Attribution]) -> Markup:
+    items = []
     for a in attrs:
         df = a.to_dataframe()[["position", "token", "drop_best", "drop_worst", "best_alternative", "worst_alternative"]]
-        table = _table(df, prompt_cols=("token", "best_alternative", "worst_alternative"))
-        parts.append(
-            f'<h3 class="prompt">{_esc(repr(a.text))}</h3>' + a.view().html()
-            + f"<details><summary>per-token table</summary>{table}</details>"
-        )
-    return "\n".join(parts)
+        items.append({"heading": repr(a.text), "view": token_view(a).frame(),
+                      "table": table(df, prompt_cols=("token", "best_alternative", "worst_alternative"))})
+    return parts().attributions(items)
 
 
-def _dataset_section(result: DreamResult, scan: ScanResult, objective_index: int | None) -> str:
+def _dataset_section(result: DreamResult, scan: ScanResult, objective_index: int | None) -> Markup:
     from ..analysis.compare import compare
 
     comp = compare(result, scan, objective_index)
     i = scan.index(comp.summary["objective"])
     top = scan.top(i).head(12)
     cols = [c for c in ("activation", "xe", "text") if c in top.columns]
-    summary = [(k, _num(v) if isinstance(v, float) else v) for k, v in comp.summary.items()]
-    meta = getattr(scan, "meta", {}) or {}
-    where = ", ".join(f"{k} {meta[k]}" for k in ("corpus", "n_tokens", "window") if k in meta)
+    summary = [(k, number(v) if isinstance(v, float) else v) for k, v in comp.summary.items()]
     return (
-        f'<p class="note">Scan: {_esc(where or repr(scan))}</p>' + _img(comp.figure, "dreams against dataset examples")
-        + _kv(summary) + "<h3>Top dataset examples</h3>" + _table(top[cols])
+        note(f"Scan: {_scan_place(scan)}") + _img(comp.figure, "dreams against dataset examples")
+        + kv(summary) + parts().heading(3, "Top dataset examples") + table(top[cols])
     )
+
+
+def _scan_place(scan: ScanResult) -> str:
+    """Where a scan read: its corpus, tokens and window (or the scan itself)."""
+    meta = getattr(scan, "meta", {}) or {}
+    return ", ".join(f"{k} {meta[k]}" for k in ("corpus", "n_tokens", "window") if k in meta) or repr(scan)
 
 
 def build_report(
@@ -199,8 +150,8 @@ def build_report(
         ("Objective and run", neuronpedia_link(result.objective) + _overview(result)),
         ("Best prompt under cross-entropy limits", _best_table(result, thresholds)),
         (f"Pareto frontier ({len(front)} prompts)",
-         '<p class="note">Non-dominated prompts: no other prompt has both a higher activation and a lower '
-         "cross-entropy (nats/token).</p>" + _table(front)),
+         note("Non-dominated prompts: no other prompt has both a higher activation and a lower "
+              "cross-entropy (nats/token).") + table(front)),
         ("Plots", _img(plots.plot_frontier(result), "Pareto frontier")
          + _img(plots.plot_evolution(result), "frontier over iterations")
          + _img(plots.plot_thresholds(result, thresholds), "best activation under cross-entropy limits")),
@@ -208,32 +159,11 @@ def build_report(
     if attributions:
         sections.append(("Token attribution", _attribution_section(attributions)))
     else:
-        sections.append(("Token attribution", '<p class="note">Not computed (no model given).</p>'))
+        sections.append(("Token attribution", note("Not computed (no model given).")))
     if scan is not None:
         sections.append(("Dreams and max-activating dataset examples", _dataset_section(result, scan, objective_index)))
-    body = "\n".join(f"<h2>{_esc(h)}</h2>\n{content}" for h, content in sections)
-    return _page(title, body, scripts=bool(attributions))
-
-
-_MODES_CSS = """
-body.modes-page { max-width: none; }
-.modes { display: grid; grid-template-columns: repeat(var(--modes), minmax(360px, 1fr)); gap: 1.2em; align-items: start;
-  overflow-x: auto; }
-.mode { min-width: 0; border: 1px solid #ddd; border-radius: 6px; padding: 0 0.8em 0.8em; }
-.mode h2 { margin-top: 0.5em; } .mode h3 { font-size: 1em; margin: 1.2em 0 0.3em; }
-.mode table { width: 100%; } .mode td.prompt, .mode td { overflow-wrap: anywhere; }
-"""
-
-
-def _page(title: str, body: str, *, scripts: bool, css: str = "", body_class: str = "") -> str:
-    stamp = time.strftime("%Y-%m-%d %H:%M")
-    cls = f' class="{_esc(body_class)}"' if body_class else ""
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_esc(title)}</title>"
-        f"<style>{_CSS}{css}</style>{head_scripts() if scripts else ''}</head><body{cls}>"
-        f"<h1>{_esc(title)}</h1><p class=\"note\">Written by dreamlens on {stamp}.</p>\n{body}\n</body></html>\n"
-    )
+    return render("report.html.j2", title=title, stamp=time.strftime("%Y-%m-%d %H:%M"), body_class="",
+                  sections=sections)
 
 
 def _tokens(model: HookedTransformer | None, ids: Sequence[int]) -> str:
@@ -242,13 +172,12 @@ def _tokens(model: HookedTransformer | None, ids: Sequence[int]) -> str:
         return "none"
     if model is None:
         return "ids " + ", ".join(str(int(t)) for t in ids)
-    from ..models import decode
-
     return ", ".join(repr(decode(model, [int(t)])) for t in ids)
 
 
 def _mode_column(modes: Modes, i: int, model: HookedTransformer | None, attrs: Sequence[Attribution] | None,
-                 nearest: pd.DataFrame | None, scan_note: str) -> str:
+                 nearest: pd.DataFrame | None, scan_note: str) -> dict[str, Any]:
+    """What the column of mode `i` shows (see `templates/modes_report.html.j2`)."""
     r, b = modes.dreams[i], modes.best(i)
     found = modes.found[i]
     keys = _tokens(model, modes.key_tokens[i])
@@ -259,25 +188,21 @@ def _mode_column(modes: Modes, i: int, model: HookedTransformer | None, attrs: S
         pairs.append((f"best at xe <= {modes.limit:g}", "none: no prompt this fluent"))
     else:
         pairs += [(f"best at xe <= {modes.limit:g}", repr(b["text"])),
-                  ("activation, xe", f"{_num(b['activation'])}, {_num(b['xe'])}")]
+                  ("activation, xe", f"{number(b['activation'])}, {number(b['xe'])}")]
     if len(r):
         u = r.best()
-        pairs += [("unconstrained best", repr(u["text"])), ("activation, xe", f"{_num(u['activation'])}, {_num(u['xe'])}")]
+        pairs += [("unconstrained best", repr(u["text"])), ("activation, xe", f"{number(u['activation'])}, {number(u['xe'])}")]
     pairs += [("key tokens", keys), ("dreamed without", f"{len(modes.banned[i])} tokens"),
               ("prompts evaluated", len(r)), ("compute (token-forwards)", f"{r.token_forwards:,}")]
-    parts = [f'<h2>Mode {i + 1}</h2>', _kv(pairs)]
-    if not len(r):
-        parts.append('<p class="note">This mode holds no evaluated prompts.</p>')
-    else:
+    column: dict[str, Any] = {"summary": kv(pairs), "frontier": None, "nearest": None}
+    if len(r):
         front = r.frontier[["activation", "xe", "iteration", "text"]]
-        parts += [f"<h3>Pareto frontier ({len(front)} prompts)</h3>", _table(front),
-                  _img(plots.plot_frontier(r, max_labels=8, width=44), f"Pareto frontier of mode {i + 1}")]
-    parts.append("<h3>Token attribution</h3>")
-    parts.append(_attribution_section(attrs) if attrs else '<p class="note">Not computed (no model given).</p>')
+        column.update(n_frontier=len(front), frontier=table(front),
+                      plot=_img(plots.plot_frontier(r, max_labels=8, width=44), f"Pareto frontier of mode {i + 1}"))
+    column["attributions"] = _attribution_section(attrs) if attrs else note("Not computed (no model given).")
     if nearest is not None:
-        parts.append("<h3>Nearest dataset examples</h3>")
-        parts.append(_table(nearest) if len(nearest) else f'<p class="note">{_esc(scan_note)}</p>')
-    return f'<div class="mode">{"".join(parts)}</div>'
+        column["nearest"] = table(nearest) if len(nearest) else note(scan_note)
+    return column
 
 
 def build_modes_report(
@@ -316,30 +241,26 @@ def build_modes_report(
                         if len(r) else [] for r in modes]
     nearest: list[pd.DataFrame | None] = [None] * len(modes)
     scan_note = ""
-    intro = [f'<p class="note">{len(modes)} modes of <code>{_esc(modes.objective)}</code>, each later one found without '
-             "the key tokens (and their embedding neighbours) of those found before it (column start: where it began); "
-             "ranked by the best activation "
-             f"at xe &lt;= {modes.limit:g} nats/token.</p>" + neuronpedia_link(modes.objective)]
+    intro: list[Markup] = [parts().modes_intro(len(modes), modes.objective, f"{modes.limit:g}"),
+                           neuronpedia_link(modes.objective)]
     overview = modes.to_frame()
     overview["key_tokens"] = [_tokens(model, k) for k in modes.key_tokens]
-    intro.append(_table(overview))
+    intro.append(table(overview))
     if scan is not None:
         if model is None:
-            intro.append('<p class="note">Nearest dataset examples: not computed (they need the model; pass model=).</p>')
+            intro.append(note("Nearest dataset examples: not computed (they need the model; pass model=)."))
         else:
             from ..analysis.patterns import nearest_examples
 
             nearest = list(nearest_examples(model, modes, scan, objective_index=objective_index, k=k_examples))
             scan_note = f"No prompt of this mode is at xe <= {modes.limit:g}: nothing to compare."
-            meta = getattr(scan, "meta", {}) or {}
-            where = ", ".join(f"{k} {meta[k]}" for k in ("corpus", "n_tokens", "window") if k in meta)
-            intro.append(f'<p class="note">Nearest dataset examples: the scan\'s top examples whose activation pattern at '
-                         "the objective's hooks, and the way the objective reads it there, are most like the mode's best "
-                         f"prompt's. Scan: {_esc(where or repr(scan))}</p>")
+            intro.append(note("Nearest dataset examples: the scan's top examples whose activation pattern at the "
+                              "objective's hooks, and the way the objective reads it there, are most like the mode's "
+                              f"best prompt's. Scan: {_scan_place(scan)}"))
     cols = [_mode_column(modes, i, model, attributions[i] if attributions else None, nearest[i], scan_note)
             for i in range(len(modes))]
-    body = "\n".join(intro) + f'<div class="modes" style="--modes: {len(modes)}">{"".join(cols)}</div>'
-    return _page(title, body, scripts=bool(attributions and any(attributions)), css=_MODES_CSS, body_class="modes-page")
+    return render("modes_report.html.j2", title=title, stamp=time.strftime("%Y-%m-%d %H:%M"), body_class="modes-page",
+                  intro=intro, columns=cols)
 
 
 def write_modes_report(path: str | os.PathLike, modes: Modes, **kwargs: Any) -> Path:
