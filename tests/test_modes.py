@@ -13,7 +13,10 @@ import torch
 
 import dreamlens as dl
 from dreamlens.errors import OutputError
-from dreamlens.optim.modes import Modes, ModeSettings, attribution_cost, embedding_neighbours, key_tokens
+from dreamlens.modes.budget import attribution_cost
+from dreamlens.modes.keys import embedding_neighbours, key_tokens
+from dreamlens.modes.result import Modes
+from dreamlens.modes.settings import ModeSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,7 +85,7 @@ def test_budget_leaves_room_for_the_attribution(tiny_model):
     second = m[m.found.index(2)]
     assert second.config["max_token_forwards"] == budget - cost
     assert m.attribution_token_forwards == cost
-    with pytest.raises(dl.DreamError, match="leaves nothing for a mode"):
+    with pytest.raises(dl.DreamError, match="leaves nothing for a later mode"):
         dl.dream(tiny_model, OBJ, "epo", modes=2, progress=False, max_token_forwards=cost, **EPO)
 
 
@@ -240,8 +243,8 @@ def test_a_later_mode_starts_from_the_example_least_like_the_earlier(tiny_model,
 
 def test_starts_replace_banned_tokens_by_the_models_best_allowed_guess(tiny_model, max_scan):
     from dreamlens.analysis.scan import example_spans
+    from dreamlens.modes.starts import Starts
     from dreamlens.optim.config import EPOConfig
-    from dreamlens.optim.modes import Starts
     from dreamlens.scoring import banned_mask
 
     spans = example_spans(max_scan, 0, 5, k=3)
@@ -289,8 +292,8 @@ def test_modes_of_format_1_load_with_random_starts(tmp_path, modes):
 
 def test_starts_prefer_examples_as_fluent_as_the_limit(tiny_model, max_scan):
     from dreamlens.analysis.scan import example_spans
+    from dreamlens.modes.starts import Starts
     from dreamlens.optim.config import EPOConfig
-    from dreamlens.optim.modes import Starts
     from dreamlens.scoring import make_layout, score
 
     spans = example_spans(max_scan, 0, 5)
