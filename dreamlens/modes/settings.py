@@ -26,8 +26,11 @@ def check_mode_limit(limit: object, *, name: str = "limit", finite: bool = False
                      error: type[DreamlensError] = DreamError) -> None:
     """`error` unless `limit` (the fluency limit modes are ranked at) is a positive number (and finite with
     `finite`: a sweep writes it to JSON)."""
-    number = isinstance(limit, (int, float, np.integer, np.floating)) and not isinstance(limit, bool)
-    if not number or not limit > 0 or (finite and not math.isfinite(float(limit))):  # pyright: ignore[reportOperatorIssue]
+    if isinstance(limit, bool) or not isinstance(limit, (int, float, np.integer, np.floating)):
+        ok = False
+    else:
+        ok = bool(limit > 0) and (not finite or math.isfinite(float(limit)))
+    if not ok:
         raise error(f"{name} must be a positive number (the fluency limit modes are ranked at, nats/token, e.g. 6), "
                     f"got {limit!r}")
 
