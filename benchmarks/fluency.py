@@ -72,7 +72,7 @@ from dreamlens.analysis import metrics
 from dreamlens.analysis.scan import example_spans
 from dreamlens.corpus import split_documents
 from dreamlens.io import atomic_write_text
-from dreamlens.optim.dream import DEFAULT_METHOD
+from dreamlens.optim.methods import DEFAULT_METHOD
 
 # name -> (method of dl.dream, config options). The key "budget_dependent": True marks a method whose
 # trajectory depends on max_token_forwards (its budget curve then needs real runs); "examples": True, a

@@ -33,8 +33,8 @@ import torch
 
 import dreamlens as dl
 from dreamlens.io import atomic_write_text
-from dreamlens.optim.dream import DEFAULT_METHOD
-from dreamlens.optim.modes import ModeSettings
+from dreamlens.modes.settings import ModeSettings
+from dreamlens.optim.methods import DEFAULT_METHOD
 from dreamlens.sae import EMBEDDED_SAE_LATENTS
 
 PAIRS = [(2261, 2448), (221, 4004), (1387, 3272), (2261, 221), (2448, 1387), (4004, 3272)]

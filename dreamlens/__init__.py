@@ -45,9 +45,9 @@ _EXPORTS: dict[str, str] = {
     "ADAPTConfig": "optim.config",
     "gcg": "optim.gcg",
     "GCGConfig": "optim.config",
-    "dream": "optim.dream",
-    "Modes": "optim.modes",
-    "ModeSettings": "optim.modes",
+    "dream": "dreaming",
+    "Modes": "modes.result",
+    "ModeSettings": "modes.settings",
     "DreamResult": "results",
     "DreamError": "scoring.checks",
     "DreamlensError": "errors",
@@ -77,6 +77,7 @@ _SUBMODULES = {
     "objectives",
     "results",
     "optim",
+    "modes",
     "scoring",
     "analysis",
     "viz",
@@ -149,8 +150,11 @@ if TYPE_CHECKING:  # the same names for a type checker (tests/test_public_api.py
     from .analysis.attribution import Attribution, attribute, attribute_frontier
     from .analysis.compare import compare
     from .analysis.scan import ScanResult, scan
+    from .dreaming import dream
     from .errors import DreamlensError
     from .models import ModelLoadError, bos_token_id, decode, encode, load_model, set_bos_token_id
+    from .modes.result import Modes
+    from .modes.settings import ModeSettings
     from .neuronpedia.export import export_neuronpedia
     from .objectives.base import Objective, ObjectiveError
     from .objectives.combination import Combination
@@ -163,10 +167,8 @@ if TYPE_CHECKING:  # the same names for a type checker (tests/test_public_api.py
     from .objectives.sae_latent import SAELatent
     from .optim.adapt import adapt
     from .optim.config import ADAPTConfig, EPOConfig, GCGConfig
-    from .optim.dream import dream
     from .optim.epo import epo
     from .optim.gcg import gcg
-    from .optim.modes import Modes, ModeSettings
     from .results import DreamResult
     from .sae import load_sae
     from .scoring.checks import DreamError

@@ -193,7 +193,7 @@ def test_dream_refuses_unknown_methods_and_options(tiny_model):
 
 
 def test_dream_defaults_to_adapt(tiny_model):
-    from dreamlens.optim.dream import DEFAULT_METHOD, make_config
+    from dreamlens.optim.methods import DEFAULT_METHOD, make_config
 
     assert DEFAULT_METHOD == "adapt"
     assert make_config(config=dl.ADAPTConfig(beams=2), iters=5) == dl.ADAPTConfig(beams=2, iters=5)
@@ -203,7 +203,7 @@ def test_demo_is_the_default_method_after_the_chat_user_turn(tiny_model):
     import argparse
 
     from dreamlens import cli
-    from dreamlens.optim.dream import DEFAULT_METHOD, METHODS, make_config
+    from dreamlens.optim.methods import DEFAULT_METHOD, METHODS, make_config
 
     ns = cli.demo_args(argparse.Namespace(model=None, out="dreams/demo", budget=12_000))
     fields = {k: v for k, v in vars(ns).items() if k in {"length", "seed", "prefix"}}

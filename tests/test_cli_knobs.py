@@ -15,7 +15,7 @@ import dreamlens as dl
 from dreamlens import cli
 from dreamlens.cli.dream import default_out
 from dreamlens.cli.knobs import HELP, SKIPPED, knob_options, knobs
-from dreamlens.optim.dream import METHODS, make_config
+from dreamlens.optim.methods import METHODS, make_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,7 @@ from conftest import run_cli
 
 import dreamlens as dl
 from dreamlens import scoring
-from dreamlens.optim.dream import make_config
+from dreamlens.optim.methods import make_config
 from dreamlens.optim.moves import resizes
 from dreamlens.results import DreamResult, stack_ids
 

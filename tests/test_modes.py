@@ -13,7 +13,10 @@ import torch
 
 import dreamlens as dl
 from dreamlens.errors import OutputError
-from dreamlens.optim.modes import Modes, ModeSettings, attribution_cost, embedding_neighbours, key_tokens
+from dreamlens.modes.budget import attribution_cost
+from dreamlens.modes.keys import embedding_neighbours, key_tokens
+from dreamlens.modes.result import Modes
+from dreamlens.modes.settings import ModeSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,7 +85,7 @@ def test_budget_leaves_room_for_the_attribution(tiny_model):
     second = m[m.found.index(2)]
     assert second.config["max_token_forwards"] == budget - cost
     assert m.attribution_token_forwards == cost
-    with pytest.raises(dl.DreamError, match="leaves nothing for a mode"):
+    with pytest.raises(dl.DreamError, match="leaves nothing for a later mode"):
         dl.dream(tiny_model, OBJ, "epo", modes=2, progress=False, max_token_forwards=cost, **EPO)
 
 
@@ -240,8 +243,8 @@ def test_a_later_mode_starts_from_the_example_least_like_the_earlier(tiny_model,
 
 def test_starts_replace_banned_tokens_by_the_models_best_allowed_guess(tiny_model, max_scan):
     from dreamlens.analysis.scan import example_spans
+    from dreamlens.modes.starts import Starts
     from dreamlens.optim.config import EPOConfig
-    from dreamlens.optim.modes import Starts
     from dreamlens.scoring import banned_mask
 
     spans = example_spans(max_scan, 0, 5, k=3)
@@ -289,8 +292,8 @@ def test_modes_of_format_1_load_with_random_starts(tmp_path, modes):
 
 def test_starts_prefer_examples_as_fluent_as_the_limit(tiny_model, max_scan):
     from dreamlens.analysis.scan import example_spans
+    from dreamlens.modes.starts import Starts
     from dreamlens.optim.config import EPOConfig
-    from dreamlens.optim.modes import Starts
     from dreamlens.scoring import make_layout, score
 
     spans = example_spans(max_scan, 0, 5)
@@ -303,3 +306,49 @@ def test_starts_prefer_examples_as_fluent_as_the_limit(tiny_model, max_scan):
     j = int(xe.argmin())
     only = Starts(tiny_model, dl.objective(MAX_OBJ), cfg, spans, limit=float(xe.min()) + 1e-6).pick(earlier, cfg)
     assert only == (spans[j][0], list(spans[j][1]), 0) and only != anywhere  # the filter, not chance, picked it
+
+
+def test_the_budget_rule_is_the_most_any_later_mode_is_charged():
+    """One rule (`modes.budget`) for dream_modes and sweeps: each later mode is charged the attribution and,
+    with examples, choosing its start; the check covers the most any later mode is charged."""
+    from dreamlens.modes.budget import check_mode_budget, most_separation, separation_cost, starts_cost
+
+    s = ModeSettings()
+    attribution = attribution_cost(7, 5, s.n_alternatives)
+    assert separation_cost(7, 5, s, 1) == separation_cost(7, 5, s, 3) == attribution
+    assert separation_cost(7, 5, s, 2, n_examples=4) == attribution + starts_cost(7, 4, 2, 5)
+    assert most_separation(7, 5, s, 1, n_examples=4) == 0
+    assert most_separation(7, 5, s, 3, n_examples=4) == attribution + starts_cost(7, 4, 1, 5)
+    # with no examples to read, a late mode's share of the earlier modes' prompts outgrows the first's
+    assert most_separation(7, 5, s, 9, n_examples=0) == separation_cost(7, 5, s, 8, n_examples=0)
+    need = most_separation(7, 5, s, 2, n_examples=4)
+    check_mode_budget(need + 1, 7, 5, s, 2, 4, fix="raise it")
+    check_mode_budget(None, 7, 5, s, 2, 4, fix="raise it")
+    check_mode_budget(1, 7, 5, s, 1, 4, fix="raise it")
+    with pytest.raises(dl.DreamError, match=rf"a budget of {need} token-forwards leaves nothing .*4 top examples\); raise it"):
+        check_mode_budget(need, 7, 5, s, 2, 4, fix="raise it")
+
+
+def test_the_mode_options_are_checked_in_one_place():
+    from dreamlens.modes.settings import check_mode_count, check_mode_limit, check_needs_modes
+    from dreamlens.sweeps.store import SweepError
+
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(dl.DreamError, match="modes must be a positive integer"):
+            check_mode_count(bad)
+    check_mode_count(np.int64(3))
+    for bad in (0, -1.0, float("nan"), "6", None):
+        with pytest.raises(dl.DreamError, match="limit must be a positive number"):
+            check_mode_limit(bad)
+    check_mode_limit(float("inf"))
+    with pytest.raises(SweepError, match="mode_limit must be a positive number"):
+        check_mode_limit(float("inf"), name="mode_limit", finite=True, error=SweepError)
+    for modes in (2, 5):
+        check_needs_modes(modes, {"--mode-limit": 5.0}, modes_name="--modes ")
+    check_needs_modes(None, {"--mode-limit": None})
+    for modes in (None, 1):
+        with pytest.raises(SweepError, match=r"--mode-limit applies only with --modes K .*pass --modes 2 \(or more\)"):
+            check_needs_modes(modes, {"--mode-scan-tokens": None, "--mode-limit": 5.0}, modes_name="--modes ",
+                              error=SweepError)
+    with pytest.raises(dl.DreamError, match="n_key must be a positive integer"):
+        ModeSettings(n_key=0).validate()

@@ -14,7 +14,8 @@ import dreamlens as dl
 from dreamlens.analysis.patterns import nearest_examples
 from dreamlens.analysis.scan import ScanResult
 from dreamlens.errors import OutputError
-from dreamlens.optim.modes import Modes, ModeSettings
+from dreamlens.modes.result import Modes
+from dreamlens.modes.settings import ModeSettings
 from dreamlens.results import NotAResultError, ResultError
 from dreamlens.viz.report import ReportError, build_modes_report, write_modes_report
 

@@ -19,7 +19,7 @@ from markupsafe import escape
 import dreamlens as dl
 from dreamlens.cli import build_parser, main
 from dreamlens.errors import OutputError
-from dreamlens.optim.modes import Modes
+from dreamlens.modes.result import Modes
 from dreamlens.scoring import DreamError
 from dreamlens.sweeps import chunk as chunk_mod
 from dreamlens.sweeps import local as local_mod
@@ -257,7 +257,7 @@ def test_an_interrupted_sweep_keeps_its_chunks_and_resumes(swept, tiny_model, tm
 
 
 def test_an_interrupt_inside_a_dream_stores_no_partial_chunk(tiny_model, tmp_path, monkeypatch):
-    from dreamlens.optim import dream as dream_mod
+    from dreamlens import dreaming as dream_mod
 
     real = dream_mod.dream
 
@@ -277,7 +277,7 @@ def test_an_objective_that_cannot_start_from_random_prompts(swept, tiny_model, t
     """E.g. an SAE latent that fires nowhere near random prompts (DreamError before any search): it starts
     from its top dataset example instead; one that cannot start there either gets a row saying why; the
     sweep goes on (the others of its EPO run are dreamed alone)."""
-    from dreamlens.optim import dream as dream_mod
+    from dreamlens import dreaming as dream_mod
 
     _, full = swept
     real = dream_mod.dream
@@ -316,7 +316,7 @@ def test_an_objective_out_of_memory_gets_an_error_row(swept, tiny_model, tmp_pat
     out of memory alone too (its passes already halved to one prompt) gets a row saying so, the sweep goes on."""
     import torch
 
-    from dreamlens.optim import dream as dream_mod
+    from dreamlens import dreaming as dream_mod
 
     _, full = swept
     real = dream_mod.dream
@@ -358,7 +358,7 @@ def test_a_model_out_of_memory_on_one_objective(tmp_path):
 
 
 def test_an_objective_the_error_names_leaves_its_epo_run(tiny_model, tmp_path, monkeypatch):
-    from dreamlens.optim import dream as dream_mod
+    from dreamlens import dreaming as dream_mod
 
     real = dream_mod.dream
     seen = []
@@ -476,7 +476,7 @@ def _spans(top: pd.DataFrame, length: int = 4) -> list[tuple[int, tuple[int, ...
 @pytest.fixture(scope="module")
 def modes_swept(tiny_model, tmp_path_factory):
     """A sweep of 2 modes of 2 objectives, and what `dream` gave and was given for each objective."""
-    from dreamlens.optim import dream as dream_mod
+    from dreamlens import dreaming as dream_mod
 
     real = dream_mod.dream
     calls: dict[str, tuple[Modes, dict]] = {}
@@ -650,7 +650,7 @@ def test_bad_modes_in_a_sweep_are_refused_before_it_writes(tiny_model, tmp_path)
 def test_modes_of_an_objective_that_cannot_start_from_random_prompts(tiny_model, tmp_path, monkeypatch):
     """With modes, as without: an objective that raises DreamError from random prompts is dreamed from its
     top example; one that cannot start anywhere gets one error row (mode 1); the store takes both."""
-    from dreamlens.optim import dream as dream_mod
+    from dreamlens import dreaming as dream_mod
 
     real = dream_mod.dream
     seen = []
@@ -675,7 +675,7 @@ def test_modes_of_an_objective_that_cannot_start_from_random_prompts(tiny_model,
 
 
 def test_an_interrupt_inside_a_mode_stores_no_partial_chunk(tiny_model, tmp_path, monkeypatch):
-    from dreamlens.optim import dream as dream_mod
+    from dreamlens import dreaming as dream_mod
 
     real = dream_mod.dream
 

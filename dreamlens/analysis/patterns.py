@@ -6,7 +6,7 @@ resemble each mode of a dream most.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 import pandas as pd
@@ -22,7 +22,7 @@ from ..objectives.forward import forward_capture
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-    from ..optim.modes import Modes
+    from ..results import DreamResult
     from .scan import ScanResult
 
 
@@ -112,7 +112,19 @@ def _readout(model: HookedTransformer, obj: Objective, cap: Capture, hooks: list
     return torch.cat(cols, dim=1)
 
 
-def nearest_examples(model: HookedTransformer, modes: Modes, scan: ScanResult, objective_index: int | None = None,
+class RankedDreams(Protocol):
+    """What `nearest_examples` reads of a set of dreams of one objective, e.g. `dreamlens.Modes`: the
+    objective, the dreams and each one's best prompt at the fluency limit (None: none that fluent)."""
+
+    objective: str
+    dreams: list[DreamResult]
+
+    def __len__(self) -> int: ...
+
+    def best(self, i: int) -> pd.Series | None: ...
+
+
+def nearest_examples(model: HookedTransformer, modes: RankedDreams, scan: ScanResult, objective_index: int | None = None,
                      k: int = 5) -> list[pd.DataFrame]:
     """For each mode (its best prompt at the fluency limit), the `k` top dataset examples most like it
     by `pattern_similarity` (activation patterns centered on the examples' mean, which all of them

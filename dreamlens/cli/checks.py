@@ -48,7 +48,7 @@ def check_dream_out(out: str, *, force: bool, resume: bool = True) -> None:
 def check_modes_out(out: str, *, force: bool) -> None:
     """A --modes run's --out, refused before any compute wherever `Modes.save` would refuse it after:
     modes already there need --force; a dream result or other files are never replaced."""
-    from ..optim.modes import check_modes_folder
+    from ..modes.result import check_modes_folder
 
     check_out_folder(out, "modes.json", "set of modes", force=force)
     check_modes_folder(Path(out), overwrite=True)

@@ -15,7 +15,7 @@ from .checks import check_dream_out, check_modes_out, load_result
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-    from ..optim.modes import Modes
+    from ..modes.result import Modes
     from ..results import DreamResult
 
 DEMO_OBJECTIVE = "blocks.12.mlp.hook_post[1256]"  # fires on lists of media: "film, radio,"
@@ -84,6 +84,7 @@ def _print_frontier(result, rows: int = 12) -> None:
 
 
 def cmd_dream(args: argparse.Namespace) -> int:
+    from ..modes.settings import check_needs_modes
     from ..scoring import DreamError
 
     if args.modes is not None:
@@ -96,9 +97,8 @@ def cmd_dream(args: argparse.Namespace) -> int:
                              "them already (--mode-scan-tokens): drop --from-examples")
         _run_modes(args)
     else:
-        for flag, value in (("--mode-limit", args.mode_limit), ("--mode-scan-tokens", args.mode_scan_tokens)):
-            if value is not None:
-                raise DreamError(f"{flag} applies only with --modes K; add --modes 2 (or more), or drop {flag}")
+        check_needs_modes(args.modes, {"--mode-limit": args.mode_limit, "--mode-scan-tokens": args.mode_scan_tokens},
+                          modes_name="--modes ")
         if not getattr(args, "from_examples", False):
             for flag, name in (("--corpus", "corpus"), ("--scan-tokens", "scan_tokens")):
                 if getattr(args, name, None) is not None:
@@ -111,9 +111,10 @@ def cmd_dream(args: argparse.Namespace) -> int:
 
 def _run_dream(args: argparse.Namespace) -> tuple[HookedTransformer, DreamResult]:
     """Dream as the `dream` arguments say: print the frontier, save the result; (model, result)."""
+    from ..dreaming import dream
     from ..models import load_model
     from ..objectives import objective
-    from ..optim.dream import DEFAULT_METHOD, dream, make_config
+    from ..optim.methods import DEFAULT_METHOD, make_config
     from ..results import DreamResult
 
     method = args.method or DEFAULT_METHOD
@@ -158,10 +159,12 @@ def _run_dream(args: argparse.Namespace) -> tuple[HookedTransformer, DreamResult
 
 def _run_modes(args: argparse.Namespace) -> tuple[HookedTransformer, Modes]:
     """`dream --modes K`: dream the modes, print each one's header and frontier (best first), save them."""
+    from ..dreaming import dream
     from ..models import decode, load_model
+    from ..modes.result import Modes
+    from ..modes.settings import ModeSettings
     from ..objectives import objective
-    from ..optim.dream import DEFAULT_METHOD, dream, make_config
-    from ..optim.modes import Modes, ModeSettings
+    from ..optim.methods import DEFAULT_METHOD, make_config
 
     method = args.method or DEFAULT_METHOD
     kw = _dream_options(args, method)
@@ -218,7 +221,7 @@ def demo_args(args: argparse.Namespace) -> argparse.Namespace:
     """The `dream` arguments of the demo: the default method, 8 tokens, from the objective's top dataset
     examples, on the embedded model after its chat template's user turn (no prefix for another
     `--model`, whose template may differ)."""
-    from ..optim.dream import DEFAULT_METHOD
+    from ..optim.methods import DEFAULT_METHOD
 
     return argparse.Namespace(
         objective=DEMO_OBJECTIVE, model=args.model, out=args.out, resume=None, checkpoint_every=None,

@@ -70,7 +70,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _report_modes(args: argparse.Namespace) -> int:
     """`report` of a modes folder: the modes side by side, and each mode's frontier PNG beside the page."""
     from .. import viz
-    from ..optim.modes import Modes
+    from ..modes.result import Modes
     from ..results import ResultError
     from ..viz.report import write_modes_report
 

@@ -46,6 +46,7 @@ SWEEP_SKIPPED = ("checkpoint_every",)  # config fields a sweep sets itself: no f
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from ..modes.settings import check_needs_modes
     from ..sweeps import sweep
     from ..sweeps.store import SweepError, load_sweep
 
@@ -55,9 +56,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.ray is None and gpus is not None:
         raise SweepError("--gpus-per-worker applies to Ray workers: pass --ray [ADDRESS] with it, or drop it")
     modes = args.modes or 1
-    if args.mode_limit is not None and modes == 1:
-        raise SweepError("--mode-limit applies only with --modes K; add --modes 2 (or more), or drop --mode-limit")
-    from ..optim.dream import DEFAULT_METHOD
+    check_needs_modes(modes, {"--mode-limit": args.mode_limit}, modes_name="--modes ", error=SweepError)
+    from ..optim.methods import DEFAULT_METHOD
     from .knobs import knob_options
 
     options = knob_options(args, args.method or DEFAULT_METHOD, skip=SWEEP_SKIPPED)

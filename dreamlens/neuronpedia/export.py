@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from ..analysis.scan import ScanResult
-    from ..optim.modes import Modes
+    from ..modes.result import Modes
     from ..results import DreamResult
     from ..sweeps.store import Sweep
 
@@ -236,7 +236,7 @@ def export_neuronpedia(
     saved in their folder, `OUT/scan`; without one, dreams only). `model_id`, `source_id`: Neuronpedia's ids
     for every feature (default: from the SAE's `neuronpedia_id`, else the model's name and the hook).
     `batch_size`: features per batch file. An export already in a source folder is replaced only with `force`."""
-    from ..optim.modes import Modes
+    from ..modes.result import Modes
     from ..results import DreamResult
     from ..sweeps.store import Sweep
 
@@ -306,7 +306,7 @@ def export_neuronpedia(
 
 def _read(source: Any) -> tuple[Path | None, Any]:
     """(folder, object) of what `export_neuronpedia` was given."""
-    from ..optim.modes import Modes
+    from ..modes.result import Modes
     from ..results import DreamResult
     from ..sweeps.store import Sweep, load_sweep
 

@@ -309,5 +309,5 @@ class GCGConfig(DreamConfig):
         return {**EPOConfig().to_dict(), **d, "population": 1, "lam_min": lam, "lam_max": lam, "restart_every": 0}
 
 
-# Each method's config, by the method's name (`optim.dream.METHODS` pairs them with their optimizers).
+# Each method's config, by the method's name (`optim.methods.METHODS` pairs them with their optimizers).
 CONFIGS: dict[str, type[DreamConfig]] = {"adapt": ADAPTConfig, "epo": EPOConfig, "gcg": GCGConfig}

@@ -100,8 +100,8 @@ def sweep(
     Resumable and idempotent: run again, the finished chunks are kept and only the rest is computed; a
     folder holding a sweep of another config is refused (`SweepConfigError` names the differing keys).
     Ctrl-C or SIGTERM keeps every finished chunk. Returns `load_sweep(out)`."""
-    from ..optim.dream import DEFAULT_METHOD
-    from ..optim.modes import DEFAULT_LIMIT
+    from ..modes.settings import DEFAULT_LIMIT, check_needs_modes
+    from ..optim.methods import DEFAULT_METHOD
     from .chunk import SweepSettings, load_model_spec, parse_objectives
 
     if engine not in ENGINES:
@@ -114,9 +114,7 @@ def sweep(
     if not (isinstance(model, (str, os.PathLike)) or model is None) and (device is not None or dtype is not None):
         raise SweepError("device= and dtype= apply to a model the sweep loads; move a loaded model yourself "
                          "(model.to(device), model.to(dtype)), or pass its name")
-    if mode_limit is not None and modes == 1:
-        raise SweepError("mode_limit= applies only with modes=K (the limit modes are ranked at); pass modes=2 (or more), "
-                         "or drop mode_limit")
+    check_needs_modes(modes, {"mode_limit=": mode_limit}, error=SweepError)
     names = expand(objectives if isinstance(objectives, (str, os.PathLike)) else [str(o) for o in objectives])
     spec, loaded = _model_spec(model, engine)
     if corpus is not None and not isinstance(corpus, (str, os.PathLike)):

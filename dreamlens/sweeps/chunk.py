@@ -14,15 +14,17 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from ..modes.budget import check_mode_budget
+from ..modes.settings import DEFAULT_LIMIT, ModeSettings, check_mode_count, check_mode_limit
 from .store import SweepError
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from ..analysis.scan import ScanResult
+    from ..modes.result import Modes
     from ..objectives import Objective
     from ..optim.config import DreamConfig
-    from ..optim.modes import Modes, ModeSettings
     from ..results import DreamResult
 
 # methods that dream a list of objectives as one run sharing its forward passes (and its token budget)
@@ -58,7 +60,7 @@ class SweepSettings:
     chunk_size: int = 32
     limits: tuple[float, ...] = (4.0, 6.0, 8.0)  # the fluency limits (xe) of the summary's best activations
     modes: int = 1  # distinct dreams per objective (`dream(..., modes=K)`); 1: one ordinary dream each
-    mode_limit: float = 6.0  # the fluency limit (xe) modes are ranked at (`ModeSettings.limit`); only with modes > 1
+    mode_limit: float = DEFAULT_LIMIT  # the fluency limit (xe) modes are ranked at (`ModeSettings.limit`); only with modes > 1
 
     def check(self) -> None:
         """Raise `SweepError` (or the method's `DreamError`) naming the first bad setting and its fix."""
@@ -72,14 +74,8 @@ class SweepSettings:
             if key in self.options:
                 fix = f"pass {instead} instead" if instead else "drop it (the sweep's store is its checkpoint)"
                 raise SweepError(f"the option {key!r} is set by the sweep itself; {fix}")
-        m = self.modes
-        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
-            raise SweepError(f"modes must be a positive integer (1: one dream per objective; K: K distinct dreams of each), "
-                             f"got {m!r}")
-        x = self.mode_limit
-        if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)) or not (x > 0 and math.isfinite(x)):
-            raise SweepError(f"mode_limit must be a positive number (the fluency limit modes are ranked at, nats/token, "
-                             f"e.g. 6), got {x!r}")
+        check_mode_count(self.modes, error=SweepError)
+        check_mode_limit(self.mode_limit, name="mode_limit", finite=True, error=SweepError)
         config = self.dream_config(1)
         config.validate()
         # a lower bound of the attribution's cost (a prompt is at least `length` tokens); the exact check,
@@ -88,8 +84,6 @@ class SweepSettings:
 
     def mode_settings(self) -> ModeSettings:
         """How the modes of each objective are kept apart and ranked (`dream(..., mode_settings=)`)."""
-        from ..optim.modes import ModeSettings
-
         return ModeSettings(limit=float(self.mode_limit))
 
     def check_mode_budget(self, model: HookedTransformer | int) -> None:
@@ -99,27 +93,19 @@ class SweepSettings:
         tokens: a sweep stops on it, rather than storing an error row for every objective."""
         if self.modes == 1:
             return
-        from ..optim.modes import attribution_cost, starts_cost
-
         config = self.dream_config(1)
         if isinstance(model, int):
             seq_len = model
         else:
-            from ..scoring import make_layout
+            from ..scoring import make_layout  # torch: only with a model
 
             seq_len = make_layout(model, config.length, config.prefix, config.suffix).seq_len
-        patterns = max(starts_cost(seq_len, self.top_k, k, config.length) for k in range(1, self.modes))  # as dream_modes
-        need = attribution_cost(seq_len, config.length, self.mode_settings().n_alternatives) + patterns
-        if self.budget <= need:
-            raise SweepError(
-                f"a budget of {self.budget} token-forwards leaves nothing for a later mode after what separates it from "
-                f"those before it (up to {need} token-forwards for prompts of {seq_len} tokens: the attribution of their "
-                f"key tokens, the patterns of {self.top_k} top examples); raise the budget, lower top_k, or lower modes to 1"
-            )
+        check_mode_budget(self.budget, seq_len, config.length, self.mode_settings(), self.modes, self.top_k,
+                          fix="raise the budget, lower top_k, or lower modes to 1", error=SweepError)
 
     def dream_config(self, n: int) -> DreamConfig:
         """The method's config for a run of `n` objectives (the budget is shared by a run of a list with EPO/GCG)."""
-        from ..optim.dream import make_config
+        from ..optim.methods import make_config
 
         share = n if self.method in SHARED_BUDGET else 1
         return make_config(self.method, None, **self.options, max_token_forwards=self.budget * share)
@@ -241,8 +227,8 @@ def _dreams(
     partial dream is ever stored."""
     import dataclasses
 
-    from ..optim.dream import dream
-    from ..optim.modes import Modes
+    from ..dreaming import dream
+    from ..modes.result import Modes
     from ..scoring import DreamError
 
     def stop_if_interrupted(results: Sequence[DreamResult]) -> None:
@@ -403,7 +389,7 @@ def run_chunk(
     examples are one set per objective."""
     from ..analysis.scan import example_spans
     from ..analysis.scan import scan as scan_corpus
-    from ..optim.modes import Modes
+    from ..modes.result import Modes
 
     objs = parse_objectives(objectives, saes)
     settings.check_mode_budget(model)

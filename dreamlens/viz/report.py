@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from ..analysis.scan import ScanResult
-    from ..optim.modes import Modes
+    from ..modes.result import Modes
 
 
 class ReportError(DreamlensError, ValueError):
@@ -222,7 +222,7 @@ def build_modes_report(
     frontier table and plot, token attributions (up to `max_attributions` frontier prompts per mode when
     `model` is given, or ready in `attributions`, one list per mode) and, given a `scan` and a `model`,
     the `k_examples` top dataset examples nearest each mode's best prompt (`nearest_examples`)."""
-    from ..optim.modes import Modes
+    from ..modes.result import Modes
 
     if not isinstance(modes, Modes):
         got = type(modes).__name__
