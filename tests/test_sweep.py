@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 
 import dreamlens as dl
-from dreamlens.cli import build_parser, main
 from dreamlens.analysis.errors import ScanError
+from dreamlens.cli import build_parser, main
 from dreamlens.errors import OutputError
 from dreamlens.optim.modes import Modes
 from dreamlens.scoring import DreamError
