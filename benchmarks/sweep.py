@@ -84,8 +84,9 @@ def main() -> None:
         n = args.latents or 64
         spec, model, length, window = f"sae:embedded[0:{n}]", None, 8, 24
     kw: dict[str, Any] = dict(
-        model=model, budget=args.budget or (400 if args.quick else 1000), tokens=args.tokens or (2048 if args.quick else 16384),
-        window=window, top_k=8, chunk_size=args.chunk_size or (2 if args.quick else 8), length=length, progress=False,
+        model=model, max_token_forwards=args.budget or (400 if args.quick else 1000),
+        scan=dl.ScanConfig(tokens=args.tokens or (2048 if args.quick else 16384), window=window, top_k=8),
+        chunk_size=args.chunk_size or (2 if args.quick else 8), length=length, progress=False,
     )
     print(f"sweep {spec!r}: {n} objectives, {kw}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="dreamlens-bench-sweep-"))

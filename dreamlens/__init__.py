@@ -38,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     "run_objectives": "objectives.forward",
     "scan": "analysis.scan",
     "ScanResult": "analysis.scan",
+    "ScanConfig": "analysis.scan_config",
     "compare": "analysis.compare",
     "epo": "optim.epo",
     "EPOConfig": "optim.config",
@@ -117,6 +118,7 @@ __all__ = [
     "run_objectives",
     "scan",
     "ScanResult",
+    "ScanConfig",
     "compare",
     "epo",
     "EPOConfig",
@@ -150,6 +152,7 @@ if TYPE_CHECKING:  # the same names for a type checker (tests/test_public_api.py
     from .analysis.attribution import Attribution, attribute, attribute_frontier
     from .analysis.compare import compare
     from .analysis.scan import ScanResult, scan
+    from .analysis.scan_config import ScanConfig
     from .dreaming import dream
     from .errors import DreamlensError
     from .models import ModelLoadError, bos_token_id, decode, encode, load_model, set_bos_token_id

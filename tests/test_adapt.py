@@ -200,19 +200,12 @@ def test_dream_defaults_to_adapt(tiny_model):
 
 
 def test_demo_is_the_default_method_after_the_chat_user_turn(tiny_model):
-    import argparse
-
     from dreamlens import cli
-    from dreamlens.optim.methods import DEFAULT_METHOD, METHODS, make_config
+    from dreamlens.optim.methods import DEFAULT_METHOD, METHODS
 
-    ns = cli.demo_args(argparse.Namespace(model=None, out="dreams/demo", budget=12_000))
-    fields = {k: v for k, v in vars(ns).items() if k in {"length", "seed", "prefix"}}
-    cfg = make_config(ns.method, None, **fields, max_token_forwards=ns.budget)
-    assert ns.method == DEFAULT_METHOD and isinstance(cfg, METHODS[DEFAULT_METHOD][1])
+    cfg = cli.demo_config(None, 12_000, "dreams/demo")
+    assert isinstance(cfg, METHODS[DEFAULT_METHOD][1]) and cfg.checkpoint_dir == "dreams/demo"
     assert cfg.prefix == cli.DEMO_PREFIX and cfg.length == 8 and cfg.max_token_forwards == 12_000
     ids = encode(tiny_model, cli.DEMO_PREFIX)  # the embedded tokenizer: the special token, not its letters
     assert ids[0] == tiny_model.tokenizer.convert_tokens_to_ids("<|im_start|>") and len(ids) == 3
-    other = cli.demo_args(argparse.Namespace(model="gpt2", out="x", budget=3000))
-    assert other.prefix is None  # another model's chat template may differ
-    seeded = cli.demo_args(argparse.Namespace(model=None, out="x", budget=3000, scan_tokens=5000))
-    assert seeded.from_examples and seeded.scan_tokens == 5000  # the demo dreams from the scan it compares with
+    assert cli.demo_config("gpt2", 3000).prefix == ""  # another model's chat template may differ

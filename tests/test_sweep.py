@@ -17,6 +17,7 @@ import pytest
 from markupsafe import escape
 
 import dreamlens as dl
+from dreamlens.analysis.errors import ScanError
 from dreamlens.cli import build_parser, main
 from dreamlens.errors import OutputError
 from dreamlens.modes.result import Modes
@@ -41,7 +42,8 @@ DOCS = [
 SPEC = "blocks.1.mlp.hook_post[0:4]"
 NAMES = [f"blocks.1.mlp.hook_post[{i}]" for i in range(4)]
 # a small EPO sweep: 4 neurons in 2 chunks, a few iterations each
-KW = dict(method="epo", budget=1500, corpus=DOCS, tokens=64, window=8, top_k=3, per_document=2, chunk_size=2,
+SCAN = dl.ScanConfig(tokens=64, window=8, top_k=3, per_document=2)
+KW = dict(method="epo", max_token_forwards=1500, corpus=DOCS, scan=SCAN, chunk_size=2,
           length=4, population=2, children=4, progress=False)
 TIMING = ["seconds"]  # the only summary column that differs between two runs of the same sweep
 
@@ -103,14 +105,20 @@ def test_a_bad_spec_says_what_is_wrong(spec, message):
 
 
 def test_bad_settings_and_model_specs_are_refused():
-    with pytest.raises(SweepError, match="budget must be a positive integer, got 0"):
-        SweepSettings(budget=0).check()
-    with pytest.raises(SweepError, match="'max_token_forwards' is set by the sweep itself; pass budget= instead"):
-        SweepSettings(options={"max_token_forwards": 10}).check()
+    with pytest.raises(SweepError, match="max_token_forwards must be a positive integer .*, got 0"):
+        SweepSettings(dream=dl.ADAPTConfig(max_token_forwards=0)).check()
+    with pytest.raises(SweepError, match="max_token_forwards must be a positive integer .*, got None"):
+        SweepSettings(dream=dl.ADAPTConfig()).check()
+    with pytest.raises(SweepError, match="'checkpoint_every' is set by the sweep itself; drop it"):
+        SweepSettings(dream=dl.ADAPTConfig(max_token_forwards=10, checkpoint_every=5)).check()
+    with pytest.raises(SweepError, match="'checkpoint_every' is set by the sweep itself; drop it"):
+        dl.sweep(SPEC, "unused", checkpoint_every=5)
     with pytest.raises(DreamError, match="'lenght' is not an option of epo; did you mean 'length'"):
-        SweepSettings(method="epo", options={"lenght": 4}).check()
+        dl.sweep(SPEC, "unused", method="epo", lenght=4)
     with pytest.raises(SweepError, match="limits must be positive numbers"):
         SweepSettings(limits=(4.0, -1.0)).check()
+    with pytest.raises(ScanError, match="top_k must be an integer >= 1, got 0"):
+        dl.ScanConfig(top_k=0)
     with pytest.raises(SweepError, match="cannot import 'no_such_module_xyz'.*PYTHONPATH"):
         load_model_spec("no_such_module_xyz:build")
     with pytest.raises(SweepError, match="has no 'nope'"):
@@ -195,10 +203,10 @@ def test_running_it_again_recomputes_nothing(swept, tiny_model, monkeypatch):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"budget": 2000}, r"budget \(1500 there, 2000 now\)"),
+    ({"max_token_forwards": 2000}, r"budget \(1500 there, 2000 now\)"),
     ({"length": 5}, r"options\.length \(4 there, 5 now\)"),
     ({"method": "gcg", "population": None}, r"method \('epo' there, 'gcg' now\)"),
-    ({"tokens": 48}, r"tokens \(64 there, 48 now\)"),
+    ({"scan": SCAN.replace(tokens=48)}, r"tokens \(64 there, 48 now\)"),
     ({"spec": "blocks.1.mlp.hook_post[0:6]"}, r"objectives \(4 there, 6 now\)"),
     ({"spec": "blocks.1.mlp.hook_post[1:5]"}, r"objectives \(number 0 is 'blocks.1.mlp.hook_post\[0\]' there, "),
 ])
@@ -349,8 +357,8 @@ def test_a_model_out_of_memory_on_one_objective(tmp_path):
     from dreamlens.testing import OOM_HOOK
 
     spec = f"blocks.1.mlp.hook_post[0];{OOM_HOOK}[0];blocks.1.mlp.hook_post[1]"
-    s = dl.sweep(spec, tmp_path / "run", model="dreamlens.testing:tiny_model_oom", budget=300, tokens=256, window=8,
-                 top_k=2, chunk_size=2, length=4, progress=False)
+    s = dl.sweep(spec, tmp_path / "run", model="dreamlens.testing:tiny_model_oom", max_token_forwards=300,
+                 scan=dl.ScanConfig(tokens=256, window=8, top_k=2), chunk_size=2, length=4, progress=False)
     assert s.complete and list(s.summary["stopped"]) == ["budget", "error", "budget"]
     assert s.summary["error"].iloc[1].startswith("OutOfMemoryError: CUDA out of memory (simulated")
     assert s.summary["n_prompts"].iloc[[0, 2]].min() > 0
@@ -374,17 +382,16 @@ def test_an_objective_the_error_names_leaves_its_epo_run(tiny_model, tmp_path, m
     s = dl.sweep(SPEC, tmp_path / "run", model=tiny_model, **{**KW, "chunk_size": 4})
     assert seen[:3] == [NAMES, [NAMES[0], NAMES[2], NAMES[3]], [NAMES[1]]]  # the others stay one run
     assert list(s.summary["start"]) == ["random", "", "random", "random"]
-    assert s.summary["token_forwards"].iloc[[0, 2, 3]].max() < 2 * KW["budget"]  # each a third of the run's compute
+    assert s.summary["token_forwards"].iloc[[0, 2, 3]].max() < 2 * KW["max_token_forwards"]  # each a third of the run's compute
 
 
 def test_a_chunk_is_deterministic_and_takes_an_unscored_scan(swept, tiny_model):
     """What the Ray engine relies on: the same chunk gives the same frames, also from a scan made elsewhere
     (unscored: run_chunk scores its top examples)."""
     _, s = swept
-    settings = SweepSettings(model=None, method="epo", budget=1500, options=dict(length=4, population=2, children=4),
-                             corpus=tuple(DOCS), tokens=64, window=8, top_k=3, per_document=2, chunk_size=2)
-    scan = dl.scan(tiny_model, NAMES[2:], DOCS, tokens=64, window=8, top_k=3, per_document=2, score=False, cache=False,
-                   progress=False)
+    settings = SweepSettings(model=None, dream=dl.EPOConfig(max_token_forwards=1500, length=4, population=2, children=4),
+                             corpus=tuple(DOCS), scan=SCAN, chunk_size=2)
+    scan = dl.scan(tiny_model, NAMES[2:], DOCS, config=SCAN, score=False, cache=False, progress=False)
     assert not scan.scored
     frames = run_chunk(tiny_model, NAMES[2:], settings, scan, first=2)
     _same(frames.summary, s.summary.iloc[2:].reset_index(drop=True))
@@ -627,7 +634,7 @@ def test_a_store_written_before_modes_loads_and_resumes(swept, tiny_model, tmp_p
     (dict(modes=2, mode_limit=0.0), r"mode_limit must be a positive number \(the fluency limit modes are ranked at"),
     (dict(modes=2, mode_limit=math.inf), r"mode_limit must be a positive number .*got inf"),
     (dict(modes=2, mode_limit=math.nan), r"mode_limit must be a positive number .*got nan"),
-    (dict(modes=2, budget=100, options={"length": 4}),
+    (dict(modes=2, dream=dl.ADAPTConfig(max_token_forwards=100, length=4)),
      r"a budget of 100 token-forwards leaves nothing for a later mode after what separates it .*raise the budget"),
 ])
 def test_bad_modes_are_refused(settings, message):
@@ -643,7 +650,7 @@ def test_bad_modes_in_a_sweep_are_refused_before_it_writes(tiny_model, tmp_path)
         dl.sweep(MODES_SPEC, out, model=tiny_model, **{**KW, "modes": 0})
     # the exact check, on the model (start token and prefix): more than the lower bound of `check`
     with pytest.raises(SweepError, match="leaves nothing for a later mode"):
-        dl.sweep(MODES_SPEC, out, model=tiny_model, **{**KW, "modes": 2, "budget": 200, "prefix": "The committee met on"})
+        dl.sweep(MODES_SPEC, out, model=tiny_model, **{**KW, "modes": 2, "max_token_forwards": 200, "prefix": "The committee met on"})
     assert not out.exists()
 
 

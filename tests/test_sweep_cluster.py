@@ -38,8 +38,8 @@ CLI = "import sys; from dreamlens.cli import main; sys.exit(main(sys.argv[1:]))"
 SPEC = "blocks.1.mlp.hook_post[0:8]"  # 8 objectives in 4 chunks of 2
 ARGS = ["--model", "dreamlens.testing:tiny_model", "--budget", "400", "--tokens", "2048", "--window", "16", "--top-examples", "4",
         "--chunk-size", "2", "--length", "4", "--quiet"]
-SWEEP = dict(model="dreamlens.testing:tiny_model", budget=400, tokens=2048, window=16, top_k=4, chunk_size=2, length=4,
-             progress=False)
+SWEEP = dict(model="dreamlens.testing:tiny_model", max_token_forwards=400, scan=dl.ScanConfig(tokens=2048, window=16, top_k=4),
+             chunk_size=2, length=4, progress=False)
 
 
 def user_env(**extra: str) -> dict[str, str]:

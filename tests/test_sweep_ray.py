@@ -23,8 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SPEC = "blocks.1.mlp.hook_post[0:8]"  # 8 objectives in 4 chunks of 2
 # tiny: 2048 tokens in windows of 16 are 2 scan batches of 64 windows, so each chunk's scan is 2 slices, merged
-SWEEP = dict(model="dreamlens.testing:tiny_model", budget=400, tokens=2048, window=16, top_k=4, chunk_size=2, length=4,
-             progress=False)
+SWEEP = dict(model="dreamlens.testing:tiny_model", max_token_forwards=400, scan=dl.ScanConfig(tokens=2048, window=16, top_k=4),
+             chunk_size=2, length=4, progress=False)
 TIMING = ["seconds"]  # summary columns that differ between any two runs
 
 
@@ -55,7 +55,7 @@ def dreamlens_workers(ray) -> list:
 def test_ray_workers_load_the_model_in_the_sweeps_dtype(ray_cluster, tmp_path):
     """dtype= reaches every Ray worker (each loads its own model): sweep.json says what each one ran in."""
     got = dl.sweep("blocks.1.mlp.hook_post[0:2]", tmp_path / "sweep", engine="ray", dtype="bf16",
-                   **{**SWEEP, "budget": 200})
+                   **{**SWEEP, "max_token_forwards": 200})
     assert got.complete and len(got) == 2
     assert [(w["device"], w["dtype"]) for w in got.runs[-1]["workers"]] == [("cpu", "bfloat16")] * 2
 

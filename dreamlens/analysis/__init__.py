@@ -18,6 +18,8 @@ _EXPORTS: dict[str, str] = {
     "QuantileSketch": "sketch",
     "STAT_QUANTILES": "scan",
     "ScanResult": "scan",
+    "ScanConfig": "scan_config",
+    "SWEEP_SCAN": "scan_config",
     "per_position": "scan",
     "position_values": "scan",
     "score_windows": "scan",
@@ -45,7 +47,7 @@ _EXPORTS: dict[str, str] = {
     "attribute_many": "attribution",
     "attribute_frontier": "attribution",
 }
-_SUBMODULES = {"errors", "sketch", "scan", "scan_cache", "merge", "compare", "metrics", "attribution", "patterns"}
+_SUBMODULES = {"errors", "sketch", "scan", "scan_config", "scan_cache", "merge", "compare", "metrics", "attribution", "patterns"}
 
 __all__ = [
     "ScanError",
@@ -55,6 +57,8 @@ __all__ = [
     "QuantileSketch",
     "STAT_QUANTILES",
     "ScanResult",
+    "ScanConfig",
+    "SWEEP_SCAN",
     "per_position",
     "position_values",
     "score_windows",
@@ -98,6 +102,7 @@ if TYPE_CHECKING:  # the same names for a type checker
     from .patterns import activation_patterns, nearest_examples, pattern_similarity, readouts
     from .scan import STAT_QUANTILES, ScanResult, example_spans, per_position, position_values, score_windows
     from .scan_cache import cache_folder, cache_key, corpus_fingerprint, model_fingerprint, objective_fingerprint
+    from .scan_config import SWEEP_SCAN, ScanConfig
     from .sketch import QuantileSketch
 
 

@@ -34,6 +34,7 @@ from ..objectives.logit import token_id
 from .errors import ScanCacheError, ScanError, ScanLookupError
 from .merge import part_settings
 from .scan_cache import FORMAT, cache_folder
+from .scan_config import ScanConfig, scan_config
 from .sketch import QuantileSketch
 
 if TYPE_CHECKING:
@@ -338,29 +339,23 @@ def example_spans(scan: ScanResult, objective: int | str | Objective, length: in
     return out
 
 
-def _check_int(name: str, value: Any, lo: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-        raise ScanError(f"{name} must be an integer >= {lo}, got {value!r}; {hint}")
-    return int(value)
-
-
 def scan(
     model: HookedTransformer,
     objectives: Sequence[str | Objective] | str | Objective,
     corpus: str | Path | Iterable[str] | None = None,
     *,
-    tokens: int = 200_000,
-    window: int = 24,
-    top_k: int = 32,
-    per_document: int = 4,
-    batch_size: int = 64,
+    config: ScanConfig | None = None,
     score: bool = True,
     cache: bool | str | Path = True,
     progress: bool = True,
     part: tuple[int, int] | None = None,
+    **settings: Any,
 ) -> ScanResult:
     """Run `model` over `tokens` tokens of `corpus` and find, for every objective at once, its top
     examples and activation statistics. One forward pass per batch, stopped at the deepest hook needed.
+
+    config: a `ScanConfig` (tokens, window, top_k, per_document, batch_size; default `ScanConfig()`), and
+    `settings` any of its fields changed, e.g. `scan(model, objs, tokens=100_000, window=12)`.
 
     corpus: None for the embedded corpora, "sotu"/"wiki", a local file or folder, "hf:NAME", or a
     list of texts. Documents are cut into consecutive windows of `window` tokens, each fed to the model
@@ -385,11 +380,8 @@ def scan(
         raise ScanError("no objectives given; pass e.g. ['blocks.6.mlp.hook_post[123]']")
     for o in objs:
         o.validate(model)
-    tokens = _check_int("tokens", tokens, 1, "the token budget is the number of corpus tokens to scan, e.g. 200_000")
-    window = _check_int("window", window, 1, "e.g. 24")
-    top_k = _check_int("top_k", top_k, 1, "e.g. 32")
-    per_document = _check_int("per_document", per_document, 1, "e.g. 2")
-    batch_size = _check_int("batch_size", batch_size, 1, "e.g. 64")
+    cfg = scan_config(config, **settings)
+    window = cfg.window
     bos = bos_token_id(model)
     n_bos = int(bos is not None)
     if window + n_bos > model.cfg.n_ctx:
@@ -398,8 +390,8 @@ def scan(
             f"{' with the start token in front' if n_bos else ''}; use window <= {model.cfg.n_ctx - n_bos}"
         )
     names = [str(o) for o in objs]
-    params = dict(tokens=tokens, window=window, top_k=top_k, per_document=per_document)
-    extra = {} if part is None else part_settings(model, objs, corpus, part, batch_size=batch_size, **params)  # key, meta
+    params = cfg.identity()
+    extra = {} if part is None else part_settings(model, objs, corpus, part, batch_size=cfg.batch_size, **params)  # key, meta
     folder = cache_folder(model, objs, corpus, cache, **params, **extra)
     if folder is not None and (folder / "scan.json").exists():
         try:
@@ -414,7 +406,7 @@ def scan(
         except ScanCacheError as e:
             warnings.warn(f"ignoring the scan cache at {folder} and scanning again: {e}", stacklevel=2)
 
-    result = _scan(model, objs, corpus, tokens, window, top_k, per_document, batch_size, progress, extra)
+    result = _scan(model, objs, corpus, cfg, progress, extra)
     if score:
         result.score(model, objs, progress=progress)
     if folder is not None:
@@ -426,10 +418,11 @@ def scan(
 
 
 def _scan(
-    model: HookedTransformer, objs: list[Objective], source: Any, budget: int, window: int, top_k: int,
-    per_document: int, batch_size: int, progress: bool, extra: dict[str, Any],
+    model: HookedTransformer, objs: list[Objective], source: Any, cfg: ScanConfig, progress: bool, extra: dict[str, Any],
 ) -> ScanResult:
     from tqdm.auto import tqdm
+
+    budget, window, top_k, per_document, batch_size = cfg.tokens, cfg.window, cfg.top_k, cfg.per_document, cfg.batch_size
 
     t0 = time.perf_counter()
     n = len(objs)

@@ -11,10 +11,23 @@ import sys
 from typing import Any
 
 from .. import __version__
+from ..analysis.scan_config import SWEEP_SCAN, ScanConfig
 from ..errors import DreamlensError
+from ..optim.config import DEFAULT_BUDGET
 from .checks import check_dream_out, check_modes_out, check_out_file, check_out_folder
 from .data import cmd_compare, cmd_scan
-from .dream import DEMO_OBJECTIVE, DEMO_PREFIX, DREAMS_FOLDER, cmd_demo, cmd_dream, cmd_info, demo_args
+from .dream import (
+    DEMO_OBJECTIVE,
+    DEMO_PREFIX,
+    DEMO_SCAN_TOKENS,
+    DREAMS_FOLDER,
+    EXAMPLE_SCAN_TOKENS,
+    MODE_SCAN_TOKENS,
+    cmd_demo,
+    cmd_dream,
+    cmd_info,
+    demo_config,
+)
 from .export import cmd_export_neuronpedia
 from .install import cmd_install_embedded
 from .knobs import add_knob_flags, config_classes
@@ -23,7 +36,7 @@ from .sweep import SWEEP_SKIPPED, add_ray_arguments, cmd_sweep
 
 __all__ = [
     "main", "build_parser",
-    "DEMO_OBJECTIVE", "DEMO_PREFIX", "demo_args",
+    "DEMO_OBJECTIVE", "DEMO_PREFIX", "demo_config",
     "check_out_folder", "check_dream_out", "check_modes_out", "check_out_file",
     "cmd_info", "cmd_demo", "cmd_dream", "cmd_scan", "cmd_compare", "cmd_sweep", "cmd_report", "cmd_export_neuronpedia",
     "cmd_install_embedded",
@@ -104,6 +117,18 @@ def _renamed(p: argparse.ArgumentParser, old: str, new: str, note: str = "") -> 
 TOP_K_NOTE = " (top dataset examples kept; --topk of dream and sweep is the gradient's top-k)"
 
 
+def _scan_flags(p: argparse.ArgumentParser, defaults: ScanConfig, per: str) -> None:
+    """The scan's flags (default None: `defaults`, which the help shows; `scan_settings` reads them)."""
+    positive = _integer(1)
+    p.add_argument("--tokens", type=positive, default=None, help=f"corpus tokens scanned{per} (default {defaults.tokens})")
+    p.add_argument("--window", type=positive, default=None, help=f"tokens per example window (default {defaults.window})")
+    p.add_argument("--top-examples", type=positive, default=None, dest="top_k", metavar="N",
+                   help=f"top dataset examples kept per objective (default {defaults.top_k})")
+    _renamed(p, "--top-k", "--top-examples", TOP_K_NOTE)
+    p.add_argument("--per-document", type=positive, default=None,
+                   help=f"at most this many examples per document (default {defaults.per_document})")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its usage errors as one `error:` line (exit status 2, as argparse's own)."""
 
@@ -140,9 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None)
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--tokens", type=count, default=12)
-    p.add_argument("--budget", type=positive, default=12_000, metavar="N",
-                   help="the dream's compute in token-forwards (default 12000)")
-    p.add_argument("--scan-tokens", type=positive, default=30_000, help="corpus tokens scanned for the top examples")
+    p.add_argument("--budget", type=positive, default=DEFAULT_BUDGET, metavar="N",
+                   help=f"the dream's compute in token-forwards (default {DEFAULT_BUDGET})")
+    p.add_argument("--scan-tokens", type=positive, default=DEMO_SCAN_TOKENS,
+                   help=f"corpus tokens scanned for the top examples (default {DEMO_SCAN_TOKENS})")
     p.add_argument("--out", default="dreams/demo")
     p.add_argument("--force", action="store_true", help="replace a result already in --out")
     _placement(p)
@@ -165,14 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the fluency limit (xe, nats/token) modes are ranked at (default 6)")
     p.add_argument("--mode-scan-tokens", type=count, default=None, metavar="N",
                    help="with --modes: scan N tokens of the embedded corpora for the objective's top examples, where later "
-                   "modes start (default 100000, cached; 0: random starts); saved as OUT/scan")
+                   f"modes start (default {MODE_SCAN_TOKENS}, cached; 0: random starts); saved as OUT/scan")
     p.add_argument("--from-examples", action="store_true",
                    help="start from the objective's top dataset examples: scan --scan-tokens of --corpus first (cached), "
                    "start the members from the examples covering their activation-fluency region; saved as OUT/scan")
     p.add_argument("--corpus", default=None,
                    help="with --from-examples: 'sotu', 'wiki', a file or folder, 'hf:NAME' (default: the embedded corpora)")
     p.add_argument("--scan-tokens", type=positive, default=None, metavar="N",
-                   help="with --from-examples: corpus tokens to scan (default 100000)")
+                   help=f"with --from-examples: corpus tokens to scan (default {EXAMPLE_SCAN_TOKENS})")
     p.add_argument("--out", default=None, help="folder for the result (result.json + history.parquet; with --modes: "
                    f"modes.json + mode_1/ ..; default: the --resume folder, else a new folder under {DREAMS_FOLDER}/, named "
                    "after the objective)")
@@ -185,12 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("objective", nargs="+", help="objectives, e.g. 'blocks.6.mlp.hook_post[123]' (many: one pass)")
     p.add_argument("--model", default=None, help="model name or folder (default: the embedded SmolLM2-135M)")
     p.add_argument("--corpus", default=None, help="'sotu', 'wiki', a file or folder, 'hf:NAME' (default: embedded)")
-    p.add_argument("--tokens", type=positive, default=200_000, help="corpus tokens to scan (default 200000)")
-    p.add_argument("--window", type=positive, default=24, help="tokens per example window (default 24)")
-    p.add_argument("--top-examples", type=positive, default=32, dest="top_k", metavar="N",
-                   help="top dataset examples kept per objective (default 32)")
-    _renamed(p, "--top-k", "--top-examples", TOP_K_NOTE)
-    p.add_argument("--per-document", type=positive, default=4, help="at most this many examples per document")
+    _scan_flags(p, ScanConfig(), "")
     p.add_argument("--no-cache", action="store_true", help="scan again even if a cached scan exists")
     p.add_argument("--out", required=True, help="folder for stats, examples and sketch (Parquet + scan.json)")
     p.add_argument("--force", action="store_true", help="replace a scan already in --out")
@@ -212,15 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model name or folder, or 'package.module:function' "
                    "(default: the embedded SmolLM2-135M)")
     p.add_argument("--method", choices=list(config_classes()), default=None, help="optimizer (default adapt)")
-    p.add_argument("--budget", type=positive, default=12_000, metavar="N",
-                   help="each dream's compute in token-forwards (default 12000)")
+    p.add_argument("--budget", type=positive, default=DEFAULT_BUDGET, metavar="N",
+                   help=f"each dream's compute in token-forwards (default {DEFAULT_BUDGET})")
     p.add_argument("--corpus", default=None, help="'sotu', 'wiki', a file or folder, 'hf:NAME' (default: embedded)")
-    p.add_argument("--tokens", type=positive, default=100_000, help="corpus tokens scanned per chunk (default 100000)")
-    p.add_argument("--window", type=positive, default=24, help="tokens per example window (default 24)")
-    p.add_argument("--top-examples", type=positive, default=16, dest="top_k", metavar="N",
-                   help="top dataset examples kept per objective (default 16)")
-    _renamed(p, "--top-k", "--top-examples", TOP_K_NOTE)
-    p.add_argument("--per-document", type=positive, default=4, help="at most this many examples per document")
+    _scan_flags(p, SWEEP_SCAN, " per chunk")
     p.add_argument("--chunk-size", type=positive, default=32, help="objectives per chunk: one scan, one store file (default 32)")
     p.add_argument("--modes", type=positive, default=None, metavar="K",
                    help="dream K distinct modes of each objective, each without the key tokens of those before it "

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import argparse
 
+from ..analysis.scan_config import ScanConfig, scan_config
 from .checks import check_out_folder, load_result
 from .dream import model_options
+
+
+def scan_settings(args: argparse.Namespace, defaults: ScanConfig) -> ScanConfig:
+    """The `ScanConfig` of the scan flags (--tokens, --window, --top-examples, --per-document): `defaults`
+    with those given changed."""
+    return scan_config(defaults, tokens=args.tokens, window=args.window, top_k=args.top_k, per_document=args.per_document)
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -19,10 +26,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     check_out_folder(args.out, "scan.json", "scan", force=args.force)
     check_source(args.corpus)
+    config = scan_settings(args, ScanConfig())
     objs = [objective(o) for o in args.objective]
     model = load_model(args.model, **model_options(args))
-    result = scan(model, objs, args.corpus, tokens=args.tokens, window=args.window,
-                  top_k=args.top_k, per_document=args.per_document, cache=not args.no_cache)
+    result = scan(model, objs, args.corpus, config=config, cache=not args.no_cache)
     out = result.save(args.out)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(result.stats.to_string(index=False, float_format=lambda v: f"{v:.4g}"))

@@ -10,12 +10,15 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..analysis.scan_config import ScanConfig
+from ..optim.config import DreamConfig, method_name
 from .checks import check_dream_out, check_modes_out, load_result
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from ..modes.result import Modes
+    from ..objectives import Objective
     from ..results import DreamResult
 
 DEMO_OBJECTIVE = "blocks.12.mlp.hook_post[1256]"  # fires on lists of media: "film, radio,"
@@ -23,6 +26,8 @@ DEMO_OBJECTIVE = "blocks.12.mlp.hook_post[1256]"  # fires on lists of media: "fi
 # start token the model expects code, and a short dream's fluent end reads as code.
 DEMO_PREFIX = "<|im_start|>user\n"
 DREAMS_FOLDER = "dreams"  # where `dream` without --out saves (a new folder inside, named after the objective)
+DEMO_LENGTH = 8  # the demo dream's tokens
+DEMO_SCAN_TOKENS = 30_000  # the demo: corpus tokens scanned for the examples it starts from and is compared with
 MODE_SCAN_TOKENS = 100_000  # `dream --modes`: corpus tokens scanned for the top examples later modes start from
 EXAMPLE_SCAN_TOKENS = 100_000  # `dream --from-examples`: corpus tokens scanned for the examples the dream starts from
 
@@ -111,50 +116,61 @@ def cmd_dream(args: argparse.Namespace) -> int:
 
 def _run_dream(args: argparse.Namespace) -> tuple[HookedTransformer, DreamResult]:
     """Dream as the `dream` arguments say: print the frontier, save the result; (model, result)."""
-    from ..dreaming import dream
-    from ..models import load_model
     from ..objectives import objective
     from ..optim.methods import DEFAULT_METHOD, make_config
-    from ..results import DreamResult
 
     method = args.method or DEFAULT_METHOD
     kw = _dream_options(args, method)
     resume = load_result(args.resume, "--resume") if args.resume else None
-    chosen = bool(args.out)
-    args.out = args.out or args.resume or default_out(args.objective)  # a resumed run goes on in its folder
-    check_dream_out(args.out, force=args.force or resume is not None)
-    kw["checkpoint_dir"] = args.out  # checkpoints, and the partial result of a run that fails
-    cfg = make_config(method, None, **kw)  # an option the method does not have fails here, before loading
+    out = args.out or args.resume or default_out(args.objective)  # a resumed run goes on in its folder
+    check_dream_out(out, force=args.force or resume is not None)
+    # checkpoints, and the partial result of a run that fails, go to `out`; an option the method does not
+    # have fails here, before the model loads, and so does a malformed objective
+    cfg = make_config(method, None, **kw, checkpoint_dir=out)
     cfg.validate()
-    target = objective(args.objective)  # a malformed objective fails before the model loads too
-    if not chosen and resume is None:
-        print(f"saving to {args.out} (--out FOLDER to choose)")
-    seeded = bool(getattr(args, "from_examples", False))
-    if seeded:
-        from ..corpus import check_source
+    target = objective(args.objective)
+    if not args.out and resume is None:
+        print(f"saving to {out} (--out FOLDER to choose)")
+    examples = None
+    if getattr(args, "from_examples", False):
+        from ..corpus import check_source  # the corpus module loads torch
 
         check_source(args.corpus)
-    model = load_model(args.model, **model_options(args))
-    found = None
-    if seeded:
-        from ..analysis.scan import scan
+        examples = ScanConfig(tokens=args.scan_tokens or EXAMPLE_SCAN_TOKENS, window=cfg.length)
+    return dream_and_save(target, cfg, out, model=args.model, placement=model_options(args), resume=resume,
+                          corpus=args.corpus, examples=examples)
 
-        tokens = args.scan_tokens or EXAMPLE_SCAN_TOKENS
-        print(f"The top dataset examples, where the dream starts: a scan of {tokens:,} tokens of "
-              f"{args.corpus or 'the embedded corpora'} (cached after the first run; not counted in the dream's budget)...")
-        found = scan(model, [target], args.corpus, tokens=tokens, window=cfg.length, top_k=32)
-    result = dream(model, target, method, config=cfg, resume=resume, examples=found)
+
+def dream_and_save(
+    target: Objective, cfg: DreamConfig, out: str, *, model: str | None = None, placement: dict[str, Any] | None = None,
+    resume: DreamResult | None = None, corpus: str | None = None, examples: ScanConfig | None = None,
+) -> tuple[HookedTransformer, DreamResult]:
+    """Load `model` (on `placement`: device, dtype), dream `target` with `cfg` (its method's config), print
+    the frontier and save the result in `out` (checked by the caller). `examples`: first scan `corpus` so
+    (cached), start the dream from the objective's top examples and save that scan as OUT/scan."""
+    from ..analysis.scan import scan
+    from ..dreaming import dream
+    from ..models import load_model
+    from ..results import DreamResult
+
+    net = load_model(model, **(placement or {}))
+    found = None
+    if examples is not None:
+        print(f"The top dataset examples, where the dream starts: a scan of {examples.tokens:,} tokens of "
+              f"{corpus or 'the embedded corpora'} (cached after the first run; not counted in the dream's budget)...")
+        found = scan(net, [target], corpus, config=examples)
+    result = dream(net, target, method_name(cfg), config=cfg, resume=resume, examples=found)
     assert isinstance(result, DreamResult)  # one objective, one result
     _print_frontier(result)
-    result.save(args.out, overwrite=True)  # the folder was checked above; it may hold our checkpoint
-    own_scan = Path(args.out) / "scan"  # `dreamlens report OUT` compares the dream with it
+    result.save(out, overwrite=True)  # the folder was checked; it may hold our checkpoint
+    own_scan = Path(out) / "scan"  # `dreamlens report OUT` compares the dream with it
     if found is not None:
         found.save(own_scan)
     elif (own_scan / "scan.json").is_file() and resume is None:  # a replaced dream's scan is not this one's
         shutil.rmtree(own_scan)
-    print(f"\nsaved to {args.out} (result.json, history.parquet{', scan/' if found is not None else ''}); "
-          f"a page: dreamlens report {args.out}")
-    return model, result
+    print(f"\nsaved to {out} (result.json, history.parquet{', scan/' if found is not None else ''}); "
+          f"a page: dreamlens report {out}")
+    return net, result
 
 
 def _run_modes(args: argparse.Namespace) -> tuple[HookedTransformer, Modes]:
@@ -186,7 +202,7 @@ def _run_modes(args: argparse.Namespace) -> tuple[HookedTransformer, Modes]:
 
         print(f"The top dataset examples, where later modes start: a scan of {tokens:,} tokens of the embedded corpora "
               "(cached after the first run)...")
-        found = scan(model, [target], None, tokens=tokens, window=cfg.length, top_k=32)
+        found = scan(model, [target], None, config=ScanConfig(tokens=tokens, window=cfg.length))
     modes = dream(model, target, method, config=cfg, modes=args.modes, mode_settings=settings, examples=found)
     assert isinstance(modes, Modes)
     for i, r in enumerate(modes.dreams):
@@ -217,20 +233,14 @@ def _ordinal(n: int) -> str:
     return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
-def demo_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The `dream` arguments of the demo: the default method, 8 tokens, from the objective's top dataset
-    examples, on the embedded model after its chat template's user turn (no prefix for another
-    `--model`, whose template may differ)."""
-    from ..optim.methods import DEFAULT_METHOD
+def demo_config(model: str | None, budget: int, out: str | None = None) -> DreamConfig:
+    """The demo's dream: the default method, `DEMO_LENGTH` tokens, seed 0, `budget` token-forwards, on the
+    embedded model after its chat template's user turn (no prefix for another `model`, whose template may
+    differ); checkpoints in `out`."""
+    from ..optim.methods import DEFAULT_METHOD, make_config
 
-    return argparse.Namespace(
-        objective=DEMO_OBJECTIVE, model=args.model, out=args.out, resume=None, checkpoint_every=None,
-        length=8, iters=None, budget=args.budget, seed=0, method=DEFAULT_METHOD,
-        prefix=DEMO_PREFIX if args.model is None else None,
-        force=getattr(args, "force", False) or _is_demo_result(args.out),
-        from_examples=True, corpus=None, scan_tokens=getattr(args, "scan_tokens", None),  # the scan the comparison reads
-        **model_options(args),
-    )
+    return make_config(DEFAULT_METHOD, None, length=DEMO_LENGTH, seed=0, prefix=DEMO_PREFIX if model is None else "",
+                       max_token_forwards=budget, checkpoint_dir=out)
 
 
 def _is_demo_result(out: str | None) -> bool:
@@ -243,29 +253,36 @@ def _is_demo_result(out: str | None) -> bool:
         meta = json.loads((Path(out) / "result.json").read_text())
     except (OSError, ValueError, TypeError):
         return False
-    return meta.get("objective") == DEMO_OBJECTIVE and meta.get("config", {}).get("length") == 8
+    return meta.get("objective") == DEMO_OBJECTIVE and meta.get("config", {}).get("length") == DEMO_LENGTH
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    dream_args = demo_args(args)
-    if dream_args.out:  # before the model loads, like dream's own check
-        check_dream_out(dream_args.out, force=dream_args.force, resume=False)
+    from ..objectives import objective
+
+    out = args.out or default_out(DEMO_OBJECTIVE)
+    check_dream_out(out, force=getattr(args, "force", False) or _is_demo_result(out), resume=False)  # before the model loads
+    cfg = demo_config(args.model, args.budget, out)
+    cfg.validate()
     cmd_info(args)
-    print(f"\nDreaming {DEMO_OBJECTIVE} with {dream_args.method.upper()} after {DEMO_PREFIX!r} "
+    print(f"\nDreaming {DEMO_OBJECTIVE} with {method_name(cfg).upper()} after {DEMO_PREFIX!r} "
           f"({args.budget:,} token-forwards: a couple of minutes on a 2-core CPU)...")
-    model, result = _run_dream(dream_args)
-    _print_dataset_side(model, result, args.scan_tokens)
+    # from the objective's top dataset examples: the scan the comparison reads
+    examples = ScanConfig(tokens=args.scan_tokens, window=cfg.length)
+    model, result = dream_and_save(objective(DEMO_OBJECTIVE), cfg, out, model=args.model, placement=model_options(args),
+                                   examples=examples)
+    _print_dataset_side(model, result, examples.replace(window=int(result.ids.shape[1])))
     return 0
 
 
-def _print_dataset_side(model: HookedTransformer, result: DreamResult, tokens: int) -> None:
+def _print_dataset_side(model: HookedTransformer, result: DreamResult, config: ScanConfig) -> None:
     """The demo's dream next to the objective's top dataset examples (windows as long as the dream,
     scored like dreams): does the frontier reach their fluency, and how high does it go there?"""
     from ..analysis.metrics import dataset_max, median_top_xe
     from ..analysis.scan import scan
 
-    print(f"\nThe top dataset examples: a scan of {tokens:,} tokens of the embedded corpora (cached after the first run)...")
-    found = scan(model, [result.objective], None, tokens=tokens, window=int(result.ids.shape[1]), top_k=32)
+    print(f"\nThe top dataset examples: a scan of {config.tokens:,} tokens of the embedded corpora "
+          "(cached after the first run)...")
+    found = scan(model, [result.objective], None, config=config)
     top, d_max, x_med = found.top(0), dataset_max(found), median_top_xe(found)
     print(f"top example: {top['text'].iloc[0]!r} (activation {top['activation'].iloc[0]:.3f}, xe {top['xe'].iloc[0]:.2f})")
     print(f"dataset max {d_max:.3f}; median xe of the top {len(top)} examples {x_med:.2f}")

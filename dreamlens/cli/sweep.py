@@ -7,6 +7,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..analysis.scan_config import SWEEP_SCAN
+from .data import scan_settings
+
 
 def _gpus(text: str) -> float:
     """An argparse `type=`: GPUs per Ray worker, 0 or more (a fraction shares a GPU)."""
@@ -61,11 +64,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .knobs import knob_options
 
     options = knob_options(args, args.method or DEFAULT_METHOD, skip=SWEEP_SKIPPED)
+    scan = scan_settings(args, SWEEP_SCAN)
     before = load_sweep(args.out).n_done if (Path(args.out) / "sweep.json").is_file() else 0
     result = sweep(
-        args.spec, args.out, model=args.model, method=args.method, budget=args.budget, corpus=args.corpus,
-        tokens=args.tokens, window=args.window, top_k=args.top_k, per_document=args.per_document,
-        chunk_size=args.chunk_size, modes=modes, mode_limit=args.mode_limit, engine="local" if args.ray is None else "ray",
+        args.spec, args.out, model=args.model, method=args.method, max_token_forwards=args.budget, corpus=args.corpus,
+        scan=scan, chunk_size=args.chunk_size, modes=modes, mode_limit=args.mode_limit,
+        engine="local" if args.ray is None else "ray",
         address=args.ray or None, workers=args.workers, progress=not args.quiet,
         **({"gpus_per_worker": gpus} if gpus is not None else {}),
         device=getattr(args, "device", None), dtype=getattr(args, "dtype", None), **options,

@@ -22,6 +22,10 @@ from ..errors import DreamError
 # condition is only evaluated once the earlier ones held.
 Check = tuple[bool, str]
 
+# The dream budget (`max_token_forwards`, token-forwards) of a sweep's dreams and of the demo, where a run
+# needs one; a `DreamConfig` itself has none (`iters` ends it).
+DEFAULT_BUDGET = 12_000
+
 
 @dataclass(frozen=True, kw_only=True)
 class DreamConfig:
@@ -311,3 +315,12 @@ class GCGConfig(DreamConfig):
 
 # Each method's config, by the method's name (`optim.methods.METHODS` pairs them with their optimizers).
 CONFIGS: dict[str, type[DreamConfig]] = {"adapt": ADAPTConfig, "epo": EPOConfig, "gcg": GCGConfig}
+
+
+def method_name(config: DreamConfig) -> str:
+    """The method a config is of ("adapt", "epo", "gcg")."""
+    for name, cls in CONFIGS.items():
+        if type(config) is cls:
+            return name
+    names = ", ".join(c.__name__ for c in CONFIGS.values())
+    raise DreamError(f"a {type(config).__name__} is no method's config; pass one of {names}")

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..analysis.scan_config import SWEEP_SCAN, ScanConfig
+from ..optim.config import DEFAULT_BUDGET
 from .spec import SweepSpecError, expand
 from .store import Sweep, SweepConfigError, SweepError, SweepStore, load_sweep
 
@@ -56,12 +58,9 @@ def sweep(
     *,
     model: str | os.PathLike | HookedTransformer | None = None,
     method: str | None = None,
-    budget: int = 12_000,
+    max_token_forwards: int = DEFAULT_BUDGET,
     corpus: str | os.PathLike | Sequence[str] | None = None,
-    tokens: int = 100_000,
-    window: int = 24,
-    top_k: int = 16,
-    per_document: int = 4,
+    scan: ScanConfig = SWEEP_SCAN,
     chunk_size: int = 32,
     limits: Sequence[float] = (4.0, 6.0, 8.0),
     modes: int = 1,
@@ -80,11 +79,12 @@ def sweep(
     chunk of `chunk_size` objectives, and dataset-grounded metrics; store everything in the folder `out`.
 
     model: None (embedded), a name or folder, "package.module:function" (a factory; what Ray workers load),
-    or a loaded model (local engine only). method: "adapt" (default), "epo", "gcg"; `budget`: each
-    objective's token-forwards; `options`: fields of the method's config (e.g. length=8, seed=1).
-    corpus/tokens/window/top_k/per_document: the scan's. limits: the fluency limits (xe) of the summary.
+    or a loaded model (local engine only). method: "adapt" (default), "epo", "gcg"; `max_token_forwards`:
+    each objective's budget; `options`: fields of the method's config (e.g. length=8, seed=1).
+    corpus: what every chunk's scan reads; scan: its `ScanConfig` (default `SWEEP_SCAN`: 100,000 tokens,
+    windows of 24, the top 16 examples, at most 4 per document). limits: the fluency limits (xe) of the summary.
     modes: K > 1 dreams K distinct modes of each objective (`dream(..., modes=K)`: each later one without
-    the key tokens of those before it; each mode a dream of `budget`), ranked by activation at xe <=
+    the key tokens of those before it; each mode a dream of `max_token_forwards`), ranked by activation at xe <=
     `mode_limit` (default 6); the summary then has a row per mode (columns `mode`, `found`).
 
     engine="ray": `address` the cluster ("HOST:PORT", "ray://HOST:PORT", "auto"; default $RAY_ADDRESS,
@@ -101,8 +101,8 @@ def sweep(
     folder holding a sweep of another config is refused (`SweepConfigError` names the differing keys).
     Ctrl-C or SIGTERM keeps every finished chunk. Returns `load_sweep(out)`."""
     from ..modes.settings import DEFAULT_LIMIT, check_needs_modes
-    from ..optim.methods import DEFAULT_METHOD
-    from .chunk import SweepSettings, load_model_spec, parse_objectives
+    from ..optim.methods import DEFAULT_METHOD, make_config
+    from .chunk import RESERVED, SweepSettings, load_model_spec, parse_objectives
 
     if engine not in ENGINES:
         raise SweepError(f"unknown engine {engine!r}; choose 'local' (this process) or 'ray' (a Ray cluster)")
@@ -124,9 +124,12 @@ def sweep(
 
         corpus = str(corpus)
         check_source(corpus)
+    for key in RESERVED:
+        if key in options:
+            raise SweepError(f"the option {key!r} is set by the sweep itself; drop it (the sweep's store is its checkpoint)")
     settings = SweepSettings(
-        model=spec, method=method or DEFAULT_METHOD, budget=budget, options=dict(options), corpus=corpus, tokens=tokens,
-        window=window, top_k=top_k, per_document=per_document, chunk_size=chunk_size, limits=tuple(float(x) for x in limits),
+        model=spec, dream=make_config(method or DEFAULT_METHOD, None, **options, max_token_forwards=max_token_forwards),
+        scan=scan, corpus=corpus, chunk_size=chunk_size, limits=tuple(float(x) for x in limits),
         modes=modes, mode_limit=DEFAULT_LIMIT if mode_limit is None else mode_limit,
     )
     settings.check()

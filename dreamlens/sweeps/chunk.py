@@ -4,18 +4,21 @@ and the metrics, as three DataFrames (summary, frontiers, examples); the setting
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
+from ..analysis.scan_config import SWEEP_SCAN, ScanConfig
 from ..modes.budget import check_mode_budget
 from ..modes.settings import DEFAULT_LIMIT, ModeSettings, check_mode_count, check_mode_limit
+from ..optim.config import DEFAULT_BUDGET, ADAPTConfig, DreamConfig, method_name
 from .store import SweepError
 
 if TYPE_CHECKING:
@@ -24,13 +27,12 @@ if TYPE_CHECKING:
     from ..analysis.scan import ScanResult
     from ..modes.result import Modes
     from ..objectives import Objective
-    from ..optim.config import DreamConfig
     from ..results import DreamResult
 
 # methods that dream a list of objectives as one run sharing its forward passes (and its token budget)
 SHARED_BUDGET = frozenset({"epo", "gcg"})
-# options a sweep sets itself: the budget, and no checkpoints (the store is the sweep's checkpoint)
-RESERVED = {"max_token_forwards": "budget=", "checkpoint_every": None, "checkpoint_dir": None}
+# config fields a sweep sets itself: no checkpoints (the store is the sweep's checkpoint)
+RESERVED = ("checkpoint_every", "checkpoint_dir")
 # performance knobs, not part of a sweep's identity (a sweep may resume with other values)
 NOT_IDENTITY = ("max_token_forwards", "checkpoint_every", "checkpoint_dir", "batch_size", "max_batch_tokens")
 FRONTIER_COLUMNS = ["index", "objective", "mode", "rank", "text", "ids", "activation", "xe", "iteration"]
@@ -41,46 +43,60 @@ MODE_DEFAULTS: dict[str, Any] = {"mode": 1, "found": 1, "key_tokens": [], "n_ban
 _FACTORY = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 
+def _default_dream() -> DreamConfig:
+    return ADAPTConfig(max_token_forwards=DEFAULT_BUDGET)
+
+
 @dataclass(frozen=True, kw_only=True)
 class SweepSettings:
     """Everything that decides a sweep's results but its objectives; plain and picklable (what a worker
-    gets). `budget` is each objective's dream budget in token-forwards; `options` are fields of the
-    method's config (e.g. length, seed); the scan reads `tokens` tokens of `corpus` for every chunk."""
+    gets). `dream` is each objective's dream config (its method's; `max_token_forwards` is each objective's
+    budget, shared by a run of a list with EPO/GCG); `scan` is what the scan of every chunk reads from
+    `corpus` and keeps."""
 
     model: str | None = None  # None: the embedded model; a name or folder for load_model; "package.module:function"
-    method: str = "adapt"
-    budget: int = 12_000
-    options: dict[str, Any] = field(default_factory=dict)
+    dream: DreamConfig = field(default_factory=_default_dream)
+    scan: ScanConfig = SWEEP_SCAN
     corpus: str | tuple[str, ...] | None = None  # as scan takes it; a list of texts becomes a tuple
-    tokens: int = 100_000
-    window: int = 24
-    top_k: int = 16
-    per_document: int = 4
-    scan_batch_size: int = 64
     chunk_size: int = 32
     limits: tuple[float, ...] = (4.0, 6.0, 8.0)  # the fluency limits (xe) of the summary's best activations
     modes: int = 1  # distinct dreams per objective (`dream(..., modes=K)`); 1: one ordinary dream each
     mode_limit: float = DEFAULT_LIMIT  # the fluency limit (xe) modes are ranked at (`ModeSettings.limit`); only with modes > 1
 
+    @property
+    def method(self) -> str:
+        """The dreams' method ("adapt", "epo", "gcg"), from their config."""
+        return method_name(self.dream)
+
+    @property
+    def budget(self) -> int:
+        """Each objective's dream budget in token-forwards (`dream.max_token_forwards`; checked by `check`)."""
+        return int(self.dream.max_token_forwards or 0)
+
     def check(self) -> None:
         """Raise `SweepError` (or the method's `DreamError`) naming the first bad setting and its fix."""
-        for name in ("budget", "tokens", "window", "top_k", "per_document", "scan_batch_size", "chunk_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise SweepError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.dream, DreamConfig):
+            raise SweepError(f"dream must be a method's config (e.g. ADAPTConfig(max_token_forwards=12_000)), got {self.dream!r}")
+        if not isinstance(self.scan, ScanConfig):
+            raise SweepError(f"scan must be a ScanConfig (e.g. ScanConfig(tokens=100_000)), got {self.scan!r}")
+        self.method  # noqa: B018  # a config of no method fails here
+        b = self.dream.max_token_forwards
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
+            raise SweepError(f"max_token_forwards must be a positive integer (each objective's budget), got {b!r}")
+        c = self.chunk_size
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 1:
+            raise SweepError(f"chunk_size must be a positive integer, got {c!r}")
         if not self.limits or any(not (isinstance(x, (int, float)) and x > 0 and math.isfinite(x)) for x in self.limits):
             raise SweepError(f"limits must be positive numbers (fluency limits, nats/token, e.g. (4, 6, 8)), got {self.limits!r}")
-        for key, instead in RESERVED.items():
-            if key in self.options:
-                fix = f"pass {instead} instead" if instead else "drop it (the sweep's store is its checkpoint)"
-                raise SweepError(f"the option {key!r} is set by the sweep itself; {fix}")
+        for key in RESERVED:
+            if getattr(self.dream, key) is not None:
+                raise SweepError(f"the option {key!r} is set by the sweep itself; drop it (the sweep's store is its checkpoint)")
         check_mode_count(self.modes, error=SweepError)
         check_mode_limit(self.mode_limit, name="mode_limit", finite=True, error=SweepError)
-        config = self.dream_config(1)
-        config.validate()
+        self.dream.validate()
         # a lower bound of the attribution's cost (a prompt is at least `length` tokens); the exact check,
         # with the model's start token, prefix and suffix, runs on the model (before a sweep, in every chunk)
-        self.check_mode_budget(config.length)
+        self.check_mode_budget(self.dream.length)
 
     def mode_settings(self) -> ModeSettings:
         """How the modes of each objective are kept apart and ranked (`dream(..., mode_settings=)`)."""
@@ -93,48 +109,40 @@ class SweepSettings:
         tokens: a sweep stops on it, rather than storing an error row for every objective."""
         if self.modes == 1:
             return
-        config = self.dream_config(1)
+        config = self.dream
         if isinstance(model, int):
             seq_len = model
         else:
             from ..scoring import make_layout  # torch: only with a model
 
             seq_len = make_layout(model, config.length, config.prefix, config.suffix).seq_len
-        check_mode_budget(self.budget, seq_len, config.length, self.mode_settings(), self.modes, self.top_k,
+        check_mode_budget(self.budget, seq_len, config.length, self.mode_settings(), self.modes, self.scan.top_k,
                           fix="raise the budget, lower top_k, or lower modes to 1", error=SweepError)
 
     def dream_config(self, n: int) -> DreamConfig:
-        """The method's config for a run of `n` objectives (the budget is shared by a run of a list with EPO/GCG)."""
-        from ..optim.methods import make_config
-
+        """The dreams' config for a run of `n` objectives (the budget is shared by a run of a list with EPO/GCG)."""
         share = n if self.method in SHARED_BUDGET else 1
-        return make_config(self.method, None, **self.options, max_token_forwards=self.budget * share)
-
-    def scan_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `scan` besides the corpus."""
-        return {"tokens": self.tokens, "window": self.window, "top_k": self.top_k, "per_document": self.per_document,
-                "batch_size": self.scan_batch_size}
+        return dataclasses.replace(self.dream, max_token_forwards=self.budget * share)
 
     def to_config(self) -> dict[str, Any]:
-        """The sweep's identity as JSON: what sweep.json records and a later run must match. The method's
-        config is written out in full (its defaults too); performance knobs are left out. `modes` and
-        `mode_limit` only when modes > 1: a sweep of one dream per objective has the identity it had
-        before sweeps took modes (so its store still resumes)."""
+        """The sweep's identity as JSON: what sweep.json records and a later run must match. The dream
+        config is written out in full (its defaults too) but for performance knobs and the budget, which is
+        `budget`; the scan's settings are `tokens`, `window`, `top_k`, `per_document` (sweep.json's names
+        since its first format, so stored sweeps resume). `modes` and `mode_limit` only when modes > 1: a
+        sweep of one dream per objective has the identity it had before sweeps took modes."""
         from ..corpus import describe
         from ..io import digest
 
-        opts = self.dream_config(1).to_dict()
+        opts = self.dream.to_dict()
         if isinstance(self.corpus, tuple):
             corpus = f"texts:{len(self.corpus)}:{digest(repr(self.corpus).encode())}"
         else:
             corpus = describe(self.corpus)
-        out = {k: v for k, v in asdict(self).items() if k not in ("options", "corpus", "scan_batch_size")}
-        if self.modes == 1:
-            del out["modes"], out["mode_limit"]
-        else:
+        out: dict[str, Any] = {"model": self.model or "embedded", "method": self.method, "budget": self.budget,
+                               **self.scan.identity(), "chunk_size": self.chunk_size, "limits": [float(x) for x in self.limits]}
+        if self.modes > 1:
             out.update(modes=int(self.modes), mode_limit=float(self.mode_limit))
-        out.update(model=self.model or "embedded", corpus=corpus, limits=[float(x) for x in self.limits],
-                   options={k: v for k, v in opts.items() if k not in NOT_IDENTITY})
+        out.update(corpus=corpus, options={k: v for k, v in opts.items() if k not in NOT_IDENTITY})
         return out
 
 
@@ -225,8 +233,6 @@ def _dreams(
     goes alone) and is dreamed alone from its `starts` in turn; if none takes, the error's message stands in
     for its dream. A Ctrl-C (or SIGTERM) inside a run (any mode's) ends it early: raised again here, so no
     partial dream is ever stored."""
-    import dataclasses
-
     from ..dreaming import dream
     from ..modes.result import Modes
     from ..scoring import DreamError
@@ -394,16 +400,14 @@ def run_chunk(
     objs = parse_objectives(objectives, saes)
     settings.check_mode_budget(model)
     if scan is None:
-        scan = scan_corpus(model, objs, settings.corpus, tokens=settings.tokens, window=settings.window, top_k=settings.top_k,
-                           per_document=settings.per_document, batch_size=settings.scan_batch_size, score=True, cache=False,
-                           progress=False)
+        scan = scan_corpus(model, objs, settings.corpus, config=settings.scan, score=True, cache=False, progress=False)
     elif len(scan.objectives) != len(objs):
         raise SweepError(
             f"the scan given has {len(scan.objectives)} objective(s), the chunk {len(objs)}; scan the chunk's objectives"
         )
     elif not scan.scored:
         scan.score(model, objs)
-    length = settings.dream_config(1).length
+    length = settings.dream.length
     starts = [example_starts(scan, i, length) for i in range(len(objs))]
     spans = [example_spans(scan, i, length) for i in range(len(objs))] if settings.modes > 1 else None
     dreams, how, share = _dreams(model, objs, settings, starts, spans)

@@ -120,7 +120,7 @@ class SweepWorker:
             from .chunk import parse_objectives
 
             objs = parse_objectives(objectives, self.saes)
-            return scan(self.model, objs, settings.corpus, **settings.scan_kwargs(), score=False, cache=False, progress=False,
+            return scan(self.model, objs, settings.corpus, config=settings.scan, score=False, cache=False, progress=False,
                         part=part)
         finally:
             self.task = None
@@ -314,8 +314,8 @@ def _schedule(ray: Any, pool: _Pool, chunks: list[_Chunk], settings: Any, write:
     from ..analysis.merge import merge_scans
 
     # one corpus slice per worker, each at least one of the scan's batches
-    windows = math.ceil(settings.tokens / settings.window)
-    batches = math.ceil(windows / settings.scan_batch_size)
+    windows = math.ceil(settings.scan.tokens / settings.scan.window)
+    batches = math.ceil(windows / settings.scan.batch_size)
     n_parts = max(1, min(len(pool.actors), batches))
     waiting = deque(chunks)  # not started
     ready: deque[_Job] = deque()  # a scan slice to (re)run, or a chunk whose scan is merged
