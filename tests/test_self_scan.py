@@ -114,3 +114,11 @@ def test_self_scan_and_examples_together_are_refused_before_any_work(tiny_model)
         dl.dream(tiny_model, OBJ, self_scan=0.3, max_token_forwards=BUDGET, length=L, progress=False,
                  examples=[(0, (5, 6, 7, 8, 9))])
     assert "drop self_scan or examples=" in str(e.value)
+
+
+def test_start_kind_names_the_self_scan():
+    assert dl.ADAPTConfig(max_token_forwards=BUDGET).start_kind() == "self-scan"
+    assert dl.ADAPTConfig().start_kind() == "random"  # no budget: the beam search
+    assert dl.ADAPTConfig(max_token_forwards=BUDGET, self_scan=0).start_kind() == "random"
+    assert dl.ADAPTConfig(max_token_forwards=BUDGET, init_text="a b").start_kind() == "given"
+    assert dl.EPOConfig(max_token_forwards=BUDGET).start_kind() == "random"

@@ -29,7 +29,7 @@ class Modes:
     `dreams[i]` is a full DreamResult (history, frontier); `found[i]` the order it was dreamed in (1 is
     the ordinary dream); `key_tokens[i]` its key tokens (banned for every mode found after it);
     `banned[i]` the tokens it was dreamed without (from the modes found before it); `starts[i]` where
-    it started: "random" (or "given": the config's init) or "example N" (the top example of rank N)."""
+    it started: "random", "self-scan" or "given" (`DreamConfig.start_kind`) or "example N" (the top example of rank N)."""
 
     objective: str
     dreams: list[DreamResult]

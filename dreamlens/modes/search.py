@@ -79,7 +79,7 @@ def dream_modes(
     check_mode_budget(cfg.max_token_forwards, layout.seq_len, cfg.length, settings, modes, n_examples,
                       fix="raise max_token_forwards, lower ModeSettings.n_alternatives or pass fewer examples")
     keep = set(settings.exclude) | ({b} if (b := bos_token_id(model)) is not None else set())
-    first = "given" if cfg.init_text is not None or cfg.init_ids is not None else "random"
+    first = cfg.start_kind()
     dreams: list[DreamResult] = []
     keys: list[list[int]] = []
     banned: list[list[int]] = []

@@ -135,6 +135,11 @@ class DreamConfig:
         """The checks of a method's own knobs (none here)."""
         return iter(())
 
+    def start_kind(self) -> str:
+        """Where a run of this config starts, as sweeps and modes report it: "given" (init_text or
+        init_ids), else "random" (the method's own start)."""
+        return "given" if self.init_text is not None or self.init_ids is not None else "random"
+
     def to_dict(self) -> dict[str, Any]:
         """Every field by name, tuples as lists (JSON-ready): what a result stores as its config."""
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
@@ -239,6 +244,10 @@ class ADAPTConfig(DreamConfig):
         if self.self_scan is not None:
             return self.self_scan
         return SELF_SCAN_SHARE if self.max_token_forwards is not None else 0.0
+
+    def start_kind(self) -> str:
+        """As `DreamConfig.start_kind`, or "self-scan" when the run starts from one."""
+        return "self-scan" if self.self_scan_share() else super().start_kind()
 
     def penalties(self) -> np.ndarray:
         return log_penalties(self.lam_min, self.lam_max, self.beams)

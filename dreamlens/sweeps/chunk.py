@@ -224,7 +224,7 @@ def _dreams(
     model: HookedTransformer, objs: list[Objective], settings: SweepSettings, starts: list[list[tuple[int, tuple[int, ...]]]],
     examples: list[list[tuple[int, tuple[int, ...]]]] | None = None,
 ) -> tuple[list[DreamResult | Modes | str], list[str], list[int]]:
-    """Each objective's dream (its `Modes` with `settings.modes` > 1), where it started ("random", "given":
+    """Each objective's dream (its `Modes` with `settings.modes` > 1), where it started ("random", "self-scan", "given":
     the options' init, "example N": its top example of rank N) and how many objectives shared its run: one
     run of the list with EPO/GCG, one run each otherwise (always with modes: one objective at a time, given
     its top examples as (rank, span) `examples`, where its later modes may start). An objective that cannot
@@ -258,7 +258,7 @@ def _dreams(
         return found
 
     base = settings.dream_config(1)
-    first = "given" if base.init_text is not None or base.init_ids is not None else "random"
+    first = base.start_kind()
     out: list[DreamResult | Modes | str] = [""] * len(objs)
     how, share = [""] * len(objs), [1] * len(objs)
     batch = list(range(len(objs))) if settings.method in SHARED_BUDGET and settings.modes == 1 else []
