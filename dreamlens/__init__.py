@@ -66,8 +66,7 @@ _EXPORTS: dict[str, str] = {
     "load_sweep": "sweeps.store",
     "Sweep": "sweeps.store",
 }
-# submodules reachable as attributes (`dl.viz`); dataset, metrics, attribution and report are the
-# deprecated old homes of what analysis/ and viz/ hold now
+# submodules reachable as attributes (`dl.viz`)
 _SUBMODULES = {
     "errors",
     "io",
@@ -85,10 +84,6 @@ _SUBMODULES = {
     "settings",
     "devices",
     "install",
-    "attribution",
-    "report",
-    "dataset",
-    "metrics",
 }
 
 __all__ = [
