@@ -17,7 +17,7 @@ _EXPORTS: dict[str, str] = {
     "load_model": "models",
     "bos_token_id": "models",
     "set_bos_token_id": "models",
-    "ModelLoadError": "models",
+    "ModelLoadError": "errors",
     "encode": "models",
     "decode": "models",
     "load_sae": "sae",
@@ -34,7 +34,7 @@ _EXPORTS: dict[str, str] = {
     "LogitDiff": "objectives.logit",
     "Combination": "objectives.combination",
     "Max": "objectives.maximum",
-    "ObjectiveError": "objectives.base",
+    "ObjectiveError": "objectives.errors",
     "run_objectives": "objectives.forward",
     "scan": "analysis.scan",
     "ScanResult": "analysis.scan",
@@ -49,7 +49,7 @@ _EXPORTS: dict[str, str] = {
     "Modes": "optim.modes",
     "ModeSettings": "optim.modes",
     "DreamResult": "results",
-    "DreamError": "scoring.checks",
+    "DreamError": "errors",
     "DreamlensError": "errors",
     "attribute": "analysis.attribution",
     "attribute_frontier": "analysis.attribution",
@@ -144,12 +144,13 @@ if TYPE_CHECKING:  # the same names for a type checker (tests/test_public_api.py
     from .analysis.attribution import Attribution, attribute, attribute_frontier
     from .analysis.compare import compare
     from .analysis.scan import ScanResult, scan
-    from .errors import DreamlensError
-    from .models import ModelLoadError, bos_token_id, decode, encode, load_model, set_bos_token_id
+    from .errors import DreamError, DreamlensError, ModelLoadError
+    from .models import bos_token_id, decode, encode, load_model, set_bos_token_id
     from .neuronpedia.export import export_neuronpedia
-    from .objectives.base import Objective, ObjectiveError
+    from .objectives.base import Objective
     from .objectives.combination import Combination
     from .objectives.direction import Direction
+    from .objectives.errors import ObjectiveError
     from .objectives.forward import run_objectives
     from .objectives.logit import Logit, LogitDiff
     from .objectives.maximum import Max
@@ -164,7 +165,6 @@ if TYPE_CHECKING:  # the same names for a type checker (tests/test_public_api.py
     from .optim.modes import Modes, ModeSettings
     from .results import DreamResult
     from .sae import load_sae
-    from .scoring.checks import DreamError
     from .settings import ModelSettings, model_settings, sae_model_settings, set_model_settings
     from .sweeps import sweep
     from .sweeps.store import Sweep, load_sweep

@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from .errors import DreamlensError
+from .errors import CorpusError
 from .install import DATA_WHEELS
 
 if TYPE_CHECKING:
@@ -34,10 +34,6 @@ _MARKER = re.compile(
     r"\[(?:laughter|applause|inaudible|see app note\.?|members of the audience[^\]]*|there was a disruption[^\]]*)\]",
     re.IGNORECASE,
 )
-
-
-class CorpusError(DreamlensError, ValueError):
-    """A corpus source is missing or unreadable; the message says how to fix it."""
 
 
 def _package_dir(module: str, wheel: str) -> Path:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import DreamlensError
+from .errors import ModelLoadError, TokenError
 from .install import DATA_WHEELS
 from .io import digest_file
 from .settings import ModelSettings
@@ -30,14 +30,6 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the conversion changes, so stale caches are rebuilt rather than trusted.
 _CACHE_VERSION = 2
 _BOS_ATTR = "dreamlens_bos_token_id"
-
-
-class ModelLoadError(DreamlensError, RuntimeError):
-    """A model could not be loaded; the message says why and how to fix it."""
-
-
-class TokenError(DreamlensError, ValueError):
-    """A token id that the model's vocabulary does not have."""
 
 
 # ---------------------------------------------------------------------------------------------

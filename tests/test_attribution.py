@@ -6,7 +6,8 @@ import torch
 
 import dreamlens as dl
 from dreamlens import scoring
-from dreamlens.analysis.attribution import Attribution, AttributionError, attribute_frontier, js_literal
+from dreamlens.analysis.attribution import Attribution, attribute_frontier, js_literal
+from dreamlens.analysis.errors import AttributionError
 from dreamlens.models import encode
 from dreamlens.results import DreamResult
 

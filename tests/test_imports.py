@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,7 +266,7 @@ def test_no_import_circle():
     for component in found:
         circle = a_circle(graph, component)
         steps = []
-        for a, b in zip(circle, circle[1:]):
+        for a, b in itertools.pairwise(circle):
             imp = next(i for i in IMPORTS if i.importer == a and i.target == b and not i.type_checking)
             steps.append(f"{a} -> {b} ({where(imp)}{', in a function' if imp.in_function else ''})")
         lines.append(f"circle of {len(component)} modules {component}:\n    " + "\n    ".join(steps))

@@ -15,8 +15,9 @@ from conftest import assert_one_error_line, run_cli
 import dreamlens as dl
 from dreamlens.errors import OutputError
 from dreamlens.models import decode, encode
+from dreamlens.neuronpedia.errors import NeuronpediaError
 from dreamlens.neuronpedia.export import read_jsonl_gz
-from dreamlens.neuronpedia.ids import Feature, NeuronpediaError, export_feature, hook_source, neuronpedia_page
+from dreamlens.neuronpedia.ids import Feature, export_feature, hook_source, neuronpedia_page
 from dreamlens.optim.modes import Modes
 from dreamlens.sae import sae_neuronpedia_id
 

@@ -7,6 +7,7 @@ import torch
 
 import dreamlens as dl
 from dreamlens import scoring
+from dreamlens.errors import DreamError
 from dreamlens.scoring import Compute, History, ScoreCache
 
 OBJ = "blocks.1.mlp.hook_post[3]"
@@ -58,5 +59,5 @@ def test_banned_mask_is_memoized_once_on_the_model(tiny_model):
     assert not b.all() and b[7]
     memo = tiny_model.__dict__["_dreamlens_banned"]
     assert all(isinstance(k, tuple) for k in memo)
-    with pytest.raises(scoring.DreamError, match="outside the vocabulary"):
+    with pytest.raises(DreamError, match="outside the vocabulary"):
         scoring.banned_mask(tiny_model, extra=[10**9])

@@ -40,7 +40,7 @@ _EXPORTS: dict[str, str] = {
     "beats_dataset": "metrics",
     "dream_summary": "metrics",
     "Attribution": "attribution",
-    "AttributionError": "attribution",
+    "AttributionError": "errors",
     "TokenView": "attribution",
     "attribute": "attribution",
     "attribute_many": "attribution",
@@ -99,7 +99,6 @@ if TYPE_CHECKING:  # the same names for a type checker
     from .attribution import (
         STYLE,
         Attribution,
-        AttributionError,
         TokenView,
         attribute,
         attribute_frontier,
@@ -110,7 +109,7 @@ if TYPE_CHECKING:  # the same names for a type checker
         page,
     )
     from .compare import Comparison
-    from .errors import CompareError, ScanCacheError, ScanError, ScanLookupError
+    from .errors import AttributionError, CompareError, ScanCacheError, ScanError, ScanLookupError
     from .merge import merge_scans
     from .metrics import activation_ratio, beats_dataset, dataset_max, dataset_percentile, dream_summary, median_top_xe
     from .patterns import activation_patterns, nearest_examples, pattern_similarity, readouts

@@ -19,20 +19,16 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ..errors import DreamlensError
 from ..models import decode, encode
 from ..objectives import Objective
 from ..objectives import objective as parse_objective
 from ..scoring import Layout, banned_mask, make_layout, score, token_gradients
+from .errors import AttributionError
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from ..results import DreamResult
-
-
-class AttributionError(DreamlensError, ValueError):
-    """Bad attribution input (an empty prompt, ids outside the vocabulary, no alternatives asked for)."""
 
 
 @dataclass

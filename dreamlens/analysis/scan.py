@@ -172,7 +172,8 @@ def score_windows(
 ) -> tuple[Float[Tensor, "n_obj n"], Float[Tensor, " n"]]:
     """Each window scored as a dream of its length: the objectives (as dreams read them) and `xe`, the
     mean next-token cross-entropy of the window given the start token (`scoring.score`)."""
-    from ..scoring import DreamError, make_layout, score
+    from ..errors import DreamError
+    from ..scoring import make_layout, score
 
     values = torch.full((len(objectives), len(windows)), math.nan)
     xe = torch.full((len(windows),), math.nan)

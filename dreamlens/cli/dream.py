@@ -84,7 +84,7 @@ def _print_frontier(result, rows: int = 12) -> None:
 
 
 def cmd_dream(args: argparse.Namespace) -> int:
-    from ..scoring import DreamError
+    from ..errors import DreamError
 
     if args.modes is not None:
         if args.resume:

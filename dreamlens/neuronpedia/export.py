@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import OutputError
-from .ids import Feature, NeuronpediaError, export_feature
+from .errors import NeuronpediaError
+from .ids import Feature, export_feature
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -6,13 +6,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import DreamlensError
+from .errors import NeuronpediaError
 
 NEURONPEDIA = "https://www.neuronpedia.org"
-
-
-class NeuronpediaError(DreamlensError, ValueError):
-    """An objective, a folder or a setting that cannot be exported to Neuronpedia."""
 
 
 @dataclass(frozen=True)

@@ -13,16 +13,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..errors import DreamlensError
+from .errors import ObjectiveError
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 Reduce = str | int  # "last" | "max" | "mean" | a position index within the prompt
-
-
-class ObjectiveError(DreamlensError, ValueError):
-    """An objective does not fit the model, or its specification is malformed."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 from jaxtyping import Float
 from torch import Tensor
 
-from .base import Capture, Objective, ObjectiveError
+from .base import Capture, Objective
+from .errors import ObjectiveError
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer

@@ -11,7 +11,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .base import Capture, Objective, ObjectiveError, Reduce, check_reduce, reduce_positions, reduce_suffix
+from .base import Capture, Objective, Reduce, check_reduce, reduce_positions, reduce_suffix
+from .errors import ObjectiveError
 from .hooks import hook_info
 
 if TYPE_CHECKING:

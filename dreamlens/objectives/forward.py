@@ -11,17 +11,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..errors import DreamlensError
-from .base import Capture, Objective, ObjectiveError, leaves
+from .base import Capture, Objective, leaves
+from .errors import NonFiniteError, ObjectiveError
 from .hooks import hook_info, stop_for_hooks
 from .parse import objective
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
-
-
-class NonFiniteError(DreamlensError, FloatingPointError):
-    """The model produced NaN or infinite values for an objective."""
 
 
 def stop_at_layer(model: HookedTransformer, objectives: Sequence[Objective]) -> int | None:

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 from jaxtyping import Float
 from torch import Tensor
 
-from .base import Capture, Objective, ObjectiveError, as_index
+from .base import Capture, Objective, as_index
+from .errors import ObjectiveError
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer

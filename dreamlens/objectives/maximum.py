@@ -9,7 +9,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .base import Capture, Objective, ObjectiveError
+from .base import Capture, Objective
+from .errors import ObjectiveError
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer

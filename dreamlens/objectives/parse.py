@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Objective, ObjectiveError, Reduce
+from .base import Objective, Reduce
 from .combination import Combination
 from .direction import Direction
+from .errors import ObjectiveError
 from .logit import Logit, LogitDiff
 from .maximum import Max
 from .neuron import Neuron

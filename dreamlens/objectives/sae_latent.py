@@ -14,7 +14,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..settings import settings_mismatch
-from .base import Capture, Objective, ObjectiveError, Reduce, as_index, check_reduce, reduce_positions, reduce_suffix
+from .base import Capture, Objective, Reduce, as_index, check_reduce, reduce_positions, reduce_suffix
+from .errors import ObjectiveError
 from .hooks import check_hook, hook_info
 
 if TYPE_CHECKING:

@@ -9,9 +9,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import DreamError
 from ..objectives import Objective
 from ..results import DreamResult
-from ..scoring import DreamError
 from .adapt import adapt
 from .config import CONFIGS, DreamConfig
 from .epo import epo

@@ -35,12 +35,11 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ..errors import OutputError
+from ..errors import DreamError, OutputError, ResultError
 from ..io import atomic_write_text
 from ..objectives import Objective
 from ..objectives import objective as parse_objective
-from ..results import DreamResult, ResultError, check_output_folder
-from ..scoring import DreamError
+from ..results import DreamResult, check_output_folder
 from .config import DreamConfig
 
 if TYPE_CHECKING:

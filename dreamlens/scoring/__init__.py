@@ -11,7 +11,7 @@ Evaluator that puts them together.
 - cache.py      ScoreCache
 - evaluator.py  Evaluator, History, Compute, GRADIENT_COST
 - lengths.py    LengthEvaluators (prompts of a length range)
-- checks.py     DreamError, check_vocab_sizes, check_not_constant
+- checks.py     check_vocab_sizes, check_not_constant (their DreamError lives in dreamlens.errors)
 """
 
 from .batching import (
@@ -26,7 +26,7 @@ from .batching import (
     pass_tokens,
 )
 from .cache import ScoreCache
-from .checks import DreamError, check_not_constant, check_vocab_sizes, objective_is_constant
+from .checks import check_not_constant, check_vocab_sizes, objective_is_constant
 from .evaluator import GRADIENT_COST, Compute, Evaluator, History
 from .gradients import add_selection_term, gradient_pass, onehot_inputs, token_gradients
 from .layout import Layout, make_layout
@@ -40,7 +40,6 @@ __all__ = [
     "GRADIENT_COST",
     "Batcher",
     "Compute",
-    "DreamError",
     "Evaluator",
     "History",
     "KVRecorder",

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .spec import SweepSpecError, expand
-from .store import Sweep, SweepConfigError, SweepError, SweepStore, load_sweep
+from .errors import SweepConfigError, SweepError, SweepSpecError
+from .spec import expand
+from .store import Sweep, SweepStore, load_sweep
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from .store import SweepError
+from .errors import SweepError
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -241,9 +241,9 @@ def _dreams(
     partial dream is ever stored."""
     import dataclasses
 
+    from ..errors import DreamError
     from ..optim.dream import dream
     from ..optim.modes import Modes
-    from ..scoring import DreamError
 
     def stop_if_interrupted(results: Sequence[DreamResult]) -> None:
         if any(r.stopped == "interrupted" for r in results):

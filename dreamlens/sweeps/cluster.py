@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import DreamlensError
 from ..install import DISTRIBUTION
+from .errors import RayEngineError, RayMissingError
 
 RAY_VERSION = "2.60.0"
 INSTALL_HINT = f'pip install "{DISTRIBUTION}[ray]" (ray=={RAY_VERSION})'
@@ -32,15 +32,6 @@ GCS_RETRIES_ENV, GCS_RETRIES = "RAY_gcs_server_port_wait_time_s", 5
 GCS_PORT, CLIENT_PORT = 6379, 10001
 # environment passed on to every worker (with PYTHONPATH, so workers import the driver's dreamlens)
 PASSED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "DREAMLENS_CACHE", "XDG_CACHE_HOME", "TOKENIZERS_PARALLELISM")
-
-class RayEngineError(DreamlensError, RuntimeError):
-    """The Ray engine cannot run: no cluster at the address, no CPU for a worker, or a chunk whose
-    workers kept dying."""
-
-
-class RayMissingError(DreamlensError, ImportError):
-    """`engine="ray"` (or `--ray`) without ray installed."""
-
 
 def import_ray() -> Any:
     """The `ray` module, imported on first use; `RayMissingError` naming the install command if absent."""

@@ -19,8 +19,6 @@ from ..errors import DreamlensError
 from .cluster import (
     INSTALL_HINT,
     RAY_VERSION,
-    RayEngineError,
-    RayMissingError,
     cluster,
     cluster_address,
     import_ray,
@@ -28,6 +26,7 @@ from .cluster import (
     worker_device,
     worker_env,
 )
+from .errors import RayEngineError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -35,7 +34,7 @@ if TYPE_CHECKING:
     from ..analysis.scan import ScanResult
 
 __all__ = [
-    "run_ray", "SweepWorker", "RESTARTS", "ATTEMPTS", "INSTALL_HINT", "RAY_VERSION", "RayEngineError", "RayMissingError",
+    "run_ray", "SweepWorker", "RESTARTS", "ATTEMPTS", "INSTALL_HINT", "RAY_VERSION",
     "cluster", "import_ray",
 ]
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DreamlensError, OutputError
+from ..errors import OutputError
 from ..io import atomic_write_text, write_parquet
+from .errors import SweepConfigError, SweepError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -21,14 +22,6 @@ if TYPE_CHECKING:
 
 FORMAT, VERSION = "dreamlens.Sweep", 1
 TABLES = ("frontiers", "examples", "summary")  # the order a chunk is written in: summary last
-
-
-class SweepError(DreamlensError, ValueError):
-    """A sweep cannot run or be read: a bad setting, a folder that is not a sweep, a missing chunk."""
-
-
-class SweepConfigError(SweepError):
-    """The sweep folder holds a sweep with another config (or other objectives)."""
 
 
 def chunk_name(number: int) -> str:

@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..lazy import exports
+from .errors import PlotError, ReportError
 from .plots import (
     DreamFigure,
-    PlotError,
     best_under_thresholds,
     frontier_at,
     plot_evolution,
@@ -22,7 +22,7 @@ from .plots import (
 )
 
 # the report needs the attribution code (torch, circuitsvis): loaded when one of its names is used
-_REPORT = {"build_report", "write_report", "build_modes_report", "write_modes_report", "load_result", "ReportError"}
+_REPORT = {"build_report", "write_report", "build_modes_report", "write_modes_report", "load_result"}
 _SWEEP_REPORT = {"build_sweep_report", "write_sweep_report"}  # a sweep's page (`sweep_report`)
 
 __all__ = [
@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # the report's names, for a type checker
-    from .report import ReportError, build_modes_report, build_report, load_result, write_modes_report, write_report
+    from .report import build_modes_report, build_report, load_result, write_modes_report, write_report
     from .sweep_report import build_sweep_report, write_sweep_report
 
 

@@ -18,20 +18,17 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from ..analysis.attribution import Attribution, attribute_frontier, head_scripts
-from ..errors import DreamlensError
+from ..errors import NotAResultError, ResultError
 from ..io import atomic_write_text
-from ..results import DreamResult, NotAResultError, ResultError
+from ..results import DreamResult
 from . import plots
+from .errors import ReportError
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from ..analysis.scan import ScanResult
     from ..optim.modes import Modes
-
-
-class ReportError(DreamlensError, ValueError):
-    """A report cannot be built from what it was given."""
 
 
 _CSS = """
