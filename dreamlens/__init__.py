@@ -32,7 +32,7 @@ _EXPORTS: dict[str, str] = {
     "Direction": "objectives.direction",
     "Logit": "objectives.logit",
     "LogitDiff": "objectives.logit",
-    "Combination": "objectives.combination",
+    "Combination": "objectives.base",
     "Max": "objectives.maximum",
     "ObjectiveError": "objectives.errors",
     "run_objectives": "objectives.forward",
@@ -147,8 +147,7 @@ if TYPE_CHECKING:  # the same names for a type checker (tests/test_public_api.py
     from .errors import DreamError, DreamlensError, ModelLoadError
     from .models import bos_token_id, decode, encode, load_model, set_bos_token_id
     from .neuronpedia.export import export_neuronpedia
-    from .objectives.base import Objective
-    from .objectives.combination import Combination
+    from .objectives.base import Combination, Objective
     from .objectives.direction import Direction
     from .objectives.errors import ObjectiveError
     from .objectives.forward import run_objectives

@@ -246,10 +246,14 @@ def floor_of(module: str, floors: tuple[tuple[str, ...], ...] = FLOORS, package:
     return best
 
 
-def upward(imports: Iterable[Import], allowed: frozenset[tuple[str, str]] = frozenset()) -> list[Import]:
-    """The imports (at module level or inside a function) of a module on a floor above the importer's."""
+def upward(imports: Iterable[Import], allowed: frozenset[tuple[str, str]] = frozenset(),
+           floors: tuple[tuple[str, ...], ...] = FLOORS, package: str = PACKAGE) -> list[Import]:
+    """The imports (at module level or inside a function) of a module on a floor above the importer's. A name
+    that a package's own `__init__` defines (`from .. import __version__`) is no such import for the package's
+    modules: Python runs a package's `__init__` before any of its modules."""
     return [imp for imp in imports if not imp.type_checking and (imp.importer, imp.target) not in allowed
-            and floor_of(imp.target) > floor_of(imp.importer)]
+            and not imp.importer.startswith(imp.target + ".")
+            and floor_of(imp.target, floors, package) > floor_of(imp.importer, floors, package)]
 
 
 def where(imp: Import) -> str:
@@ -334,8 +338,7 @@ def test_a_synthetic_package(tmp_path):
     assert cycles(graph_of(imports)) == [["synth.sub", "synth.sub.high", "synth.sub.low", "synth.top"]]
     assert cycles(graph_of(imports, frozenset({("synth.sub.low", "synth.top")}))) == []
     floors = (("sub",), ("top",))
-    bad = [i for i in imports if not i.type_checking and floor_of(i.target, floors, "synth") > floor_of(i.importer, floors, "synth")]
-    assert [(i.importer, i.target) for i in bad] == [("synth.sub.low", "synth.top")]
+    assert [(i.importer, i.target) for i in upward(imports, floors=floors, package="synth")] == [("synth.sub.low", "synth.top")]
     with pytest.raises(AssertionError, match="synth.other is on no floor"):
         floor_of("synth.other", floors, "synth")
 

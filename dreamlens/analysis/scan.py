@@ -28,11 +28,10 @@ from ..corpus import DocumentWindow
 from ..io import atomic_write_text, digest_file, write_parquet
 from ..models import bos_token_id, decode
 from ..objectives import Capture, Combination, Max, Neuron, NonFiniteError, Objective, objective
-from ..objectives.base import leaves
-from ..objectives.forward import forward_capture, stop_at_layer, unembed
+from ..objectives.forward import forward_capture, leaves, stop_at_layer, unembed
 from ..objectives.logit import token_id
 from .errors import ScanCacheError, ScanError, ScanLookupError
-from .merge import part_settings
+from .parts import part_settings
 from .scan_cache import FORMAT, cache_folder
 from .sketch import QuantileSketch
 

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 from jaxtyping import Float
 from torch import Tensor
 
-from .base import Capture, Objective, as_index
+from .base import Objective, as_index
 from .errors import ObjectiveError
+from .forward import Capture
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer

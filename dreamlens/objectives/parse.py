@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Objective, Reduce
-from .combination import Combination
+from .base import Combination, Objective, Reduce
 from .direction import Direction
 from .errors import ObjectiveError
 from .logit import Logit, LogitDiff

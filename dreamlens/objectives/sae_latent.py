@@ -14,8 +14,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..settings import settings_mismatch
-from .base import Capture, Objective, Reduce, as_index, check_reduce, reduce_positions, reduce_suffix
+from .base import Objective, Reduce, as_index, check_reduce, reduce_positions, reduce_suffix
 from .errors import ObjectiveError
+from .forward import Capture
 from .hooks import check_hook, hook_info
 
 if TYPE_CHECKING:

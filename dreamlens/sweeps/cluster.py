@@ -48,9 +48,7 @@ def import_ray() -> Any:
 def worker_env() -> dict[str, str]:
     """What every worker's environment gets: PYTHONPATH with the folder this dreamlens is imported from
     (unless it is installed in site-packages), one thread for OpenMP, and the driver's model-cache settings."""
-    import dreamlens
-
-    root = str(Path(dreamlens.__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])  # the folder that holds the dreamlens package
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if not any(part in ("site-packages", "dist-packages") for part in Path(root).parts) and root not in paths:
         paths.insert(0, root)

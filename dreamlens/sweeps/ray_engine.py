@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DreamlensError
@@ -102,14 +103,13 @@ class SweepWorker:
         import ray
         import torch
 
-        import dreamlens
-
         error = repr(self.error) if self.error is not None else None
         cfg = getattr(self.model, "cfg", None)
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "host": socket.gethostname(),
                 "gpu_ids": self.gpu_ids(), "device": None if cfg is None else str(cfg.device),
                 "dtype": None if cfg is None else str(cfg.dtype).removeprefix("torch."), "task": self.task,
-                "threads": torch.get_num_threads(), "dreamlens": dreamlens.__file__, "error": error}
+                "threads": torch.get_num_threads(), "dreamlens": str(Path(__file__).resolve().parents[1] / "__init__.py"),
+                "error": error}
 
     def scan_part(self, objectives: list[str], settings: Any, part: tuple[int, int]) -> ScanResult:
         """Slice `part` = (i, n) of the chunk's scan (unscored: the merged scan's examples are scored once)."""
