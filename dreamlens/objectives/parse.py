@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..sae import load_sae
 from .base import Combination, Objective, Reduce
 from .direction import Direction
 from .errors import ObjectiveError
@@ -273,10 +274,6 @@ def parse_unit(spec: str) -> Unit | None:
 
 
 def _default_sae_loader(source: str) -> Any:
-    try:
-        from ..sae import load_sae
-    except ImportError as e:  # pragma: no cover - the module ships with the package
-        raise ObjectiveError(f"cannot load SAE {source!r}: {e}") from e
     return load_sae(source)
 
 

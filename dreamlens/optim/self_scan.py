@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from ..analysis.scan import example_spans, scan
 from ..errors import DreamError
 from ..models import bos_token_id, decode
 from ..scoring import kv_classes
@@ -68,8 +69,6 @@ def self_scan_starts(
     """The candidate starts of a dream of `length` tokens from about `budget` token-forwards of the
     model's own text: half sampled (`sample_documents`), half the scan of it; the top windows, best
     first, and the token-forwards spent. Empty when no window fired (the caller falls back)."""
-    from ..analysis.scan import example_spans, scan  # analysis imports optim (modes): read at run time
-
     doc_tokens = max(DOCUMENT_TOKENS, 2 * length)
     n = max(1, budget // 2 // doc_tokens)
     ids = sample_documents(model, n, doc_tokens, banned, gen)

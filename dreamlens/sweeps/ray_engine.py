@@ -16,7 +16,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..analysis.merge import merge_scans
+from ..analysis.scan import scan
 from ..errors import DreamlensError
+from ..optim.loop import sigterm_as_interrupt
+from .chunk import load_model_spec, parse_objectives, run_chunk
 from .cluster import (
     INSTALL_HINT,
     RAY_VERSION,
@@ -66,8 +70,6 @@ class SweepWorker:
         self.saes: dict[str, Any] = {}  # each SAE loaded once, for every chunk of this worker
         self._threads()
         try:
-            from .chunk import load_model_spec
-
             self.model = load_model_spec(model, device=worker_device(device, self.gpu_ids()), dtype=dtype)
         except Exception as e:
             self.error = e
@@ -115,9 +117,6 @@ class SweepWorker:
         """Slice `part` = (i, n) of the chunk's scan (unscored: the merged scan's examples are scored once)."""
         self._ready(f"scan {part[0] + 1}/{part[1]} of {len(objectives)} objective(s)")
         try:
-            from ..analysis.scan import scan
-            from .chunk import parse_objectives
-
             objs = parse_objectives(objectives, self.saes)
             return scan(self.model, objs, settings.corpus, **settings.scan_kwargs(), score=False, cache=False, progress=False,
                         part=part)
@@ -128,8 +127,6 @@ class SweepWorker:
         """`chunk.run_chunk` on the merged scan (scored there): the chunk's summary, frontiers and examples."""
         self._ready(f"chunk of {len(objectives)} objective(s) from #{first}")
         try:
-            from .chunk import run_chunk
-
             return run_chunk(self.model, objectives, settings, scan, first=first, saes=self.saes)
         finally:
             self.task = None
@@ -277,8 +274,6 @@ def run_ray(
         raise RayEngineError(f"workers must be at least 1, got {workers}; or leave it out to use every CPU of the cluster")
     from tqdm.auto import tqdm
 
-    from ..optim.loop import sigterm_as_interrupt
-
     with cluster(address, workers) as ray:
         n, gpus, warning = plan_workers(ray.cluster_resources(), workers, gpus_per_worker)
         if warning:
@@ -310,8 +305,6 @@ def run_ray(
 
 
 def _schedule(ray: Any, pool: _Pool, chunks: list[_Chunk], settings: Any, write: Callable[[int, Frames], Any], bar: Any) -> None:
-    from ..analysis.merge import merge_scans
-
     # one corpus slice per worker, each at least one of the scan's batches
     windows = math.ceil(settings.tokens / settings.window)
     batches = math.ceil(windows / settings.scan_batch_size)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import OutputError
 from ..io import atomic_write_text, write_parquet
+from .chunk import MODE_DEFAULTS
 from .errors import SweepConfigError, SweepError
 
 if TYPE_CHECKING:
@@ -218,8 +219,6 @@ class Sweep:
 def _with_modes(frame: pd.DataFrame, table: str) -> pd.DataFrame:
     """A chunk's table with the mode columns, filled in (mode 1, the only dream) for a chunk stored before
     sweeps took modes."""
-    from .chunk import MODE_DEFAULTS
-
     if table == "examples" or "mode" in frame.columns:
         return frame
     frame = frame.copy()
