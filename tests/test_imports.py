@@ -304,6 +304,15 @@ def test_few_imports_inside_functions():
     )
 
 
+def test_relative_imports_go_at_most_one_package_up():
+    deep = []
+    for path in module_files().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 2:
+                deep.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}: {ast.unparse(node)}")
+    assert not deep, "relative imports more than one package up (import by the package's name, or from ..x):\n" + "\n".join(deep)
+
+
 # The checks themselves can fail: a synthetic package with a circle, an upward import and a lazy table.
 
 

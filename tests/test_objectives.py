@@ -585,6 +585,11 @@ def test_bad_tokens_and_inputs(model, tokens):
         run_objectives(model, [obj], tokens, final_from=7)
     with pytest.raises(ObjectiveError, match=r"start must be a position in 0\.\.6, got -1"):
         run_objectives(model, [obj], tokens, start=-1)
+    # strings become objectives where they enter (dl.objective), not in the forward pass
+    with pytest.raises(ObjectiveError, match=r"not their string form: pass dl\.objective\('blocks\.0\.mlp\.hook_post\[1\]'\)"):
+        run_objectives(model, ["blocks.0.mlp.hook_post[1]"], tokens)
+    with pytest.raises(ObjectiveError, match=r"takes objectives \(dl\.Objective instances\), got 3"):
+        run_objectives(model, [3], tokens)
     with pytest.raises(ObjectiveError, match="hook_pattern is \\[batch, head, query, key\\].*hook_pattern\\[head,query,key\\]"):
         hook_shape(model, "blocks.0.attn.hook_pattern")
 
