@@ -17,7 +17,7 @@ _EXPORTS: dict[str, str] = {
     "load_model": "models",
     "bos_token_id": "models",
     "set_bos_token_id": "models",
-    "ModelLoadError": "models",
+    "ModelLoadError": "errors",
     "encode": "models",
     "decode": "models",
     "load_sae": "sae",
@@ -32,9 +32,9 @@ _EXPORTS: dict[str, str] = {
     "Direction": "objectives.direction",
     "Logit": "objectives.logit",
     "LogitDiff": "objectives.logit",
-    "Combination": "objectives.combination",
+    "Combination": "objectives.base",
     "Max": "objectives.maximum",
-    "ObjectiveError": "objectives.base",
+    "ObjectiveError": "objectives.errors",
     "run_objectives": "objectives.forward",
     "scan": "analysis.scan",
     "ScanResult": "analysis.scan",
@@ -50,7 +50,7 @@ _EXPORTS: dict[str, str] = {
     "Modes": "modes.result",
     "ModeSettings": "modes.settings",
     "DreamResult": "results",
-    "DreamError": "scoring.checks",
+    "DreamError": "errors",
     "DreamlensError": "errors",
     "attribute": "analysis.attribution",
     "attribute_frontier": "analysis.attribution",
@@ -67,8 +67,7 @@ _EXPORTS: dict[str, str] = {
     "load_sweep": "sweeps.store",
     "Sweep": "sweeps.store",
 }
-# submodules reachable as attributes (`dl.viz`); dataset, metrics, attribution and report are the
-# deprecated old homes of what analysis/ and viz/ hold now
+# submodules reachable as attributes (`dl.viz`)
 _SUBMODULES = {
     "errors",
     "io",
@@ -87,10 +86,6 @@ _SUBMODULES = {
     "settings",
     "devices",
     "install",
-    "attribution",
-    "report",
-    "dataset",
-    "metrics",
 }
 
 __all__ = [
@@ -154,14 +149,14 @@ if TYPE_CHECKING:  # the same names for a type checker (tests/test_public_api.py
     from .analysis.scan import ScanResult, scan
     from .analysis.scan_config import ScanConfig
     from .dreaming import dream
-    from .errors import DreamlensError
-    from .models import ModelLoadError, bos_token_id, decode, encode, load_model, set_bos_token_id
+    from .errors import DreamError, DreamlensError, ModelLoadError
+    from .models import bos_token_id, decode, encode, load_model, set_bos_token_id
     from .modes.result import Modes
     from .modes.settings import ModeSettings
     from .neuronpedia.export import export_neuronpedia
-    from .objectives.base import Objective, ObjectiveError
-    from .objectives.combination import Combination
+    from .objectives.base import Combination, Objective
     from .objectives.direction import Direction
+    from .objectives.errors import ObjectiveError
     from .objectives.forward import run_objectives
     from .objectives.logit import Logit, LogitDiff
     from .objectives.maximum import Max
@@ -174,7 +169,6 @@ if TYPE_CHECKING:  # the same names for a type checker (tests/test_public_api.py
     from .optim.gcg import gcg
     from .results import DreamResult
     from .sae import load_sae
-    from .scoring.checks import DreamError
     from .settings import ModelSettings, model_settings, sae_model_settings, set_model_settings
     from .sweeps import sweep
     from .sweeps.store import Sweep, load_sweep

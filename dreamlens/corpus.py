@@ -19,8 +19,9 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from .errors import DreamlensError
+from .errors import CorpusError
 from .install import DATA_WHEELS
+from .models import bos_token_id, encode
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -34,10 +35,6 @@ _MARKER = re.compile(
     r"\[(?:laughter|applause|inaudible|see app note\.?|members of the audience[^\]]*|there was a disruption[^\]]*)\]",
     re.IGNORECASE,
 )
-
-
-class CorpusError(DreamlensError, ValueError):
-    """A corpus source is missing or unreadable; the message says how to fix it."""
 
 
 def _package_dir(module: str, wheel: str) -> Path:
@@ -239,8 +236,6 @@ def document_windows(
     """Chop documents into consecutive windows of `window` tokens (a document's tail shorter than
     `window` is dropped), with where each came from. Stops after `max_tokens` window tokens, before
     reading the next document."""
-    from .models import encode
-
     produced = 0
     for d, text in enumerate(docs):
         if max_tokens is not None and produced >= max_tokens:
@@ -264,8 +259,6 @@ def token_windows(
     """Chop documents into consecutive windows of `window` tokens (a document's tail shorter than
     `window` is dropped). With `bos` and a model that has a start token, each window is prefixed with
     it, so windows are `window + 1` long. Stops after `max_tokens` window tokens (BOS not counted)."""
-    from .models import bos_token_id
-
     if window < 1:
         raise CorpusError(f"window must be at least 1 token, got {window}")
     start = bos_token_id(model) if bos else None

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .errors import DreamlensError
+from .errors import DeviceError
 
 DEVICE_ENV = "DREAMLENS_DEVICE"
 DTYPE_ENV = "DREAMLENS_DTYPE"
@@ -26,10 +26,6 @@ DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
     "fp64": torch.float64,
 }
-
-
-class DeviceError(DreamlensError, ValueError):
-    """A device or dtype that does not exist here; the message names the ones that do."""
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

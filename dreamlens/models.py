@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import DreamlensError
+from .devices import resolve_device, resolve_dtype
+from .errors import ModelLoadError, TokenError
 from .install import DATA_WHEELS
 from .io import digest_file
-from .settings import ModelSettings
+from .settings import PLACEMENT, ModelSettings, sae_model_name, sae_model_settings, set_model_settings, split_settings
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -30,14 +31,6 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the conversion changes, so stale caches are rebuilt rather than trusted.
 _CACHE_VERSION = 2
 _BOS_ATTR = "dreamlens_bos_token_id"
-
-
-class ModelLoadError(DreamlensError, RuntimeError):
-    """A model could not be loaded; the message says why and how to fix it."""
-
-
-class TokenError(DreamlensError, ValueError):
-    """A token id that the model's vocabulary does not have."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,9 +327,6 @@ def load_model(
     `device`: default $DREAMLENS_DEVICE, else "cuda" when there is a GPU, else "cpu". `dtype` (a torch
     dtype or a name: "float32", "bfloat16", "float16"): default $DREAMLENS_DTYPE, else float32.
     Other `kwargs` go to TransformerLens's loading (official names and folders)."""
-    from .devices import resolve_device, resolve_dtype
-    from .settings import PLACEMENT, sae_model_name, sae_model_settings, set_model_settings, split_settings
-
     if cls is None:
         from transformer_lens import HookedTransformer as cls
     flags, rest = split_settings(kwargs)

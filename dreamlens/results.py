@@ -18,7 +18,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import pandas as pd
 
-from .errors import DreamlensError, OutputError
+from .errors import OutputError, ResultError
 
 FORMAT_VERSION = 1
 
@@ -27,14 +27,6 @@ FORMAT_VERSION = 1
 # (the run may still be going, or was killed); error: an exception (its text in `DreamResult.error`),
 # re-raised after the partial result was saved. Every one of them can be resumed.
 STOP_REASONS = ("completed", "budget", "callback", "interrupted", "checkpoint", "error")
-
-
-class ResultError(DreamlensError, ValueError):
-    """A result folder is missing, unreadable, or from another version."""
-
-
-class NotAResultError(DreamlensError, TypeError):
-    """Something other than a DreamResult was given where one is needed."""
 
 
 _RESULT_FILES = ("result.json", "history.parquet")

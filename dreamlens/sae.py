@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import DreamlensError
+from .errors import SAELoadError, SAEUsageError
 from .install import DISTRIBUTION
 
 if TYPE_CHECKING:
@@ -39,14 +39,6 @@ EMBEDDED_SAE_LATENTS: dict[int, str] = {
     1387: "economic surplus or deficit: a ' surplus' of grain, the trade ' deficit'",
     3272: "digits inside long numeric constants: 2.718'2'8, 3.1'4'159, 29'9'792",
 }
-
-
-class SAELoadError(DreamlensError, RuntimeError):
-    """An SAE could not be loaded; the message says why and how to fix it."""
-
-
-class SAEUsageError(DreamlensError, ValueError):
-    """A bad argument to an SAE helper."""
 
 
 def embedded_sae_dir() -> Path:

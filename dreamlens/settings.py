@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from .errors import DreamlensError
+from .errors import SettingsError
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -23,10 +23,6 @@ PLACEMENT = ("device", "dtype", "torch_dtype", "n_devices", "device_map", "move_
 _ATTR = "dreamlens_model_settings"
 _NAME_ATTR = "dreamlens_model_name"
 _LN = ("LN", "LNPre")
-
-
-class SettingsError(DreamlensError, ValueError):
-    """A bad model setting, or settings that contradict each other."""
 
 
 @dataclass(frozen=True)

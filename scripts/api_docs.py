@@ -33,6 +33,8 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("dreamlens.corpus", "text corpora: the embedded ones, local files, Hugging Face datasets, held-out splits"),
     ("dreamlens.install", "installing the embedded model and corpora"),
     ("dreamlens.scoring", "the machinery every optimizer shares: layout, xe, gradients, batching, the evaluator"),
+    ("dreamlens.errors", "the errors of the top-level modules (models, corpora, SAEs, results, settings, devices, installs) "
+                         "and the base class every error shares"),
 )
 MAX_VALUE = 160  # characters of a constant's repr shown
 

@@ -4,6 +4,7 @@ import torch
 
 import dreamlens as dl
 from dreamlens import scoring
+from dreamlens.errors import DreamError
 from dreamlens.models import decode, encode
 from dreamlens.optim import adapt as ad
 
@@ -114,7 +115,7 @@ def test_resume_continues_identically(tiny_model, result, tmp_path):
     assert cont.iterations == SMALL["iters"]
     assert np.array_equal(cont.ids, result.ids)
     np.testing.assert_array_equal(cont.activation, result.activation)
-    with pytest.raises(scoring.DreamError, match="children changed"):
+    with pytest.raises(DreamError, match="children changed"):
         dl.adapt(tiny_model, OBJ, dl.ADAPTConfig(**{**SMALL, "children": 2}), resume=tmp_path / "half", progress=False)
 
 
@@ -182,13 +183,13 @@ def test_every_method_returns_a_valid_result(tiny_model, method, tmp_path):
 
 
 def test_dream_refuses_unknown_methods_and_options(tiny_model):
-    with pytest.raises(scoring.DreamError, match="did you mean 'adapt'"):
+    with pytest.raises(DreamError, match="did you mean 'adapt'"):
         dl.dream(tiny_model, OBJ, "adpat")
-    with pytest.raises(scoring.DreamError, match=r"'population' is not an option of adapt.*option of epo"):
+    with pytest.raises(DreamError, match=r"'population' is not an option of adapt.*option of epo"):
         dl.dream(tiny_model, OBJ, "adapt", population=4)
-    with pytest.raises(scoring.DreamError, match="did you mean 'children'"):
+    with pytest.raises(DreamError, match="did you mean 'children'"):
         dl.dream(tiny_model, OBJ, "epo", childs=4)
-    with pytest.raises(scoring.DreamError, match="takes a EPOConfig"):
+    with pytest.raises(DreamError, match="takes a EPOConfig"):
         dl.dream(tiny_model, OBJ, "epo", config=dl.ADAPTConfig())
 
 

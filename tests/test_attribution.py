@@ -9,7 +9,8 @@ import torch
 
 import dreamlens as dl
 from dreamlens import scoring
-from dreamlens.analysis.attribution import Attribution, AttributionError, attribute_frontier
+from dreamlens.analysis.attribution import Attribution, attribute_frontier
+from dreamlens.analysis.errors import AttributionError
 from dreamlens.models import encode
 from dreamlens.results import DreamResult
 from dreamlens.viz.attribution import token_view, tooltips

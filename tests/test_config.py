@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 
 import dreamlens as dl
+from dreamlens.errors import DreamError
 from dreamlens.optim.config import DreamConfig
 from dreamlens.optim.loop import check_resume
-from dreamlens.scoring import DreamError
 
 CONFIGS = [dl.EPOConfig, dl.ADAPTConfig, dl.GCGConfig]
 SHARED = [f.name for f in dataclasses.fields(DreamConfig)]

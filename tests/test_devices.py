@@ -17,7 +17,8 @@ from conftest import assert_one_error_line, run_cli
 
 import dreamlens as dl
 from dreamlens import scoring
-from dreamlens.devices import DeviceError, resolve_device, resolve_dtype
+from dreamlens.devices import resolve_device, resolve_dtype
+from dreamlens.errors import DeviceError
 from dreamlens.objectives.base import reduce_positions
 
 pytestmark = pytest.mark.usefixtures("one_thread")

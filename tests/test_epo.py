@@ -6,6 +6,7 @@ import torch
 
 import dreamlens as dl
 from dreamlens import scoring
+from dreamlens.errors import DreamError
 from dreamlens.models import decode, encode
 from dreamlens.optim import epo as epo_mod
 from dreamlens.results import pareto_front
@@ -146,7 +147,7 @@ def test_resume_continues_identically(tiny_model, result, tmp_path):
     assert cont.iterations == SMALL["iters"]
     assert np.array_equal(cont.ids, result.ids)
     np.testing.assert_array_equal(cont.activation, result.activation)
-    with pytest.raises(scoring.DreamError, match="population changed"):
+    with pytest.raises(DreamError, match="population changed"):
         dl.epo(tiny_model, OBJ, dl.EPOConfig(**{**SMALL, "population": 2}), resume=half, progress=False)
 
 
@@ -204,12 +205,12 @@ def test_save_load_round_trip(result, tmp_path):
     ],
 )
 def test_bad_input_fails_before_compute(tiny_model, kw, msg):
-    with pytest.raises(scoring.DreamError, match=msg):
+    with pytest.raises(DreamError, match=msg):
         run(tiny_model, **kw)
 
 
 def test_constant_objective_is_refused(tiny_model):
-    with pytest.raises(scoring.DreamError, match="constant"):
+    with pytest.raises(DreamError, match="constant"):
         run(tiny_model, objective="blocks.1.hook_resid_post[3]@0", prefix="Hello")  # reads the prefix only
 
 
@@ -221,7 +222,7 @@ def test_silent_sae_latent_points_to_its_pre_activation(tiny_model):
     sae.cfg.metadata.hook_name = "blocks.1.hook_resid_post"
     with torch.no_grad():
         sae.b_enc[5] = -1e4  # never among the top 1: the latent is 0, with zero gradient, everywhere
-    with pytest.raises(scoring.DreamError, match=r"constant here \(an SAE latent .* dream its pre-activation"):
+    with pytest.raises(DreamError, match=r"constant here \(an SAE latent .* dream its pre-activation"):
         run(tiny_model, objective=dl.SAELatent(sae, 5))
     pre = run(tiny_model, objective=dl.SAELatent(sae, 5, pre_activation=True))  # the fix works
     assert np.isfinite(pre.activation).all()

@@ -12,11 +12,8 @@ from conftest import assert_one_error_line
 import dreamlens as dl
 from dreamlens import cli, models
 from dreamlens.analysis.errors import ScanError
-from dreamlens.corpus import CorpusError
-from dreamlens.errors import DreamlensError, OutputError
+from dreamlens.errors import CorpusError, DreamError, DreamlensError, OutputError, ResultError
 from dreamlens.objectives import Direction, ObjectiveError
-from dreamlens.results import ResultError
-from dreamlens.scoring import DreamError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import dreamlens as dl
-from dreamlens import scoring
+from dreamlens.errors import DreamError
 
 OBJ = "blocks.1.mlp.hook_post[3]"
 SMALL = dict(length=4, lam=0.7, children=6, topk=48, iters=3, seed=3)
@@ -40,12 +40,12 @@ def test_gcg_resume_continues_identically(tiny_model, result, tmp_path):
     cont = dl.gcg(tiny_model, OBJ, dl.GCGConfig(**SMALL), resume=tmp_path / "half", progress=False)
     assert cont.method == "gcg" and cont.iterations == SMALL["iters"]
     assert np.array_equal(cont.ids, result.ids)
-    with pytest.raises(scoring.DreamError, match="lam_min"):
+    with pytest.raises(DreamError, match="lam_min"):
         dl.gcg(tiny_model, OBJ, dl.GCGConfig(**{**SMALL, "lam": 2.0}), resume=tmp_path / "half", progress=False)
 
 
 def test_gcg_refuses_a_non_positive_penalty(tiny_model):
-    with pytest.raises(scoring.DreamError, match="tiny lam such as 1e-6"):
+    with pytest.raises(DreamError, match="tiny lam such as 1e-6"):
         run(tiny_model, lam=0.0)
 
 

@@ -12,6 +12,7 @@ from conftest import run_cli
 
 import dreamlens as dl
 from dreamlens import scoring
+from dreamlens.errors import DreamError
 from dreamlens.optim.methods import make_config
 from dreamlens.optim.moves import resizes
 from dreamlens.results import DreamResult, stack_ids
@@ -176,19 +177,19 @@ def test_length_evaluators_group_by_length_and_charge_each_token(tiny_model):
     ],
 )
 def test_bad_ranges_are_refused(options, match):
-    with pytest.raises(scoring.DreamError, match=match):
+    with pytest.raises(DreamError, match=match):
         dl.ADAPTConfig(**options).validate()
 
 
 @pytest.mark.parametrize("method", ["epo", "gcg"])
 def test_epo_and_gcg_refuse_a_range_naming_adapt(tiny_model, method):
-    with pytest.raises(scoring.DreamError, match="method='adapt'"):
+    with pytest.raises(DreamError, match="method='adapt'"):
         dl.dream(tiny_model, OBJ, method, length=5, max_length=7, iters=1, progress=False)
     make_config(method, length=5, min_length=5, max_length=5).validate()  # no range: fine
 
 
 def test_a_range_beyond_the_context_is_refused(tiny_model):
-    with pytest.raises(scoring.DreamError, match="max_length=80"):
+    with pytest.raises(DreamError, match="max_length=80"):
         dl.dream(tiny_model, OBJ, length=6, max_length=80, iters=1, progress=False)
 
 

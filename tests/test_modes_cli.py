@@ -13,11 +13,11 @@ from markupsafe import escape
 import dreamlens as dl
 from dreamlens.analysis.patterns import nearest_examples
 from dreamlens.analysis.scan import ScanResult
-from dreamlens.errors import OutputError
+from dreamlens.errors import NotAResultError, OutputError, ResultError
 from dreamlens.modes.result import Modes
 from dreamlens.modes.settings import ModeSettings
-from dreamlens.results import NotAResultError, ResultError
-from dreamlens.viz.report import ReportError, build_modes_report, write_modes_report
+from dreamlens.viz.errors import ReportError
+from dreamlens.viz.report import build_modes_report, write_modes_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

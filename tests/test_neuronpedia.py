@@ -16,8 +16,9 @@ import dreamlens as dl
 from dreamlens.errors import OutputError
 from dreamlens.models import decode, encode
 from dreamlens.modes.result import Modes
+from dreamlens.neuronpedia.errors import NeuronpediaError
 from dreamlens.neuronpedia.export import read_jsonl_gz
-from dreamlens.neuronpedia.ids import Feature, NeuronpediaError, export_feature, hook_source, neuronpedia_page
+from dreamlens.neuronpedia.ids import Feature, export_feature, hook_source, neuronpedia_page
 from dreamlens.sae import sae_neuronpedia_id
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -585,6 +585,11 @@ def test_bad_tokens_and_inputs(model, tokens):
         run_objectives(model, [obj], tokens, final_from=7)
     with pytest.raises(ObjectiveError, match=r"start must be a position in 0\.\.6, got -1"):
         run_objectives(model, [obj], tokens, start=-1)
+    # strings become objectives where they enter (dl.objective), not in the forward pass
+    with pytest.raises(ObjectiveError, match=r"not their string form: pass dl\.objective\('blocks\.0\.mlp\.hook_post\[1\]'\)"):
+        run_objectives(model, ["blocks.0.mlp.hook_post[1]"], tokens)
+    with pytest.raises(ObjectiveError, match=r"takes objectives \(dl\.Objective instances\), got 3"):
+        run_objectives(model, [3], tokens)
     with pytest.raises(ObjectiveError, match="hook_pattern is \\[batch, head, query, key\\].*hook_pattern\\[head,query,key\\]"):
         hook_shape(model, "blocks.0.attn.hook_pattern")
 
@@ -640,7 +645,7 @@ def test_the_package_still_exposes_every_old_public_name():
 
 
 def test_terms_leaves_and_check_positions_are_public(model):
-    from dreamlens.objectives.base import leaves
+    from dreamlens.objectives.forward import leaves
 
     a = Neuron("blocks.0.mlp.hook_post", 1, reduce=5)
     b = Logit(7)
@@ -680,8 +685,7 @@ def test_soft_cap_is_the_models_own():
 
 
 def test_forward_capture_is_what_run_objectives_reads(model, tokens):
-    from dreamlens.objectives.base import leaves
-    from dreamlens.objectives.forward import forward_capture
+    from dreamlens.objectives.forward import forward_capture, leaves
 
     objs = [objective(s) for s in ("blocks.0.mlp.hook_post[5]", "blocks.1.hook_resid_post[3]@max", 'logit[" Paris"]')]
     with torch.no_grad():
@@ -804,7 +808,7 @@ def test_max_string_form_round_trips_and_nests():
     combo = objective("2*max(blocks.1.mlp.hook_post[3], blocks.0.mlp.hook_post[2]) - blocks.1.mlp.hook_post[4]")
     assert str(combo) == "2*max(blocks.1.mlp.hook_post[3], blocks.0.mlp.hook_post[2]) - blocks.1.mlp.hook_post[4]"
     assert len(Max(m, objective("blocks.1.mlp.hook_post[9]")).parts) == 4  # max(max(a, b), c) flattens
-    from dreamlens.objectives.base import leaves
+    from dreamlens.objectives.forward import leaves
 
     assert [str(o) for o in leaves([combo])] == ["blocks.1.mlp.hook_post[3]", "blocks.0.mlp.hook_post[2]", "blocks.1.mlp.hook_post[4]"]
 

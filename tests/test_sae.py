@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import dreamlens as dl
+from dreamlens.errors import SAELoadError
 from dreamlens.models import encode
-from dreamlens.sae import EMBEDDED_SAE_LATENTS, HELDOUT_DOCUMENTS, SAELoadError, embedded_sae_documents, load_sae
+from dreamlens.sae import EMBEDDED_SAE_LATENTS, HELDOUT_DOCUMENTS, embedded_sae_documents, load_sae
 
 
 @pytest.fixture(scope="module")

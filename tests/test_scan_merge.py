@@ -16,7 +16,7 @@ import torch
 
 from dreamlens.analysis import merge_scans
 from dreamlens.analysis.errors import ScanError
-from dreamlens.analysis.merge import part_windows
+from dreamlens.analysis.parts import part_windows
 from dreamlens.analysis.scan import STAT_QUANTILES, ScanResult, scan
 from dreamlens.analysis.sketch import QuantileSketch
 from dreamlens.objectives import Direction, Neuron, objective

@@ -1,5 +1,5 @@
 """The scoring package's small public pieces: the Evaluator's History and Compute, the one memo of
-banned tokens, and the deprecated dreamlens.optim.core shim."""
+banned tokens."""
 
 import numpy as np
 import pytest
@@ -7,6 +7,7 @@ import torch
 
 import dreamlens as dl
 from dreamlens import scoring
+from dreamlens.errors import DreamError
 from dreamlens.scoring import Compute, History, ScoreCache
 
 OBJ = "blocks.1.mlp.hook_post[3]"
@@ -86,17 +87,5 @@ def test_banned_mask_is_memoized_once_on_the_model(tiny_model):
     assert not b.all() and b[7]
     memo = tiny_model.__dict__["_dreamlens_banned"]
     assert all(isinstance(k, tuple) for k in memo)
-    with pytest.raises(scoring.DreamError, match="outside the vocabulary"):
+    with pytest.raises(DreamError, match="outside the vocabulary"):
         scoring.banned_mask(tiny_model, extra=[10**9])
-
-
-def test_optim_core_is_a_deprecated_shim():
-    from dreamlens.optim import core
-
-    with pytest.warns(DeprecationWarning, match="use dreamlens.scoring"):
-        assert core.Evaluator is scoring.Evaluator
-    with pytest.warns(DeprecationWarning):
-        from dreamlens.optim.core import DreamError, score
-    assert DreamError is scoring.DreamError and score is scoring.score
-    with pytest.raises(AttributeError):
-        core._Batcher  # noqa: B018  (private names are not forwarded)

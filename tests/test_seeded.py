@@ -10,11 +10,10 @@ import dreamlens as dl
 from dreamlens import scoring
 from dreamlens.corpus import document_part, documents, split_documents
 from dreamlens.dreaming import example_starts
-from dreamlens.errors import DreamlensError
+from dreamlens.errors import DreamError, DreamlensError
 from dreamlens.models import decode, encode
 from dreamlens.optim import moves
 from dreamlens.optim.members import cover
-from dreamlens.scoring import DreamError
 
 OBJ = "blocks.1.mlp.hook_post[3]"
 L = 5

@@ -10,6 +10,7 @@ import torch
 
 import dreamlens as dl
 from dreamlens import scoring
+from dreamlens.errors import DreamError
 
 OBJ = "blocks.1.mlp.hook_post[3]"
 SMALL = dict(length=6, population=4, children=8, topk=64, iters=5, restart_every=3, seed=0)
@@ -239,7 +240,7 @@ def test_batches_follow_the_memory_estimate(tiny_model):
 
 
 def test_bad_memory_budget_is_refused(tiny_model):
-    with pytest.raises(scoring.DreamError, match="max_batch_tokens"):
+    with pytest.raises(DreamError, match="max_batch_tokens"):
         dl.epo(tiny_model, OBJ, dl.EPOConfig(**SMALL, max_batch_tokens=0), progress=False)
 
 

@@ -19,14 +19,13 @@ from markupsafe import escape
 import dreamlens as dl
 from dreamlens.analysis.errors import ScanError
 from dreamlens.cli import build_parser, main
-from dreamlens.errors import OutputError
+from dreamlens.errors import DreamError, OutputError
 from dreamlens.modes.result import Modes
-from dreamlens.scoring import DreamError
 from dreamlens.sweeps import chunk as chunk_mod
 from dreamlens.sweeps import local as local_mod
 from dreamlens.sweeps.chunk import SweepSettings, load_model_spec, run_chunk
-from dreamlens.sweeps.spec import SweepSpecError, expand
-from dreamlens.sweeps.store import SweepConfigError, SweepError
+from dreamlens.sweeps.errors import SweepConfigError, SweepError, SweepSpecError
+from dreamlens.sweeps.spec import expand
 from dreamlens.viz.sweep_report import build_sweep_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,7 +16,8 @@ import pytest
 
 import dreamlens as dl
 from dreamlens.sweeps import SweepError
-from dreamlens.sweeps.ray_engine import RayMissingError, cluster, import_ray
+from dreamlens.sweeps.errors import RayMissingError
+from dreamlens.sweeps.ray_engine import cluster, import_ray
 
 pytest.importorskip("ray", reason='the Ray engine needs ray: pip install "dreamlens-tl[ray]"')
 pytestmark = pytest.mark.usefixtures("one_thread")

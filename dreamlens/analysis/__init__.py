@@ -42,7 +42,7 @@ _EXPORTS: dict[str, str] = {
     "beats_dataset": "metrics",
     "dream_summary": "metrics",
     "Attribution": "attribution",
-    "AttributionError": "attribution",
+    "AttributionError": "errors",
     "attribute": "attribution",
     "attribute_many": "attribution",
     "attribute_frontier": "attribution",
@@ -90,13 +90,12 @@ __all__ = [
 if TYPE_CHECKING:  # the same names for a type checker
     from .attribution import (
         Attribution,
-        AttributionError,
         attribute,
         attribute_frontier,
         attribute_many,
     )
     from .compare import Comparison
-    from .errors import CompareError, ScanCacheError, ScanError, ScanLookupError
+    from .errors import AttributionError, CompareError, ScanCacheError, ScanError, ScanLookupError
     from .merge import merge_scans
     from .metrics import activation_ratio, beats_dataset, dataset_max, dataset_percentile, dream_summary, median_top_xe
     from .patterns import activation_patterns, nearest_examples, pattern_similarity, readouts

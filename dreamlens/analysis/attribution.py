@@ -17,20 +17,16 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ..errors import DreamlensError
 from ..models import decode, encode
 from ..objectives import Objective
 from ..objectives import objective as parse_objective
 from ..scoring import Layout, banned_mask, make_layout, score, token_gradients
+from .errors import AttributionError
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from ..results import DreamResult
-
-
-class AttributionError(DreamlensError, ValueError):
-    """Bad attribution input (an empty prompt, ids outside the vocabulary, no alternatives asked for)."""
 
 
 @dataclass
@@ -133,9 +129,9 @@ class Attribution:
 
 
 def _viz() -> ModuleType:
-    """The renderer of attributions. The one import of `viz` below it: the display methods of the result
-    delegate up, so that `attr.render()` works while analysis computes only."""
-    from ..viz import attribution  # lazy: viz sits above analysis; only the display methods reach it
+    """The renderer of attributions (`viz.attribution`, on a floor below analysis: it needs no scan, no
+    optimizer, only the attribution's numbers), so that `attr.render()` works while analysis computes only."""
+    from ..viz import attribution  # lazy: circuitsvis and the viz package (matplotlib) load on the first display
 
     return attribution
 

@@ -24,3 +24,7 @@ class CompareError(DreamlensError, TypeError):
 
 class ScanCacheError(ScanError):
     """A saved scan is missing, partial or corrupt."""
+
+
+class AttributionError(DreamlensError, ValueError):
+    """Bad attribution input (an empty prompt, ids outside the vocabulary, no alternatives asked for)."""

@@ -1,66 +1,22 @@
-"""A scan in parts: which windows `scan(..., part=(i, n))` reads (whole batches of the one pass's), and
-`merge_scans`, which merges the n parts into the one pass's result (top examples exactly; sketch counts added).
+"""`merge_scans`: the n parts of a scan (`scan(..., part=(i, n))`, the windows of `parts.py`) merged into the
+one pass's result (top examples exactly; sketch counts added).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from .errors import ScanError
-from .scan_cache import cache_key, corpus_fingerprint
+from .scan import STAT_QUANTILES, ScanResult
 from .sketch import QuantileSketch
-
-if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
-
-    from ..objectives import Objective
-    from .scan import ScanResult
 
 # what the parts of one scan share (besides their objectives and `scan_key`), as their `meta` names it
 SHARED = ("model", "corpus", "tokens", "window", "top_k", "per_document", "batch_size", "stop_at_layer", "bos_token_id")
-
-
-def check_part(part: Any) -> tuple[int, int]:
-    """`part` as (i, n), or a `ScanError` saying what a part is."""
-    ok = isinstance(part, (tuple, list)) and len(part) == 2
-    ok = ok and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in part)
-    if not ok or not 0 <= part[0] < part[1]:
-        raise ScanError(f"part must be (i, n) with 0 <= i < n, got {part!r}; e.g. part=(0, 4) scans the first of 4 parts")
-    return int(part[0]), int(part[1])
-
-
-def part_windows(part: tuple[int, int], *, tokens: int, window: int, batch_size: int) -> tuple[int, int]:
-    """The windows [lo, hi) (numbered in the order the one pass reads them) that part i of n scans: the
-    one pass's batches split into n contiguous runs as even as can be, so each part feeds the model the
-    very batches the one pass does (bitwise the same values). Parts past the end of the corpus are empty,
-    and so is any part beyond the number of batches."""
-    i, n = check_part(part)
-    n_windows = -(-tokens // window)
-    n_batches = -(-n_windows // batch_size)
-    return min(i * n_batches // n * batch_size, n_windows), min((i + 1) * n_batches // n * batch_size, n_windows)
-
-
-def part_settings(
-    model: HookedTransformer, objectives: Sequence[Objective], corpus: Any, part: Any, **params: Any
-) -> dict[str, Any]:
-    """What `scan(..., part=(i, n))` adds to its cache key and `meta`: `part`, its `windows`, the
-    `batch_size` (batches are the unit of splitting) and `scan_key`, a hash of everything the n parts share
-    (model weights, corpus, objectives, settings), which `merge_scans` checks."""
-    i, n = check_part(part)
-    corpus_key = corpus_fingerprint(corpus)
-    if corpus_key is None:
-        raise ScanError(
-            "a scan in parts reads its corpus once per part, so the corpus must be readable again: None, a corpus "
-            "name, a path or a list of texts, not an iterator or generator; pass list(texts)"
-        )
-    windows = part_windows((i, n), tokens=params["tokens"], window=params["window"], batch_size=params["batch_size"])
-    return {"part": [i, n], "windows": list(windows), "batch_size": params["batch_size"],
-            "scan_key": cache_key(model, objectives, corpus_key, parts=n, **params)}
 
 
 def _check(parts: list[ScanResult]) -> tuple[int, list[ScanResult]]:
@@ -101,8 +57,6 @@ def merge_scans(parts: Sequence[ScanResult]) -> ScanResult:
     float rounding of the one pass's); to score them exactly as the one pass, merge unscored parts
     (`score=False`) and call `merged.score(model, objectives)` (if any part is unscored, the merged scan is). Parts
     that do not fit are a `ScanError`."""
-    from .scan import STAT_QUANTILES, ScanResult  # scan imports this module
-
     parts = list(parts)
     if not parts:
         raise ScanError("no scans to merge; pass the results of scan(..., part=(i, n)) for i in range(n)")

@@ -16,8 +16,7 @@ from torch import Tensor
 
 from ..objectives import Objective
 from ..objectives import objective as parse_objective
-from ..objectives.base import Capture, leaves
-from ..objectives.forward import forward_capture
+from ..objectives.forward import Capture, forward_capture, leaves
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer

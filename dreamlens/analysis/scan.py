@@ -25,14 +25,15 @@ from torch import Tensor
 
 from .. import corpus as corpus_mod
 from ..corpus import DocumentWindow
+from ..errors import DreamError
 from ..io import atomic_write_text, digest_file, write_parquet
 from ..models import bos_token_id, decode
-from ..objectives import Capture, Combination, Max, Neuron, NonFiniteError, Objective, objective
-from ..objectives.base import leaves
-from ..objectives.forward import forward_capture, stop_at_layer, unembed
+from ..objectives import Capture, Combination, Max, Neuron, NonFiniteError, Objective, objective, run_objectives
+from ..objectives.forward import forward_capture, leaves, stop_at_layer, unembed
 from ..objectives.logit import token_id
+from ..scoring import make_layout, score
 from .errors import ScanCacheError, ScanError, ScanLookupError
-from .merge import part_settings
+from .parts import part_settings
 from .scan_cache import FORMAT, cache_folder
 from .scan_config import ScanConfig, scan_config
 from .sketch import QuantileSketch
@@ -173,8 +174,6 @@ def score_windows(
 ) -> tuple[Float[Tensor, "n_obj n"], Float[Tensor, " n"]]:
     """Each window scored as a dream of its length: the objectives (as dreams read them) and `xe`, the
     mean next-token cross-entropy of the window given the start token (`scoring.score`)."""
-    from ..scoring import DreamError, make_layout, score
-
     values = torch.full((len(objectives), len(windows)), math.nan)
     xe = torch.full((len(windows),), math.nan)
     by_len: dict[int, list[int]] = {}
@@ -185,8 +184,6 @@ def score_windows(
         try:
             layout = make_layout(model, length)
         except DreamError:  # one token and no start token: no fluency to score, the objective still is
-            from ..objectives import run_objectives
-
             v, _ = run_objectives(model, objectives, ids, start=0)
             values[:, rows] = v.float().cpu()
             continue

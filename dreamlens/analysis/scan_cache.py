@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import corpus as corpus_mod
 from ..models import bos_token_id, cache_root
 from ..objectives import Objective
-from ..objectives.base import leaves
+from ..objectives.forward import leaves
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer

@@ -75,7 +75,8 @@ def _positive_float(text: str) -> float:
 
 def _device(text: str) -> str:
     """An argparse `type=`: a device that exists here (checked now, before any model loads)."""
-    from ..devices import DeviceError, resolve_device
+    from ..devices import resolve_device
+    from ..errors import DeviceError
 
     try:
         return str(resolve_device(text))
@@ -84,7 +85,8 @@ def _device(text: str) -> str:
 
 
 def _dtype(text: str) -> str:
-    from ..devices import DeviceError, dtype_name, resolve_dtype
+    from ..devices import dtype_name, resolve_dtype
+    from ..errors import DeviceError
 
     try:
         return dtype_name(resolve_dtype(text))

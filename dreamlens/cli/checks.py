@@ -65,7 +65,7 @@ def check_out_file(out: str, kind: str, *, force: bool) -> None:
 
 def load_result(folder: str, what: str):
     """The dream result in `folder`; a `ResultError` names the argument (`what`) it came from."""
-    from ..results import ResultError
+    from ..errors import ResultError
     from ..viz.report import load_result as load
 
     try:

@@ -89,8 +89,8 @@ def _print_frontier(result, rows: int = 12) -> None:
 
 
 def cmd_dream(args: argparse.Namespace) -> int:
+    from ..errors import DreamError
     from ..modes.settings import check_needs_modes
-    from ..scoring import DreamError
 
     if args.modes is not None:
         if args.resume:

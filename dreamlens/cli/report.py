@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 def _model_for(result: DreamResult, name: str | None, why: str = "token attributions",
                skip: str = "--attributions 0 to skip them", **where: Any) -> HookedTransformer:
-    from ..models import ModelLoadError, load_model, smollm2_config
+    from ..errors import ModelLoadError
+    from ..models import load_model, smollm2_config
 
     if name is None and result.model_name not in ("", smollm2_config().model_name):
         name = result.model_name
@@ -39,7 +40,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if (Path(args.result_dir) / "sweep.json").is_file():
         return _report_sweep(args)
     if args.limit is not None:
-        from ..viz.report import ReportError
+        from ..viz.errors import ReportError
 
         raise ReportError("--limit applies to the report of a sweep folder; drop it (a dream's report shows limits 4, 6 and 8)")
     if (Path(args.result_dir) / "modes.json").is_file():
@@ -70,8 +71,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _report_modes(args: argparse.Namespace) -> int:
     """`report` of a modes folder: the modes side by side, and each mode's frontier PNG beside the page."""
     from .. import viz
+    from ..errors import ResultError
     from ..modes.result import Modes
-    from ..results import ResultError
     from ..viz.report import write_modes_report
 
     try:
@@ -103,7 +104,8 @@ def _report_modes(args: argparse.Namespace) -> int:
 
 def _report_sweep(args: argparse.Namespace) -> int:
     """`report` of a sweep folder: one page, a sortable table of every objective; no model, no plots."""
-    from ..sweeps.store import SweepError, load_sweep
+    from ..sweeps.errors import SweepError
+    from ..sweeps.store import load_sweep
     from ..viz.sweep_report import write_sweep_report
 
     for flag, value in (("--scan", args.scan), ("--objective-index", args.objective_index), ("--model", args.model),

@@ -51,7 +51,8 @@ SWEEP_SKIPPED = ("checkpoint_every",)  # config fields a sweep sets itself: no f
 def cmd_sweep(args: argparse.Namespace) -> int:
     from ..modes.settings import check_needs_modes
     from ..sweeps import sweep
-    from ..sweeps.store import SweepError, load_sweep
+    from ..sweeps.errors import SweepError
+    from ..sweeps.store import load_sweep
 
     if args.ray is None and args.workers is not None:
         raise SweepError("--workers is the number of Ray workers: pass --ray [ADDRESS] with it, or drop it")

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import OutputError
+from ..errors import OutputError, ResultError
 from ..io import atomic_write_text
-from ..results import DreamResult, ResultError, check_output_folder
+from ..results import DreamResult, check_output_folder
 from .settings import DEFAULT_LIMIT
 
 MODES_FORMAT = 2  # 2 added `starts`; format 1 still loads

@@ -41,8 +41,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..analysis.errors import ScanLookupError
 from ..errors import OutputError
-from .ids import Feature, NeuronpediaError, export_feature
+from ..sweeps.store import Sweep, load_sweep
+from .errors import NeuronpediaError
+from .ids import Feature, export_feature
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -144,8 +147,6 @@ def _dream_source(method: str, mode: int | None = None) -> str:
 def _scan_examples(scan: ScanResult | None, objective: str) -> tuple[pd.DataFrame | None, str]:
     if scan is None:
         return None, ""
-    from ..analysis.errors import ScanLookupError
-
     try:
         top = scan.top(objective)
     except ScanLookupError as e:
@@ -238,7 +239,6 @@ def export_neuronpedia(
     `batch_size`: features per batch file. An export already in a source folder is replaced only with `force`."""
     from ..modes.result import Modes
     from ..results import DreamResult
-    from ..sweeps.store import Sweep
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise NeuronpediaError(f"batch_size must be a positive number of features per file, got {batch_size!r}")
@@ -308,7 +308,6 @@ def _read(source: Any) -> tuple[Path | None, Any]:
     """(folder, object) of what `export_neuronpedia` was given."""
     from ..modes.result import Modes
     from ..results import DreamResult
-    from ..sweeps.store import Sweep, load_sweep
 
     if isinstance(source, (Sweep, DreamResult, Modes)):
         return (Path(source.folder) if isinstance(source, Sweep) else None), source
@@ -337,7 +336,6 @@ def _scan_of(scan: Any, folder: Path | None) -> ScanResult | None:
 def _model_of(model: Any, obj: Any) -> HookedTransformer:
     """The model whose tokenizer the rows need: `model` itself, loaded by name, or the dream's own."""
     from ..models import load_model, smollm2_config
-    from ..sweeps.store import Sweep
 
     if model is not None and not isinstance(model, (str, os.PathLike)):
         return model

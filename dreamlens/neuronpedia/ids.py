@@ -6,13 +6,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import DreamlensError
+from ..sae import EMBEDDED_SAE, embedded_sae_dir, sae_neuronpedia_id
+from .errors import NeuronpediaError
 
 NEURONPEDIA = "https://www.neuronpedia.org"
-
-
-class NeuronpediaError(DreamlensError, ValueError):
-    """An objective, a folder or a setting that cannot be exported to Neuronpedia."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +41,6 @@ def neuronpedia_page(objective: str) -> Feature | None:
     """The Neuronpedia page of an SAE latent whose SAE has a `neuronpedia_id` (looked up without loading
     the SAE), else None: what the HTML report links to."""
     from ..objectives.parse import parse_unit
-    from ..sae import sae_neuronpedia_id
 
     unit = parse_unit(objective)
     if unit is None or unit.kind == "neuron":
@@ -66,7 +62,6 @@ def export_feature(objective: str, model_name: str, *, model_id: str | None = No
     not one neuron or SAE latent read at the last position (Neuronpedia's rows are per token; dreamlens
     keeps the value at the token it reads)."""
     from ..objectives.parse import parse_unit
-    from ..sae import sae_neuronpedia_id
 
     unit = parse_unit(objective)
     if unit is None:
@@ -101,8 +96,6 @@ def _local_sae_source(where: str) -> str | None:
     folder), e.g. '10-embedded'; None for anything else."""
     import json
     from pathlib import Path
-
-    from ..sae import EMBEDDED_SAE, embedded_sae_dir
 
     folder = embedded_sae_dir() if where == EMBEDDED_SAE else Path(where)
     try:

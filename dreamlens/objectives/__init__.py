@@ -1,10 +1,10 @@
 """Objectives: what a dream maximizes, one protocol for neurons, SAE latents, directions and logits;
 this package re-exports every public name of the former module dreamlens/objectives.py."""
 
-from .base import Capture, Objective, ObjectiveError, Reduce
-from .combination import Combination
+from .base import Combination, Objective, Reduce
 from .direction import Direction
-from .forward import NonFiniteError, default_start, run_objectives, stop_at_layer, unembed
+from .errors import NonFiniteError, ObjectiveError
+from .forward import Capture, default_start, run_objectives, stop_at_layer, unembed
 from .hooks import hook_shape
 from .logit import Logit, LogitDiff
 from .maximum import Max

@@ -1,46 +1,28 @@
-"""The objective protocol: `Objective` (arithmetic, `terms`, `check_positions`), `Capture` (what one
-forward pass hands to objectives), `leaves`, and the position reductions that every objective shares."""
+"""The objective protocol: `Objective` (arithmetic, `terms`, `check_positions`, `evaluate`), the weighted
+sum its arithmetic builds (`Combination`), and the position reductions that every objective shares.
+
+It stands on the forward pass (`forward.py`: `Capture`, `run_objectives`) and imports no kind of objective:
+each kind (`neuron.py`, `sae_latent.py`, ...) imports it, and the string form (`parse.py`) imports them all."""
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..errors import DreamlensError
+from .errors import ObjectiveError
+from .forward import Capture, run_objectives, stop_at_layer
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 Reduce = str | int  # "last" | "max" | "mean" | a position index within the prompt
-
-
-class ObjectiveError(DreamlensError, ValueError):
-    """An objective does not fit the model, or its specification is malformed."""
-
-
-# ---------------------------------------------------------------------------------------------
-# What one forward pass hands to objectives
-
-
-@dataclass
-class Capture:
-    """Activations of one forward pass: `acts[hook]` as the hook saw it (`[batch, pos, ...]`, or
-    `[batch, head, query, key]` for attention patterns); `logits` `[batch, 1, vocab]` at the final
-    position when an objective needs them. `start` is the first position that belongs to the prompt
-    (positions before it, such as the start token, are never reduced over)."""
-
-    acts: dict[str, Tensor]
-    logits: Tensor | None
-    start: int = 0
-    memo: dict[Any, Any] = field(default_factory=dict)
-    model: HookedTransformer | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,24 +127,18 @@ class Objective:
 
     def stop_at_layer(self, model: HookedTransformer) -> int | None:
         """The `stop_at_layer` a forward pass needs to compute this objective (None: the whole model)."""
-        from .forward import stop_at_layer
-
         return stop_at_layer(model, [self])
 
     def evaluate(
         self, model: HookedTransformer, tokens: Int[Tensor, "batch pos"], *, start: int | None = None
     ) -> Float[Tensor, " batch"]:
         """The objective for each row of `tokens`, without gradients, stopping the forward early."""
-        from .forward import run_objectives
-
         with torch.no_grad():
             values, _ = run_objectives(model, [self], tokens, start=start)
         return values[0]
 
     # linear combinations ---------------------------------------------------------------------
     def __add__(self, other: Objective) -> Objective:
-        from .combination import Combination
-
         if not isinstance(other, Objective):
             return NotImplemented
         return Combination(self.terms + other.terms)
@@ -173,15 +149,11 @@ class Objective:
         return NotImplemented
 
     def __sub__(self, other: Objective) -> Objective:
-        from .combination import Combination
-
         if not isinstance(other, Objective):
             return NotImplemented
         return Combination(self.terms + [(-c, o) for c, o in other.terms])
 
     def __mul__(self, k: float) -> Objective:
-        from .combination import Combination
-
         if not isinstance(k, numbers.Real) or isinstance(k, bool):
             return NotImplemented
         return Combination([(float(k) * c, o) for c, o in self.terms])
@@ -202,12 +174,60 @@ class Objective:
         return f"objective({str(self)!r})"
 
 
-def leaves(objectives: Sequence[Objective]) -> list[Objective]:
-    """The single objectives that `objectives` are made of, in order (a combination gives its terms,
-    a maximum its parts, any other objective itself). A forward pass computes these."""
-    out: list[Objective] = []
-    for o in objectives:
-        for _, leaf in o.terms:
-            parts = getattr(leaf, "parts", None)  # a non-linear composite (`Max`)
-            out.extend(leaves(parts) if parts else [leaf])
-    return out
+# ---------------------------------------------------------------------------------------------
+# The linear combination that the protocol's arithmetic builds
+
+
+def _format_coef(c: float) -> str:
+    short = f"{c:g}"
+    return short if float(short) == c else repr(c)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Combination(Objective):
+    """A weighted sum of objectives, e.g. "activate A but not B": `a - 0.5 * b`."""
+
+    terms: list[tuple[float, Objective]]
+
+    def __post_init__(self) -> None:
+        flat: list[tuple[float, Objective]] = []
+        for term in self.terms:
+            if not (isinstance(term, tuple) and len(term) == 2 and isinstance(term[1], Objective)):
+                raise ObjectiveError(f"a combination's terms are (coefficient, objective) pairs, got {term!r}")
+            c, o = term
+            if not isinstance(c, numbers.Real) or isinstance(c, bool) or not math.isfinite(c):
+                raise ObjectiveError(f"the coefficient of {o} must be a finite number, got {c!r}")
+            flat.extend((float(c) * c2, o2) for c2, o2 in o.terms)  # nested combinations flatten
+        if not flat:
+            raise ObjectiveError("a combination needs at least one objective")
+        object.__setattr__(self, "terms", flat)
+
+    @property
+    def hooks(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(h for _, o in self.terms for h in o.hooks))
+
+    @property
+    def needs_logits(self) -> bool:  # type: ignore[override]
+        return any(o.needs_logits for _, o in self.terms)
+
+    def validate(self, model: HookedTransformer) -> None:
+        for _, o in self.terms:
+            o.validate(model)
+
+    def check_positions(self, model: HookedTransformer, n_pos: int, start: int) -> None:
+        for _, o in self.terms:
+            o.check_positions(model, n_pos, start)
+
+    def value(self, capture: Capture) -> Float[Tensor, " batch"]:
+        return sum(c * o.value(capture) for c, o in self.terms)  # type: ignore[return-value]
+
+    def __str__(self) -> str:
+        out = ""
+        for i, (c, o) in enumerate(self.terms):
+            mag = abs(c)
+            body = str(o) if mag == 1 else f"{_format_coef(mag)}*{o}"
+            if i == 0:
+                out = f"-{body}" if c < 0 else body
+            else:
+                out += f" {'-' if c < 0 else '+'} {body}"
+        return out

@@ -11,7 +11,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .base import Capture, Objective, ObjectiveError, Reduce, check_reduce, reduce_positions, reduce_suffix
+from .base import Objective, Reduce, check_reduce, reduce_positions, reduce_suffix
+from .errors import ObjectiveError
+from .forward import Capture
 from .hooks import hook_info
 
 if TYPE_CHECKING:

@@ -1,27 +1,56 @@
-"""The shared forward pass: `run_objectives` (validate, one forward, every objective's value),
-`forward_capture` (the forward alone), `stop_at_layer`, `default_start`, `unembed` and `soft_cap`."""
+"""The shared forward pass: `Capture` (what one pass hands to objectives), `leaves`, `run_objectives`
+(validate, one forward, every objective's value), `forward_capture` (the forward alone), `stop_at_layer`,
+`default_start`, `unembed` and `soft_cap`. It reads objectives through their protocol only (hooks, validate,
+value), so it imports none of them: the protocol (`base.py`) stands on it."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..errors import DreamlensError
-from .base import Capture, Objective, ObjectiveError, leaves
+from ..models import bos_token_id
+from .errors import NonFiniteError, ObjectiveError
 from .hooks import hook_info, stop_for_hooks
-from .parse import objective
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
+    from .base import Objective
 
-class NonFiniteError(DreamlensError, FloatingPointError):
-    """The model produced NaN or infinite values for an objective."""
+
+# ---------------------------------------------------------------------------------------------
+# What one forward pass hands to objectives
+
+
+@dataclass
+class Capture:
+    """Activations of one forward pass: `acts[hook]` as the hook saw it (`[batch, pos, ...]`, or
+    `[batch, head, query, key]` for attention patterns); `logits` `[batch, 1, vocab]` at the final
+    position when an objective needs them. `start` is the first position that belongs to the prompt
+    (positions before it, such as the start token, are never reduced over)."""
+
+    acts: dict[str, Tensor]
+    logits: Tensor | None
+    start: int = 0
+    memo: dict[Any, Any] = field(default_factory=dict)
+    model: HookedTransformer | None = None
+
+
+def leaves(objectives: Sequence[Objective]) -> list[Objective]:
+    """The single objectives that `objectives` are made of, in order (a combination gives its terms,
+    a maximum its parts, any other objective itself). A forward pass computes these."""
+    out: list[Objective] = []
+    for o in objectives:
+        for _, leaf in o.terms:
+            parts = getattr(leaf, "parts", None)  # a non-linear composite (`Max`)
+            out.extend(leaves(parts) if parts else [leaf])
+    return out
 
 
 def stop_at_layer(model: HookedTransformer, objectives: Sequence[Objective]) -> int | None:
@@ -33,8 +62,6 @@ def stop_at_layer(model: HookedTransformer, objectives: Sequence[Objective]) -> 
 
 def default_start(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> int:
     """1 when every row begins with the model's start token (it is not part of the prompt), else 0."""
-    from ..models import bos_token_id
-
     bos = bos_token_id(model)
     return int(bos is not None and tokens.shape[1] > 1 and bool((tokens[:, 0] == bos).all()))
 
@@ -78,6 +105,16 @@ def _check_inputs(
     if final_from is not None and not (isinstance(final_from, int) and 0 <= final_from < n_pos):
         raise ObjectiveError(f"final_from must be a position in 0..{n_pos - 1}, got {final_from!r}")
     return tokens.to(torch.long)
+
+
+def _check_objectives(objectives: Sequence[Any]) -> list[Objective]:
+    """`objectives` as a list, each an objective (a string is parsed where it enters: `dl.objective`)."""
+    for o in objectives:
+        if isinstance(o, str):
+            raise ObjectiveError(f"run_objectives takes objectives, not their string form: pass dl.objective({o!r})")
+        if not callable(getattr(o, "value", None)) or not hasattr(o, "terms"):
+            raise ObjectiveError(f"run_objectives takes objectives (dl.Objective instances), got {o!r}")
+    return list(objectives)
 
 
 def _rows(mask: Tensor) -> str:
@@ -136,7 +173,7 @@ def forward_capture(
 
 def run_objectives(
     model: HookedTransformer,
-    objectives: Sequence[Objective | str],
+    objectives: Sequence[Objective],
     tokens: Int[Tensor, "batch pos"],
     *,
     embeds: Float[Tensor, "batch pos d_model"] | None = None,
@@ -155,7 +192,7 @@ def run_objectives(
     flow when called outside `torch.no_grad()`. Values are float32 (float64 for a float64 model);
     NaN or infinite values raise `NonFiniteError` unless `check_finite=False`.
     """
-    objectives = [objective(o) for o in objectives]
+    objectives = _check_objectives(objectives)
     tokens = _check_inputs(model, tokens, embeds, start, final_from)
     parts = leaves(objectives)
     hooks = list(dict.fromkeys(h for o in parts for h in o.hooks))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .base import ObjectiveError
+from .errors import ObjectiveError
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer

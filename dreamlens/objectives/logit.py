@@ -10,7 +10,10 @@ from typing import TYPE_CHECKING, Any
 from jaxtyping import Float
 from torch import Tensor
 
-from .base import Capture, Objective, ObjectiveError, as_index
+from ..models import encode
+from .base import Objective, as_index
+from .errors import ObjectiveError
+from .forward import Capture
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -19,8 +22,6 @@ if TYPE_CHECKING:
 def token_id(model: HookedTransformer, token: str | int) -> int:
     """The vocabulary id of `token`: an id (checked against the vocabulary), or a string that encodes
     to exactly one token (e.g. ' Paris', with its leading space). ObjectiveError otherwise."""
-    from ..models import encode
-
     if not isinstance(token, str):
         token = as_index(token, "a logit token (a string or a token id)")
         if not 0 <= token < model.cfg.d_vocab:

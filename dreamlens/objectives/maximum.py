@@ -9,7 +9,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .base import Capture, Objective, ObjectiveError
+from .base import Objective
+from .errors import ObjectiveError
+from .forward import Capture, run_objectives
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -60,8 +62,6 @@ class Max(Objective):
 
     def larger_part(self, model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, " batch"]:
         """For each row of `tokens`, the index (into `parts`) of the part that is the largest."""
-        from .forward import run_objectives
-
         with torch.no_grad():
             values, _ = run_objectives(model, list(self.parts), tokens)
         return values.argmax(dim=0)

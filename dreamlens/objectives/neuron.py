@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING
 from jaxtyping import Float
 from torch import Tensor
 
-from .base import Capture, Objective, ObjectiveError, Reduce, as_index, check_reduce, reduce_positions, reduce_suffix
+from .base import Objective, Reduce, as_index, check_reduce, reduce_positions, reduce_suffix
+from .errors import ObjectiveError
+from .forward import Capture
 from .hooks import HookInfo, hook_info, hook_shape
 
 if TYPE_CHECKING:

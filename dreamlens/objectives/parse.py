@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Objective, ObjectiveError, Reduce
-from .combination import Combination
+from ..sae import load_sae
+from .base import Combination, Objective, Reduce
 from .direction import Direction
+from .errors import ObjectiveError
 from .logit import Logit, LogitDiff
 from .maximum import Max
 from .neuron import Neuron
@@ -273,10 +274,6 @@ def parse_unit(spec: str) -> Unit | None:
 
 
 def _default_sae_loader(source: str) -> Any:
-    try:
-        from ..sae import load_sae
-    except ImportError as e:  # pragma: no cover - the module ships with the package
-        raise ObjectiveError(f"cannot load SAE {source!r}: {e}") from e
     return load_sae(source)
 
 

@@ -13,8 +13,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..sae import sae_neuronpedia_id
 from ..settings import settings_mismatch
-from .base import Capture, Objective, ObjectiveError, Reduce, as_index, check_reduce, reduce_positions, reduce_suffix
+from .base import Objective, Reduce, as_index, check_reduce, reduce_positions, reduce_suffix
+from .errors import ObjectiveError
+from .forward import Capture
 from .hooks import check_hook, hook_info
 
 if TYPE_CHECKING:
@@ -85,8 +88,6 @@ class SAELatent(Objective):
     @property
     def neuronpedia_id(self) -> str | None:
         """The SAE's id on Neuronpedia ("MODEL/SOURCE"; this latent's page is at .../INDEX), or None."""
-        from ..sae import sae_neuronpedia_id
-
         return sae_neuronpedia_id(self.sae)
 
     def validate(self, model: HookedTransformer) -> None:

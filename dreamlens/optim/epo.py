@@ -26,7 +26,6 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ..lazy import moved
 from ..objectives import Objective
 from ..results import DreamResult
 from ..scoring import Batching, Evaluator, Layout, check_not_constant
@@ -201,7 +200,3 @@ def propose_children(
         children[rows, torch.arange(C).expand(M, C), pos] = new
     return children.view(K, M * C, L)
 
-
-# Names that moved out of this module: still importable from here, with a DeprecationWarning.
-__getattr__ = moved(__name__, {"save_checkpoint": "dreamlens.optim.loop", "save_partial": "dreamlens.optim.loop",
-                               "select_members": "dreamlens.optim.members"})

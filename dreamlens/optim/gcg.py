@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import DreamError
 from ..objectives import Objective
 from ..results import DreamResult
-from ..scoring import DreamError
 from .config import GCGConfig
 from .epo import epo
 from .loop import Callback, load_resume

@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 from torch import Tensor
 
+from ..errors import DreamError
 from ..models import bos_token_id, decode
 from ..objectives import Objective
 from ..objectives import objective as parse_objective
 from ..results import DreamResult
-from ..scoring import DreamError, Evaluator, Layout, banned_mask, check_vocab_sizes, fast_weights, make_layout
+from ..scoring import Evaluator, Layout, banned_mask, check_vocab_sizes, fast_weights, make_layout
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer

@@ -18,9 +18,10 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from ..errors import DreamError
 from ..models import encode
 from ..results import pareto_front
-from ..scoring import DreamError, Layout, retokenizes
+from ..scoring import Layout, retokenizes
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer

@@ -9,7 +9,7 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
-from ..scoring import DreamError
+from ..errors import DreamError
 from .adapt import adapt
 from .config import CONFIGS, DreamConfig
 from .epo import epo

@@ -12,7 +12,7 @@ Evaluator that puts them together.
 - evaluator.py  Evaluator, History, Compute, GRADIENT_COST
 - recorder.py   PassRecorder (what an evaluator did, pass by pass, for benchmarks)
 - lengths.py    LengthEvaluators (prompts of a length range)
-- checks.py     DreamError, check_vocab_sizes, check_not_constant
+- checks.py     check_vocab_sizes, check_not_constant (their DreamError lives in dreamlens.errors)
 """
 
 from .batching import (
@@ -28,7 +28,7 @@ from .batching import (
     pass_tokens,
 )
 from .cache import ScoreCache
-from .checks import DreamError, check_not_constant, check_vocab_sizes, objective_is_constant
+from .checks import check_not_constant, check_vocab_sizes, objective_is_constant
 from .evaluator import GRADIENT_COST, Compute, Evaluator, History
 from .gradients import add_selection_term, gradient_pass, onehot_inputs, token_gradients
 from .layout import Layout, make_layout
@@ -44,7 +44,6 @@ __all__ = [
     "Batcher",
     "Batching",
     "Compute",
-    "DreamError",
     "Evaluator",
     "History",
     "KVRecorder",

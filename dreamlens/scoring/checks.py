@@ -10,6 +10,8 @@ from jaxtyping import Int
 from torch import Tensor
 
 from ..errors import DreamError  # defined beside the other errors, so the configs need no torch
+from ..objectives import SAELatent, run_objectives
+from .gradients import onehot_inputs
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -30,9 +32,6 @@ def objective_is_constant(
     model: HookedTransformer, objective: Objective, span_ids: Int[Tensor, "batch length"], layout: Layout
 ) -> bool:
     """True when the objective's one-hot gradient is exactly zero for every row (nothing to climb)."""
-    from ..objectives import run_objectives
-    from .gradients import onehot_inputs  # imported here: gradients -> layout -> this module
-
     tokens, onehot, embeds = onehot_inputs(model, span_ids, layout)
     values, _ = run_objectives(model, [objective], tokens, embeds=embeds, start=layout.start)
     if not values.requires_grad:
@@ -47,8 +46,6 @@ def check_not_constant(
     """Raise a DreamError, before any search, when the objective has nothing to climb on these prompts."""
     if not objective_is_constant(model, objective, span_ids, layout):
         return
-    from ..objectives import SAELatent
-
     gated = [o for _, o in objective.terms if isinstance(o, SAELatent) and not o.pre_activation]
     if gated:
         hint = (

@@ -11,8 +11,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from ..errors import DreamError
 from ..models import bos_token_id, encode
-from .checks import DreamError
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer

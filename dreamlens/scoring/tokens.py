@@ -10,8 +10,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from ..errors import DreamError
 from ..models import bos_token_id, decode
-from .checks import DreamError
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..analysis.scan_config import SWEEP_SCAN, ScanConfig
 from ..optim.config import DEFAULT_BUDGET
-from .spec import SweepSpecError, expand
-from .store import Sweep, SweepConfigError, SweepError, SweepStore, load_sweep
+from .errors import SweepConfigError, SweepError, SweepSpecError
+from .spec import expand
+from .store import Sweep, SweepStore, load_sweep
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer

@@ -19,7 +19,7 @@ from ..analysis.scan_config import SWEEP_SCAN, ScanConfig
 from ..modes.budget import check_mode_budget
 from ..modes.settings import DEFAULT_LIMIT, ModeSettings, check_mode_count, check_mode_limit
 from ..optim.config import DEFAULT_BUDGET, ADAPTConfig, DreamConfig, method_name
-from .store import SweepError
+from .errors import SweepError
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -234,8 +234,8 @@ def _dreams(
     for its dream. A Ctrl-C (or SIGTERM) inside a run (any mode's) ends it early: raised again here, so no
     partial dream is ever stored."""
     from ..dreaming import dream
+    from ..errors import DreamError
     from ..modes.result import Modes
-    from ..scoring import DreamError
 
     def stop_if_interrupted(results: Sequence[DreamResult]) -> None:
         if any(r.stopped == "interrupted" for r in results):

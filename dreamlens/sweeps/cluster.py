@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import DreamlensError
 from ..install import DISTRIBUTION
+from .errors import RayEngineError, RayMissingError
 
 RAY_VERSION = "2.60.0"
 INSTALL_HINT = f'pip install "{DISTRIBUTION}[ray]" (ray=={RAY_VERSION})'
@@ -33,15 +33,6 @@ GCS_PORT, CLIENT_PORT = 6379, 10001
 # environment passed on to every worker (with PYTHONPATH, so workers import the driver's dreamlens)
 PASSED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "DREAMLENS_CACHE", "XDG_CACHE_HOME", "TOKENIZERS_PARALLELISM")
 
-class RayEngineError(DreamlensError, RuntimeError):
-    """The Ray engine cannot run: no cluster at the address, no CPU for a worker, or a chunk whose
-    workers kept dying."""
-
-
-class RayMissingError(DreamlensError, ImportError):
-    """`engine="ray"` (or `--ray`) without ray installed."""
-
-
 def import_ray() -> Any:
     """The `ray` module, imported on first use; `RayMissingError` naming the install command if absent."""
     try:
@@ -57,9 +48,7 @@ def import_ray() -> Any:
 def worker_env() -> dict[str, str]:
     """What every worker's environment gets: PYTHONPATH with the folder this dreamlens is imported from
     (unless it is installed in site-packages), one thread for OpenMP, and the driver's model-cache settings."""
-    import dreamlens
-
-    root = str(Path(dreamlens.__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])  # the folder that holds the dreamlens package
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if not any(part in ("site-packages", "dist-packages") for part in Path(root).parts) and root not in paths:
         paths.insert(0, root)

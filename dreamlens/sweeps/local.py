@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..optim.loop import sigterm_as_interrupt
 from .chunk import SweepSettings, run_chunk
 
 if TYPE_CHECKING:
@@ -19,8 +20,6 @@ def run_local(
 ) -> None:
     """Run and store every unfinished chunk of `store` on `model`; a progress bar counts objectives."""
     from tqdm.auto import tqdm
-
-    from ..optim.loop import sigterm_as_interrupt
 
     todo = store.todo()
     total = len(store.objectives)

@@ -13,14 +13,17 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..analysis.merge import merge_scans
+from ..analysis.scan import scan
 from ..errors import DreamlensError
+from ..optim.loop import sigterm_as_interrupt
+from .chunk import load_model_spec, parse_objectives, run_chunk
 from .cluster import (
     INSTALL_HINT,
     RAY_VERSION,
-    RayEngineError,
-    RayMissingError,
     cluster,
     cluster_address,
     import_ray,
@@ -28,6 +31,7 @@ from .cluster import (
     worker_device,
     worker_env,
 )
+from .errors import RayEngineError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -35,7 +39,7 @@ if TYPE_CHECKING:
     from ..analysis.scan import ScanResult
 
 __all__ = [
-    "run_ray", "SweepWorker", "RESTARTS", "ATTEMPTS", "INSTALL_HINT", "RAY_VERSION", "RayEngineError", "RayMissingError",
+    "run_ray", "SweepWorker", "RESTARTS", "ATTEMPTS", "INSTALL_HINT", "RAY_VERSION",
     "cluster", "import_ray",
 ]
 
@@ -66,8 +70,6 @@ class SweepWorker:
         self.saes: dict[str, Any] = {}  # each SAE loaded once, for every chunk of this worker
         self._threads()
         try:
-            from .chunk import load_model_spec
-
             self.model = load_model_spec(model, device=worker_device(device, self.gpu_ids()), dtype=dtype)
         except Exception as e:
             self.error = e
@@ -103,22 +105,18 @@ class SweepWorker:
         import ray
         import torch
 
-        import dreamlens
-
         error = repr(self.error) if self.error is not None else None
         cfg = getattr(self.model, "cfg", None)
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "host": socket.gethostname(),
                 "gpu_ids": self.gpu_ids(), "device": None if cfg is None else str(cfg.device),
                 "dtype": None if cfg is None else str(cfg.dtype).removeprefix("torch."), "task": self.task,
-                "threads": torch.get_num_threads(), "dreamlens": dreamlens.__file__, "error": error}
+                "threads": torch.get_num_threads(), "dreamlens": str(Path(__file__).resolve().parents[1] / "__init__.py"),
+                "error": error}
 
     def scan_part(self, objectives: list[str], settings: Any, part: tuple[int, int]) -> ScanResult:
         """Slice `part` = (i, n) of the chunk's scan (unscored: the merged scan's examples are scored once)."""
         self._ready(f"scan {part[0] + 1}/{part[1]} of {len(objectives)} objective(s)")
         try:
-            from ..analysis.scan import scan
-            from .chunk import parse_objectives
-
             objs = parse_objectives(objectives, self.saes)
             return scan(self.model, objs, settings.corpus, config=settings.scan, score=False, cache=False, progress=False,
                         part=part)
@@ -129,8 +127,6 @@ class SweepWorker:
         """`chunk.run_chunk` on the merged scan (scored there): the chunk's summary, frontiers and examples."""
         self._ready(f"chunk of {len(objectives)} objective(s) from #{first}")
         try:
-            from .chunk import run_chunk
-
             return run_chunk(self.model, objectives, settings, scan, first=first, saes=self.saes)
         finally:
             self.task = None
@@ -278,8 +274,6 @@ def run_ray(
         raise RayEngineError(f"workers must be at least 1, got {workers}; or leave it out to use every CPU of the cluster")
     from tqdm.auto import tqdm
 
-    from ..optim.loop import sigterm_as_interrupt
-
     with cluster(address, workers) as ray:
         n, gpus, warning = plan_workers(ray.cluster_resources(), workers, gpus_per_worker)
         if warning:
@@ -311,8 +305,6 @@ def run_ray(
 
 
 def _schedule(ray: Any, pool: _Pool, chunks: list[_Chunk], settings: Any, write: Callable[[int, Frames], Any], bar: Any) -> None:
-    from ..analysis.merge import merge_scans
-
     # one corpus slice per worker, each at least one of the scan's batches
     windows = math.ceil(settings.scan.tokens / settings.scan.window)
     batches = math.ceil(windows / settings.scan.batch_size)

@@ -11,13 +11,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import DreamlensError
 from ..objectives.parse import split_outside
-
-
-class SweepSpecError(DreamlensError, ValueError):
-    """A sweep's SPEC cannot be read: a bad index range, no objective, a duplicate, a missing file."""
-
+from .errors import SweepSpecError
 
 SPEC_HELP = (
     "SPEC is an objective with an index range, e.g. 'sae:embedded[0:256]' or 'blocks.6.mlp.hook_post[0:1536:8]' "

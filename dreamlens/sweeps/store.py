@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DreamlensError, OutputError
+from ..errors import OutputError
 from ..io import atomic_write_text, write_parquet
+from .chunk import MODE_DEFAULTS
+from .errors import SweepConfigError, SweepError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -21,14 +23,6 @@ if TYPE_CHECKING:
 
 FORMAT, VERSION = "dreamlens.Sweep", 1
 TABLES = ("frontiers", "examples", "summary")  # the order a chunk is written in: summary last
-
-
-class SweepError(DreamlensError, ValueError):
-    """A sweep cannot run or be read: a bad setting, a folder that is not a sweep, a missing chunk."""
-
-
-class SweepConfigError(SweepError):
-    """The sweep folder holds a sweep with another config (or other objectives)."""
 
 
 def chunk_name(number: int) -> str:
@@ -225,8 +219,6 @@ class Sweep:
 def _with_modes(frame: pd.DataFrame, table: str) -> pd.DataFrame:
     """A chunk's table with the mode columns, filled in (mode 1, the only dream) for a chunk stored before
     sweeps took modes."""
-    from .chunk import MODE_DEFAULTS
-
     if table == "examples" or "mode" in frame.columns:
         return frame
     frame = frame.copy()

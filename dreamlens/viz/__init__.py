@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..lazy import exports
+from .errors import PlotError, ReportError
 from .plots import (
     DreamFigure,
-    PlotError,
     best_under_thresholds,
     frontier_at,
     plot_evolution,
@@ -23,7 +23,7 @@ from .plots import (
 )
 
 # the report needs the attribution code (torch, circuitsvis): loaded when one of its names is used
-_REPORT = {"build_report", "write_report", "build_modes_report", "write_modes_report", "load_result", "ReportError"}
+_REPORT = {"build_report", "write_report", "build_modes_report", "write_modes_report", "load_result"}
 _SWEEP_REPORT = {"build_sweep_report", "write_sweep_report"}  # a sweep's page (`sweep_report`)
 _ATTRIBUTION = {"TokenView", "token_view", "tooltips", "render_attribution", "attribution_page", "page"}  # circuitsvis
 
@@ -56,7 +56,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # the report's names, for a type checker
     from .attribution import TokenView, attribution_page, page, render_attribution, token_view, tooltips
-    from .report import ReportError, build_modes_report, build_report, load_result, write_modes_report, write_report
+    from .report import build_modes_report, build_report, load_result, write_modes_report, write_report
     from .sweep_report import build_sweep_report, write_sweep_report
 
 

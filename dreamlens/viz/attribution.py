@@ -19,7 +19,7 @@ from circuitsvis.tokens import colored_tokens
 from circuitsvis.utils.render import RenderedHTML
 from markupsafe import Markup, escape
 
-from ..analysis.attribution import AttributionError
+from ..analysis.errors import AttributionError
 from ..io import atomic_write_text
 from .html import parts, render
 

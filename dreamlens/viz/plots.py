@@ -16,12 +16,9 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..errors import DreamlensError
-from ..results import DreamResult, NotAResultError, pareto_front
-
-
-class PlotError(DreamlensError, ValueError):
-    """A plot cannot be drawn from what it was given (a result without prompts, no threshold)."""
+from ..errors import NotAResultError
+from ..results import DreamResult, pareto_front
+from .errors import PlotError
 
 
 class DreamFigure(Figure):

@@ -17,12 +17,13 @@ import pandas as pd
 from markupsafe import Markup
 
 from ..analysis.attribution import Attribution, attribute_frontier
-from ..errors import DreamlensError
+from ..errors import NotAResultError, ResultError
 from ..io import atomic_write_text
 from ..models import decode
-from ..results import DreamResult, NotAResultError, ResultError
+from ..results import DreamResult
 from . import plots
 from .attribution import token_view
+from .errors import ReportError
 from .html import kv, note, number, parts, png, render, table
 
 if TYPE_CHECKING:
@@ -30,10 +31,6 @@ if TYPE_CHECKING:
 
     from ..analysis.scan import ScanResult
     from ..modes.result import Modes
-
-
-class ReportError(DreamlensError, ValueError):
-    """A report cannot be built from what it was given."""
 
 
 def _img(fig: Any, alt: str) -> Markup:
