@@ -354,3 +354,24 @@ def test_a_lazy_table_is_read():
     table = lazy_table(PACKAGE, ast.parse((ROOT / "__init__.py").read_text()))
     assert table["scan"] == "dreamlens.analysis.scan"
     assert table["DreamlensError"] == "dreamlens.errors"
+
+
+def test_the_readme_draws_the_floors():
+    """The README's diagram of the floors ("How the code is organized") is FLOORS: each numbered line names
+    modules of that floor, and every floor has its line."""
+    readme = (ROOT.parent / "README.md").read_text()
+    section = readme[readme.index("## How the code is organized"):]
+    block = section[section.index("```\n") + 4:section.index("\n```", section.index("```\n") + 4)]
+    seen = set()
+    for line in block.splitlines():
+        parts = line.split()
+        if not parts or not parts[0].isdigit():
+            continue
+        level = int(parts[0])
+        names = [p for p in parts[1:] if p.endswith((".py", "/"))]
+        assert names, f"README floor {level} names no module: {line!r}"
+        for name in names:
+            module = f"{PACKAGE}." + name.removesuffix("/").removesuffix(".py").replace("/", ".")
+            assert floor_of(module) == level, f"the README puts {name} on floor {level}, FLOORS on {floor_of(module)}"
+        seen.add(level)
+    assert seen == set(range(len(FLOORS))), f"the README's diagram lacks floors {sorted(set(range(len(FLOORS))) - seen)}"
