@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from typing import TYPE_CHECKING
 
 from ..errors import DreamlensError
 from ..lazy import exports
@@ -24,6 +25,15 @@ _NAMES = {
     "check_out_folder": "checks", "check_dream_out": "checks", "check_modes_out": "checks", "check_out_file": "checks",
 }
 __getattr__ = exports(__name__, _NAMES)
+
+if TYPE_CHECKING:  # the commands' names, for a type checker
+    from .checks import check_dream_out, check_modes_out, check_out_file, check_out_folder
+    from .data import cmd_compare, cmd_scan
+    from .dream import DEMO_OBJECTIVE, DEMO_PREFIX, cmd_demo, cmd_dream, cmd_info, demo_config
+    from .export import cmd_export_neuronpedia
+    from .install import cmd_install_embedded
+    from .report import cmd_report
+    from .sweep import cmd_sweep
 
 __all__ = [
     "main", "build_parser",
