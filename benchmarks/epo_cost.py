@@ -49,7 +49,7 @@ def main() -> None:
 
     import dreamlens as dl
     from dreamlens import scoring
-    from dreamlens.optim import epo
+    from dreamlens.optim import epo, loop, members
     from dreamlens.scoring import gradients
 
     quick, full = dict(length=8, population=4, children=8, topk=64), dict(length=12, population=8, children=32, topk=512)
@@ -58,7 +58,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model = dl.load_model()
     print(f"model loaded in {time.perf_counter() - t0:.1f}s; {torch.get_num_threads()} threads; sizes {size}")
-    objs, _, layout, banned = epo.prepare(model, args.objective, cfg)
+    objs, _, layout, banned = loop.prepare(model, args.objective, cfg)
     M, C, L = cfg.population, cfg.children, cfg.length
     GRAD_COST = scoring.GRADIENT_COST
     topk = min(cfg.topk, int((~banned).sum()))
@@ -70,7 +70,7 @@ def main() -> None:
     with scoring.fast_weights(model):
         recorder = scoring.PassRecorder()  # what the default evaluator computed, for raw_needed
         fast = scoring.Evaluator(model, objs, layout, scoring.Batching(batch_size=cfg.batch_size), recorder=recorder)
-        pop = epo.random_prompts(model, M, layout, epo.allowed_tokens(banned), gen)[None]  # [1, M, L]
+        pop = members.random_prompts(model, M, layout, members.allowed_tokens(banned), gen)[None]  # [1, M, L]
         f0, x0, _ = fast.evaluate(pop[0], owner, 0)
         pop_f, pop_xe = f0[None], x0[None]
 
@@ -90,7 +90,7 @@ def main() -> None:
                 kids = children  # the same children for both variants
             cf, cx, _ = ev.evaluate(kids.view(-1, L), owner_kids, it)
             pf, px = torch.cat([pop_f[0], cf]), torch.cat([pop_xe[0], cx])
-            best = epo.select_members(pf, px, lams)
+            best = members.select_members(pf, px, lams)
             return time.perf_counter() - start, kids, best, pf, px
 
         def raw_all(kids: torch.Tensor) -> float:

@@ -149,7 +149,7 @@ def _read_documents(files: list[Path], check: bool) -> Iterator[str]:
 def hf_documents(name: str, split: str = "train", column: str = "text") -> Iterator[str]:
     """A Hugging Face dataset, streamed (needs internet)."""
     try:
-        import datasets
+        import datasets  # lazy: datasets is optional (an hf: corpus only)
     except ImportError as e:
         raise CorpusError("Hugging Face datasets need the `datasets` package: pip install datasets") from e
     try:

@@ -7,6 +7,7 @@ import importlib.util
 import subprocess
 import sys
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, distribution
 from typing import Any
 
 from .errors import InstallError
@@ -45,8 +46,6 @@ def missing_wheels() -> list[str]:
 def conflicting_distribution() -> str | None:
     """The summary of a distribution named `dreamlens` installed here (PyPI's unrelated project, or an install of
     ours from before it was renamed), which provides the import name `dreamlens` too; None when there is none."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
     try:
         dist = distribution(OTHER_PROJECT)
     except PackageNotFoundError:

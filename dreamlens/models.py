@@ -5,16 +5,20 @@ Also the one place that decides each model's start-of-text token (see `bos_token
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import einops
 import torch
+from safetensors.torch import load_file, save_file
 
 from .devices import resolve_device, resolve_dtype
 from .errors import ModelLoadError, TokenError
@@ -106,6 +110,7 @@ def cache_root() -> Path:
 
 def smollm2_config(**overrides: Any) -> HookedTransformerConfig:
     """The HookedTransformerConfig of SmolLM2-135M (values from the GGUF metadata)."""
+    # lazy: transformer_lens takes seconds to load; no module imports it at its top
     from transformer_lens import HookedTransformerConfig
 
     kw: dict[str, Any] = dict(
@@ -144,8 +149,7 @@ def _unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def convert_gguf(path: Path) -> dict[str, torch.Tensor]:
     """Dequantize the SmolLM2 GGUF into a TransformerLens state dict (no weight processing)."""
-    import einops
-    import gguf
+    import gguf  # lazy: gguf reads only the embedded checkpoint, once (then the cache)
 
     cfg = smollm2_config()
     reader = gguf.GGUFReader(str(path))
@@ -187,7 +191,7 @@ def _embedded_cache_dir(gguf_path: Path) -> Path:
 
 def _read_cache(folder: Path) -> tuple[dict[str, torch.Tensor], Any] | None:
     """The cached weights and tokenizer, or None if the cache is missing, partial or corrupt."""
-    from safetensors.torch import load_file
+    # lazy: transformers takes seconds to load; a cached model needs only its tokenizer
     from transformers import PreTrainedTokenizerFast
 
     manifest = folder / "manifest.json"
@@ -207,8 +211,6 @@ def _read_cache(folder: Path) -> tuple[dict[str, torch.Tensor], Any] | None:
 
 def _write_cache(folder: Path, sd: dict[str, torch.Tensor], tok: Any) -> None:
     """Write the whole cache into a temporary sibling, then rename it into place (atomic)."""
-    from safetensors.torch import save_file
-
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
@@ -230,7 +232,7 @@ def _write_cache(folder: Path, sd: dict[str, torch.Tensor], tok: Any) -> None:
 
 def embedded_tokenizer(gguf_path: Path | None = None):
     """The SmolLM2 tokenizer, built from the GGUF by transformers (slow: prefer the cached one)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers takes seconds to load; a cached model needs only its tokenizer
 
     gguf_path = gguf_path or embedded_gguf_path()
     return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
@@ -248,14 +250,13 @@ def load_embedded_parts() -> tuple[dict[str, torch.Tensor], Any]:
     try:
         _write_cache(folder, sd, tok)
     except OSError as e:  # a read-only home still gets a working model, only slower next time
-        import warnings
-
         warnings.warn(f"could not write the model cache at {folder}: {e}", stacklevel=2)
     return sd, tok
 
 
 def load_embedded_tokenizer():
     """The embedded model's tokenizer alone (from the cache; builds the cache when unusable)."""
+    # lazy: transformers takes seconds to load; a cached model needs only its tokenizer
     from transformers import PreTrainedTokenizerFast
 
     folder = _embedded_cache_dir(embedded_gguf_path())
@@ -328,6 +329,7 @@ def load_model(
     dtype or a name: "float32", "bfloat16", "float16"): default $DREAMLENS_DTYPE, else float32.
     Other `kwargs` go to TransformerLens's loading (official names and folders)."""
     if cls is None:
+        # lazy: transformer_lens takes seconds to load; no module imports it at its top
         from transformer_lens import HookedTransformer as cls
     flags, rest = split_settings(kwargs)
     settings = ModelSettings.of(flags)
@@ -372,6 +374,7 @@ def _load_local(cls, path: Path, device: torch.device, dtype: torch.dtype, setti
             "and weights, as written by `model.save_pretrained(folder)`)"
         )
     try:
+        # lazy: transformer_lens and transformers take seconds to load; only a folder's model needs them
         from transformer_lens import loading_from_pretrained as loading
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -400,8 +403,7 @@ def _load_local(cls, path: Path, device: torch.device, dtype: torch.dtype, setti
 
 def official_model_name(name: str) -> str:
     """TransformerLens's official name for `name` (aliases allowed), or a clear error with suggestions."""
-    import difflib
-
+    # lazy: transformer_lens takes seconds to load; no module imports it at its top
     from transformer_lens import loading_from_pretrained as loading
 
     try:

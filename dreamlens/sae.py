@@ -7,12 +7,16 @@
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import warnings
 from collections.abc import Iterator
+from itertools import zip_longest
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from .corpus import documents
+from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import SAELoadError, SAEUsageError
 from .install import DISTRIBUTION
 
@@ -52,10 +56,6 @@ def embedded_sae_documents(split: Literal["train", "heldout"]) -> Iterator[str]:
     Per corpus, the last `HELDOUT_DOCUMENTS[name]` documents are held out; both splits interleave
     State of the Union and Wikipedia documents like `corpus.embedded_documents`.
     """
-    from itertools import zip_longest
-
-    from .corpus import documents
-
     if split not in ("train", "heldout"):
         raise SAEUsageError(f"split must be 'train' or 'heldout', got {split!r}")
     parts = []
@@ -83,8 +83,6 @@ def load_sae(
     $DREAMLENS_DTYPE, else float32) are where it is loaded; an objective reads it on its model's device and
     in its model's dtype in any case (a copy, when they differ).
     """
-    from .devices import dtype_name, resolve_device, resolve_dtype
-
     where = (str(resolve_device(device)), dtype_name(resolve_dtype(dtype)))
     with warnings.catch_warnings():
         # sae-lens warns about declared model settings on every load; dreamlens applies and checks them
@@ -106,8 +104,6 @@ def sae_neuronpedia_id(sae: str | os.PathLike | Any | None) -> str | None:
     `sae`: a loaded SAE (its `cfg.metadata.neuronpedia_id`, which sae-lens's `from_pretrained` sets from its
     directory of pretrained SAEs); or what `load_sae` takes, looked up without loading the SAE or any network:
     "RELEASE/SAE_ID" in sae-lens's directory, a folder or the embedded SAE in its cfg.json."""
-    import json
-
     if sae is not None and not isinstance(sae, (str, os.PathLike)):
         meta = getattr(getattr(sae, "cfg", None), "metadata", None)
         found = getattr(meta, "neuronpedia_id", None) or getattr(getattr(sae, "cfg", None), "neuronpedia_id", None)
@@ -120,6 +116,7 @@ def sae_neuronpedia_id(sae: str | os.PathLike | Any | None) -> str | None:
             return None
         found = (cfg.get("metadata") or {}).get("neuronpedia_id") or cfg.get("neuronpedia_id")
         return str(found) if found else None
+    # lazy: sae_lens takes seconds to load; only an SAE needs it
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
     directory = get_pretrained_saes_directory()  # shipped inside sae-lens: no network
@@ -133,7 +130,7 @@ def sae_neuronpedia_id(sae: str | os.PathLike | Any | None) -> str | None:
 
 
 def _load_embedded(device: str, dtype: str) -> SAE:
-    from sae_lens import SAE
+    from sae_lens import SAE  # lazy: sae_lens takes seconds to load; only an SAE needs it
 
     folder = embedded_sae_dir()
     missing = [f for f in (_CFG_FILE, _WEIGHTS_FILE) if not (folder / f).is_file()]
@@ -148,7 +145,7 @@ def _load_embedded(device: str, dtype: str) -> SAE:
 
 
 def _load_folder(path: Path, device: str, dtype: str) -> SAE:
-    from sae_lens import SAE
+    from sae_lens import SAE  # lazy: sae_lens takes seconds to load; only an SAE needs it
 
     if not path.exists():
         raise SAELoadError(f"no such SAE folder: {str(path)!r}")
@@ -172,6 +169,7 @@ def _load_folder(path: Path, device: str, dtype: str) -> SAE:
 
 
 def _load_release(name: str, device: str, dtype: str) -> SAE:
+    # lazy: sae_lens takes seconds to load; only an SAE needs it
     from sae_lens import SAE
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 

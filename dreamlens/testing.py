@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from .models import load_embedded_tokenizer, set_bos_token_id
+
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
@@ -13,9 +17,8 @@ def tiny_model() -> HookedTransformer:
     """A tiny random Llama-shaped model: 2 layers, d_model 64, the embedded tokenizer and SmolLM2's
     architecture (GQA, rotary, gated MLP), start token 0. Its weights come from a fixed seed: every call
     builds the same model."""
+    # lazy: transformer_lens takes seconds to load; no module imports it at its top
     from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    from .models import load_embedded_tokenizer, set_bos_token_id
 
     cfg = HookedTransformerConfig(
         n_layers=2, d_model=64, n_heads=4, n_key_value_heads=2, d_head=16, d_mlp=128, d_vocab=49152,
@@ -37,8 +40,6 @@ def tiny_model_oom() -> HookedTransformer:
     """`tiny_model`, except that a gradient pass (a dream's; not a scan's, nor a check's) that an objective
     reads at `OOM_HOOK` raises torch's `OutOfMemoryError`, whatever its batch size: an objective that does
     not fit on its worker, for the tests of sweeps that go on without it."""
-    import torch
-
     model = tiny_model()
 
     def out_of_memory(tensor: torch.Tensor, *, hook: Any) -> None:

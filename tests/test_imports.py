@@ -57,8 +57,9 @@ FLOORS: tuple[tuple[str, ...], ...] = (
 
 # Imports of the package inside functions (each a dependency the module's header does not show): at most
 # this many. Lower it when you remove some; an import belongs inside a function only when a heavy or
-# optional dependency (torch, circuitsvis, ray) must not load with the module.
-MAX_FUNCTION_IMPORTS = 113  # 146 before issue 25; to be lowered under 30
+# optional dependency (torch, circuitsvis, ray) must not load with the module, and says so (`# lazy:`).
+MAX_FUNCTION_IMPORTS = 3  # 146 before issue 25: the parser's two device checks (torch), attribution's renderer (circuitsvis)
+LAZY = "# lazy:"  # the reason an import waits for its function, on its lines or on the line above its block of imports
 
 
 @dataclass(frozen=True)
@@ -302,6 +303,51 @@ def test_few_imports_inside_functions():
     )
 
 
+def unexplained_lazy_imports(path: Path) -> list[int]:
+    """The lines of the imports inside functions of the file at `path` (of any module: the package's, another
+    package's, Python's) without a `# lazy: <reason>` comment: on one of the statement's lines, or on the line
+    above the run of import statements it belongs to (one reason for a block of imports, as isort keeps it)."""
+    text = path.read_text()
+    lines = text.splitlines()
+    missing = []
+
+    def explained(block: list[ast.stmt], k: int) -> bool:
+        node = block[k]
+        if any(LAZY in lines[i - 1] for i in range(node.lineno, (node.end_lineno or node.lineno) + 1)):
+            return True
+        first = k  # the run of imports, one right under the other, that this one ends
+        while first > 0 and isinstance(block[first - 1], ast.Import | ast.ImportFrom) and \
+                (block[first - 1].end_lineno or 0) == block[first].lineno - 1:
+            first -= 1
+        above = block[first].lineno - 2
+        return above >= 0 and lines[above].strip().startswith(LAZY)
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for field in ("body", "orelse", "finalbody", "handlers"):
+            block = getattr(node, field, None)
+            if not isinstance(block, list):
+                continue
+            for k, child in enumerate(block):
+                if in_function and isinstance(child, ast.Import | ast.ImportFrom) and not explained(block, k):
+                    missing.append(child.lineno)
+        for child in ast.iter_child_nodes(node):
+            type_checking = isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test)
+            if not type_checking:
+                visit(child, in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda))
+
+    visit(ast.parse(text, str(path)), False)
+    return sorted(missing)
+
+
+def test_every_import_inside_a_function_says_why():
+    bad = [f"{path.relative_to(ROOT.parent)}:{line}" for path in module_files().values() for line in unexplained_lazy_imports(path)]
+    assert not bad, (
+        "imports inside functions without a reason: import at the top of the module, or, where a heavy or optional "
+        f"dependency must wait for the call, say which and why with a trailing `{LAZY} <reason>` (or one on the line "
+        "above a block of imports):\n" + "\n".join(bad)
+    )
+
+
 def test_relative_imports_go_at_most_one_package_up():
     deep = []
     for path in module_files().values():
@@ -375,3 +421,30 @@ def test_the_readme_draws_the_floors():
             assert floor_of(module) == level, f"the README puts {name} on floor {level}, FLOORS on {floor_of(module)}"
         seen.add(level)
     assert seen == set(range(len(FLOORS))), f"the README's diagram lacks floors {sorted(set(range(len(FLOORS))) - seen)}"
+
+
+def test_an_import_inside_a_function_without_a_reason_is_found(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text(
+        "import json\n"  # 1: the module's own: no reason needed
+        "def f():\n"
+        "    import torch  # lazy: heavy\n"  # 3
+        "    import numpy\n"  # 4: no reason
+        "    # lazy: optional, both\n"
+        "    import ray\n"  # 6
+        "    from ray import util\n"  # 7: in the block under the reason
+        "\n"
+        "    from pandas import (\n"  # 9: no reason
+        "        DataFrame,\n"
+        "    )\n"
+        "    try:\n"
+        "        from a import b  # lazy: optional\n"  # 13
+        "    except ImportError:\n"
+        "        from c import b\n"  # 15: no reason
+        "    class C:\n"
+        "        def g(self):\n"
+        "            from .x import y\n"  # 18: no reason
+        "if True:\n"
+        "    import os\n"  # 20: at the module's level
+    )
+    assert unexplained_lazy_imports(path) == [4, 9, 15, 18]

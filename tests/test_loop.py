@@ -192,12 +192,3 @@ def test_adapt_state_keys_and_round_trip(tiny_model):
     assert list(r.state) == ["population", "pop_f", "pop_xe", "strength", "scale", "generator"]
     unit = torch.tensor(cfg.penalties(), dtype=torch.float64)
     assert ADAPTState.from_dict(r.state, unit).to_dict() == r.state
-
-
-def test_names_that_left_epo_still_import_from_it_with_a_warning():
-    from dreamlens.optim import epo, loop, members
-
-    for name, home in [("save_partial", loop), ("save_checkpoint", loop), ("select_members", members)]:
-        with pytest.warns(DeprecationWarning, match=f"dreamlens.optim.epo.{name} is deprecated"):
-            assert getattr(epo, name) is getattr(home, name)
-    assert epo.IterationInfo is IterationInfo  # still imported there, no warning

@@ -38,8 +38,8 @@ SMALL = dict(method="epo", length=4, population=2, children=4, topk=16, progress
 def swept(tmp_path_factory):
     """A small sweep of three neurons of the tiny model (named by its factory, so the export can load it)."""
     out = tmp_path_factory.mktemp("np") / "sweep"
-    return dl.sweep(SPEC, out, model="dreamlens.testing:tiny_model", budget=600, corpus=DOCS, tokens=64, window=8,
-                    top_k=3, per_document=2, chunk_size=2, **SMALL)
+    return dl.sweep(SPEC, out, model="dreamlens.testing:tiny_model", max_token_forwards=600, corpus=DOCS,
+                    scan=dl.ScanConfig(tokens=64, window=8, top_k=3, per_document=2), chunk_size=2, **SMALL)
 
 
 @pytest.fixture(scope="module")
@@ -191,15 +191,15 @@ def test_modes_each_with_its_mode_in_data_source(dreamed, tiny_model, tmp_path):
 
 def test_a_sweeps_objectives_that_are_no_feature_are_left_out(tiny_model, tmp_path):
     s = dl.sweep('blocks.1.mlp.hook_post[2]; logit[" the"]; blocks.0.mlp.hook_post[1]', tmp_path / "sweep",
-                 model=tiny_model, budget=300, corpus=DOCS, tokens=64, window=8, top_k=2, per_document=2, chunk_size=2,
+                 model=tiny_model, max_token_forwards=300, corpus=DOCS, scan=dl.ScanConfig(tokens=64, window=8, top_k=2, per_document=2), chunk_size=2,
                  **SMALL)
     with pytest.warns(UserWarning, match=r"1 of the sweep's objectives .* left out.*not one neuron or SAE latent"):
         folders = dl.export_neuronpedia(s, tmp_path / "np", model=tiny_model)
     assert folders == [tmp_path / "np" / "tiny-llama" / "1-mlp-hook-post", tmp_path / "np" / "tiny-llama" / "0-mlp-hook-post"]
     assert [[f["index"] for f in b] for folder in folders for b in batches(folder, "features")] == [["2"], ["1"]]
     assert {r["layer"] for r in batches(folders[1], "activations")[0]} == {"0-mlp-hook-post"}
-    one = dl.sweep('logit[" the"]', tmp_path / "logit", model=tiny_model, budget=300, corpus=DOCS, tokens=64, window=8,
-                   top_k=2, per_document=2, **SMALL)
+    one = dl.sweep('logit[" the"]', tmp_path / "logit", model=tiny_model, max_token_forwards=300, corpus=DOCS,
+                   scan=dl.ScanConfig(tokens=64, window=8, top_k=2, per_document=2), **SMALL)
     with pytest.raises(NeuronpediaError, match="not one neuron or SAE latent"):
         dl.export_neuronpedia(one, tmp_path / "np2", model=tiny_model)
 

@@ -264,9 +264,7 @@ def test_an_interrupted_sweep_keeps_its_chunks_and_resumes(swept, tiny_model, tm
 
 
 def test_an_interrupt_inside_a_dream_stores_no_partial_chunk(tiny_model, tmp_path, monkeypatch):
-    from dreamlens import dreaming as dream_mod
-
-    real = dream_mod.dream
+    real = chunk_mod.dream
 
     def interrupted(*args, **kwargs):
         results = real(*args, **kwargs)
@@ -274,7 +272,7 @@ def test_an_interrupt_inside_a_dream_stores_no_partial_chunk(tiny_model, tmp_pat
             r.stopped = "interrupted"  # what the run loop returns after Ctrl-C
         return results
 
-    monkeypatch.setattr(dream_mod, "dream", interrupted)
+    monkeypatch.setattr(chunk_mod, "dream", interrupted)
     with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="0 of 4 objectives are done"):
         dl.sweep(SPEC, tmp_path / "run", model=tiny_model, **KW)
     assert _files(tmp_path / "run") == {}
@@ -284,10 +282,9 @@ def test_an_objective_that_cannot_start_from_random_prompts(swept, tiny_model, t
     """E.g. an SAE latent that fires nowhere near random prompts (DreamError before any search): it starts
     from its top dataset example instead; one that cannot start there either gets a row saying why; the
     sweep goes on (the others of its EPO run are dreamed alone)."""
-    from dreamlens import dreaming as dream_mod
 
     _, full = swept
-    real = dream_mod.dream
+    real = chunk_mod.dream
     seen = []
 
     def picky(model, objective, method, *, config, **kwargs):
@@ -298,7 +295,7 @@ def test_an_objective_that_cannot_start_from_random_prompts(swept, tiny_model, t
                 raise DreamError(f"the objective {bad!r} has zero gradient: it is constant here (pick another target)")
         return real(model, objective, method, config=config, **kwargs)
 
-    monkeypatch.setattr(dream_mod, "dream", picky)
+    monkeypatch.setattr(chunk_mod, "dream", picky)
     s = dl.sweep(SPEC, tmp_path / "run", model=tiny_model, **KW)
     assert s.complete
     assert [n for n, _ in seen[:3]] == [NAMES[:2], [NAMES[0]], [NAMES[0]]]  # the run of its list, then each alone
@@ -323,10 +320,9 @@ def test_an_objective_out_of_memory_gets_an_error_row(swept, tiny_model, tmp_pat
     out of memory alone too (its passes already halved to one prompt) gets a row saying so, the sweep goes on."""
     import torch
 
-    from dreamlens import dreaming as dream_mod
 
     _, full = swept
-    real = dream_mod.dream
+    real = chunk_mod.dream
     seen = []
 
     def hungry(model, objective, method, *, config, **kwargs):
@@ -336,7 +332,7 @@ def test_an_objective_out_of_memory_gets_an_error_row(swept, tiny_model, tmp_pat
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return real(model, objective, method, config=config, **kwargs)
 
-    monkeypatch.setattr(dream_mod, "dream", hungry)
+    monkeypatch.setattr(chunk_mod, "dream", hungry)
     s = dl.sweep(SPEC, tmp_path / "run", model=tiny_model, **KW)
     assert s.complete and seen[:3] == [NAMES[:2], [NAMES[0]], [NAMES[1]]]  # the run of the list, then each alone, once
     assert list(s.summary["stopped"]) == ["budget", "error", "budget", "budget"]
@@ -345,7 +341,7 @@ def test_an_objective_out_of_memory_gets_an_error_row(swept, tiny_model, tmp_pat
     assert "give each worker more memory" in row["error"] and row["n_prompts"] == 0 and s.frontier(1).empty
     assert len(s.top(1)) >= 1  # its dataset side is there
     _same(s.summary.iloc[2:], full.summary.iloc[2:])  # the other chunk is untouched
-    monkeypatch.setattr(dream_mod, "dream", lambda *a, **k: 1 / 0)  # any other error is a bug: raised
+    monkeypatch.setattr(chunk_mod, "dream", lambda *a, **k: 1 / 0)  # any other error is a bug: raised
     with pytest.raises(ZeroDivisionError):
         dl.sweep(SPEC, tmp_path / "other", model=tiny_model, **KW)
 
@@ -365,9 +361,7 @@ def test_a_model_out_of_memory_on_one_objective(tmp_path):
 
 
 def test_an_objective_the_error_names_leaves_its_epo_run(tiny_model, tmp_path, monkeypatch):
-    from dreamlens import dreaming as dream_mod
-
-    real = dream_mod.dream
+    real = chunk_mod.dream
     seen = []
 
     def picky(model, objective, method, *, config, **kwargs):
@@ -377,7 +371,7 @@ def test_an_objective_the_error_names_leaves_its_epo_run(tiny_model, tmp_path, m
             raise DreamError(f"the objective {NAMES[1]!r} has zero gradient: it is constant here (pick another target)")
         return real(model, objective, method, config=config, **kwargs)
 
-    monkeypatch.setattr(dream_mod, "dream", picky)
+    monkeypatch.setattr(chunk_mod, "dream", picky)
     s = dl.sweep(SPEC, tmp_path / "run", model=tiny_model, **{**KW, "chunk_size": 4})
     assert seen[:3] == [NAMES, [NAMES[0], NAMES[2], NAMES[3]], [NAMES[1]]]  # the others stay one run
     assert list(s.summary["start"]) == ["random", "", "random", "random"]
@@ -482,9 +476,8 @@ def _spans(top: pd.DataFrame, length: int = 4) -> list[tuple[int, tuple[int, ...
 @pytest.fixture(scope="module")
 def modes_swept(tiny_model, tmp_path_factory):
     """A sweep of 2 modes of 2 objectives, and what `dream` gave and was given for each objective."""
-    from dreamlens import dreaming as dream_mod
 
-    real = dream_mod.dream
+    real = chunk_mod.dream
     calls: dict[str, tuple[Modes, dict]] = {}
 
     def spy(model, objective, *args, **kwargs):
@@ -495,7 +488,7 @@ def modes_swept(tiny_model, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("modes") / "run"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dream_mod, "dream", spy)
+        mp.setattr(chunk_mod, "dream", spy)
         s = dl.sweep(MODES_SPEC, out, model=tiny_model, **MODES_KW)
     return out, s, calls
 
@@ -656,9 +649,8 @@ def test_bad_modes_in_a_sweep_are_refused_before_it_writes(tiny_model, tmp_path)
 def test_modes_of_an_objective_that_cannot_start_from_random_prompts(tiny_model, tmp_path, monkeypatch):
     """With modes, as without: an objective that raises DreamError from random prompts is dreamed from its
     top example; one that cannot start anywhere gets one error row (mode 1); the store takes both."""
-    from dreamlens import dreaming as dream_mod
 
-    real = dream_mod.dream
+    real = chunk_mod.dream
     seen = []
 
     def picky(model, objective, method, *, config, **kwargs):
@@ -667,7 +659,7 @@ def test_modes_of_an_objective_that_cannot_start_from_random_prompts(tiny_model,
             raise DreamError(f"the objective {str(objective)!r} has zero gradient: it is constant here (pick another target)")
         return real(model, objective, method, config=config, **kwargs)
 
-    monkeypatch.setattr(dream_mod, "dream", picky)
+    monkeypatch.setattr(chunk_mod, "dream", picky)
     s = dl.sweep(MODES_SPEC, tmp_path / "run", model=tiny_model, **{**MODES_KW, "chunk_size": 2})
     assert s.complete and list(s.summary["objective"]) == [NAMES[0], NAMES[0], NAMES[1]]
     assert list(s.summary["mode"]) == [1, 2, 1] and list(s.summary["stopped"]) == ["budget", "budget", "error"]
@@ -681,16 +673,14 @@ def test_modes_of_an_objective_that_cannot_start_from_random_prompts(tiny_model,
 
 
 def test_an_interrupt_inside_a_mode_stores_no_partial_chunk(tiny_model, tmp_path, monkeypatch):
-    from dreamlens import dreaming as dream_mod
-
-    real = dream_mod.dream
+    real = chunk_mod.dream
 
     def interrupted(*args, **kwargs):
         modes = real(*args, **kwargs)
         modes.dreams[-1].stopped = "interrupted"  # a Ctrl-C in a later mode
         return modes
 
-    monkeypatch.setattr(dream_mod, "dream", interrupted)
+    monkeypatch.setattr(chunk_mod, "dream", interrupted)
     with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="0 of 2 objectives are done"):
         dl.sweep(MODES_SPEC, tmp_path / "run", model=tiny_model, **MODES_KW)
     assert _files(tmp_path / "run") == {}

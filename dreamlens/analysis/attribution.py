@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ..models import decode, encode
+from ..models import bos_token_id, decode, encode
 from ..objectives import Objective
 from ..objectives import objective as parse_objective
 from ..scoring import Layout, banned_mask, make_layout, score, token_gradients
@@ -297,8 +297,6 @@ def attribute_frontier(
 ) -> list[Attribution]:
     """Attributions of a dream's frontier prompts (up to `max_prompts`, spread along the frontier from
     the most fluent to the most activating), in the result's own context."""
-    from ..models import bos_token_id
-
     bos = bos_token_id(model)
     if result.bos_token_id != bos:
         raise AttributionError(

@@ -4,6 +4,7 @@ cross-entropy): `compare` gives a `Comparison` with its table, summary metrics a
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -43,8 +44,6 @@ class Comparison:
         return folder / f"{name}.png"
 
     def _repr_png_(self) -> bytes:
-        import io
-
         buf = io.BytesIO()
         self.figure.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         return buf.getvalue()
@@ -104,7 +103,7 @@ def compare(dream_result: Any, scan_result: ScanResult, objective_index: int | N
 
 
 def _figure(table: pd.DataFrame, scan_result: ScanResult, i: int, summary: dict[str, Any]) -> Figure:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib loads only when a comparison is drawn
 
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.add_subplot()

@@ -17,6 +17,7 @@ from torch import Tensor
 from ..objectives import Objective
 from ..objectives import objective as parse_objective
 from ..objectives.forward import Capture, forward_capture, leaves
+from ..scoring import make_layout
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -129,8 +130,6 @@ def nearest_examples(model: HookedTransformer, modes: RankedDreams, scan: ScanRe
     by `pattern_similarity` (activation patterns centered on the examples' mean, which all of them
     share, and readouts). Each frame: the example's rank in the scan, text, activation, xe and
     `similarity`, closest first. A mode with no prompt at the limit gets an empty frame."""
-    from ..scoring import make_layout
-
     def scored_as(ids: Sequence[int], prefix: str = "", suffix: str = "") -> list[int]:
         """The whole sequence a prompt is scored as: start token, prefix, the tokens, suffix."""
         return make_layout(model, len(ids), prefix, suffix).assemble(torch.tensor([list(ids)])).tolist()[0]

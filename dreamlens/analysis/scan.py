@@ -5,6 +5,7 @@ objective's top examples (scored like dreams) and activation statistics, as a `S
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .. import corpus as corpus_mod
 from ..corpus import DocumentWindow
@@ -219,8 +221,6 @@ class ScanResult:
         key = str(objective)
         if key in self.objectives:
             return self.objectives.index(key)
-        import difflib
-
         close = difflib.get_close_matches(key, self.objectives, n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ScanLookupError(f"{key!r} is not an objective of this scan{hint} (it has {self.objectives[:5]}...)")
@@ -254,8 +254,6 @@ class ScanResult:
             return
         pos = {w: j for j, w in enumerate(uniq)}
         vals, xe = [], []
-        from tqdm.auto import tqdm
-
         step = max(batch_size, 256)
         for lo in tqdm(range(0, len(uniq), step), desc="score examples", disable=not progress, unit="batch"):
             v, x = score_windows(model, objs, uniq[lo : lo + step], batch_size=batch_size)
@@ -417,8 +415,6 @@ def scan(
 def _scan(
     model: HookedTransformer, objs: list[Objective], source: Any, cfg: ScanConfig, progress: bool, extra: dict[str, Any],
 ) -> ScanResult:
-    from tqdm.auto import tqdm
-
     budget, window, top_k, per_document, batch_size = cfg.tokens, cfg.window, cfg.top_k, cfg.per_document, cfg.batch_size
 
     t0 = time.perf_counter()

@@ -6,7 +6,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from ..errors import OutputError
+from ..errors import OutputError, ResultError
+from ..modes.result import check_modes_folder
+from ..results import check_output_folder
+from ..viz.report import load_result as load
 
 
 def _writable(path: Path, what: str) -> None:
@@ -39,8 +42,6 @@ def check_dream_out(out: str, *, force: bool, resume: bool = True) -> None:
     """A dream's --out, refused before any compute wherever the result could not be saved after it: the
     CLI's own rule (an existing result needs --resume or --force), then `DreamResult.save`'s (never a
     folder that holds other files)."""
-    from ..results import check_output_folder
-
     check_out_folder(out, "result.json", "dream result", force=force, resume=resume)
     check_output_folder(Path(out), overwrite=True)
 
@@ -48,8 +49,6 @@ def check_dream_out(out: str, *, force: bool, resume: bool = True) -> None:
 def check_modes_out(out: str, *, force: bool) -> None:
     """A --modes run's --out, refused before any compute wherever `Modes.save` would refuse it after:
     modes already there need --force; a dream result or other files are never replaced."""
-    from ..modes.result import check_modes_folder
-
     check_out_folder(out, "modes.json", "set of modes", force=force)
     check_modes_folder(Path(out), overwrite=True)
 
@@ -65,9 +64,6 @@ def check_out_file(out: str, kind: str, *, force: bool) -> None:
 
 def load_result(folder: str, what: str):
     """The dream result in `folder`; a `ResultError` names the argument (`what`) it came from."""
-    from ..errors import ResultError
-    from ..viz.report import load_result as load
-
     try:
         return load(folder)
     except ResultError as e:

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import argparse
 
+import pandas as pd
+
+from .. import models
+from ..analysis.compare import compare
+from ..analysis.scan import ScanResult, scan
 from ..analysis.scan_config import ScanConfig, scan_config
+from ..corpus import check_source
+from ..objectives import objective
 from .checks import check_out_folder, load_result
 from .dream import model_options
 
@@ -17,18 +24,11 @@ def scan_settings(args: argparse.Namespace, defaults: ScanConfig) -> ScanConfig:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from ..analysis.scan import scan
-    from ..corpus import check_source
-    from ..models import load_model
-    from ..objectives import objective
-
     check_out_folder(args.out, "scan.json", "scan", force=args.force)
     check_source(args.corpus)
     config = scan_settings(args, ScanConfig())
     objs = [objective(o) for o in args.objective]
-    model = load_model(args.model, **model_options(args))
+    model = models.load_model(args.model, **model_options(args))
     result = scan(model, objs, args.corpus, config=config, cache=not args.no_cache)
     out = result.save(args.out)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
@@ -42,9 +42,6 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ..analysis.compare import compare
-    from ..analysis.scan import ScanResult
-
     dream_result = load_result(args.dream_dir, "DREAM_DIR")
     scan_result = ScanResult.load(args.scan_dir)
     out = args.out or args.dream_dir

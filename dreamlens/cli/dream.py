@@ -5,31 +5,40 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import models
+from ..analysis.metrics import dataset_max, median_top_xe
+from ..analysis.scan import scan
 from ..analysis.scan_config import ScanConfig
+from ..corpus import check_source
+from ..dreaming import dream
+from ..errors import DreamError
+from ..models import decode
+from ..modes.result import Modes
+from ..modes.settings import ModeSettings, check_needs_modes
+from ..objectives import objective
 from ..optim.config import DreamConfig, method_name
+from ..optim.methods import DEFAULT_METHOD, make_config
+from ..results import DreamResult
 from .checks import check_dream_out, check_modes_out, load_result
+from .defaults import DREAMS_FOLDER, EXAMPLE_SCAN_TOKENS, MODE_SCAN_TOKENS
+from .knobs import knob_options
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-    from ..modes.result import Modes
     from ..objectives import Objective
-    from ..results import DreamResult
 
 DEMO_OBJECTIVE = "blocks.12.mlp.hook_post[1256]"  # fires on lists of media: "film, radio,"
 # SmolLM2-Instruct's user turn: after it, "fluent" means a user's English message. After the bare
 # start token the model expects code, and a short dream's fluent end reads as code.
 DEMO_PREFIX = "<|im_start|>user\n"
-DREAMS_FOLDER = "dreams"  # where `dream` without --out saves (a new folder inside, named after the objective)
 DEMO_LENGTH = 8  # the demo dream's tokens
-DEMO_SCAN_TOKENS = 30_000  # the demo: corpus tokens scanned for the examples it starts from and is compared with
-MODE_SCAN_TOKENS = 100_000  # `dream --modes`: corpus tokens scanned for the top examples later modes start from
-EXAMPLE_SCAN_TOKENS = 100_000  # `dream --from-examples`: corpus tokens scanned for the examples the dream starts from
 
 
 def model_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -51,8 +60,6 @@ def default_out(objective: str, root: str | Path = DREAMS_FOLDER) -> str:
 
 def _dream_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
     """The method's config options the `dream` flags give (the knobs, and --budget as max_token_forwards)."""
-    from .knobs import knob_options
-
     kw = knob_options(args, method)
     if getattr(args, "budget", None) is not None:
         kw["max_token_forwards"] = args.budget
@@ -60,9 +67,7 @@ def _dream_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from ..models import load_model
-
-    model = load_model(args.model, **model_options(args))
+    model = models.load_model(args.model, **model_options(args))
     text = model.generate(args.prompt, max_new_tokens=args.tokens, do_sample=False, prepend_bos=False, verbose=False)
     print(f"model: {model.cfg.model_name} ({model.cfg.n_layers} layers, d_model {model.cfg.d_model}; "
           f"{model.cfg.device}, {str(model.cfg.dtype).removeprefix('torch.')})")
@@ -89,9 +94,6 @@ def _print_frontier(result, rows: int = 12) -> None:
 
 
 def cmd_dream(args: argparse.Namespace) -> int:
-    from ..errors import DreamError
-    from ..modes.settings import check_needs_modes
-
     if args.modes is not None:
         if args.resume:
             raise DreamError("--modes cannot resume a run; dream the modes again (with a fixed --seed they come out the same)")
@@ -116,9 +118,6 @@ def cmd_dream(args: argparse.Namespace) -> int:
 
 def _run_dream(args: argparse.Namespace) -> tuple[HookedTransformer, DreamResult]:
     """Dream as the `dream` arguments say: print the frontier, save the result; (model, result)."""
-    from ..objectives import objective
-    from ..optim.methods import DEFAULT_METHOD, make_config
-
     method = args.method or DEFAULT_METHOD
     kw = _dream_options(args, method)
     resume = load_result(args.resume, "--resume") if args.resume else None
@@ -133,8 +132,6 @@ def _run_dream(args: argparse.Namespace) -> tuple[HookedTransformer, DreamResult
         print(f"saving to {out} (--out FOLDER to choose)")
     examples = None
     if getattr(args, "from_examples", False):
-        from ..corpus import check_source  # the corpus module loads torch
-
         check_source(args.corpus)
         examples = ScanConfig(tokens=args.scan_tokens or EXAMPLE_SCAN_TOKENS, window=cfg.length)
     return dream_and_save(target, cfg, out, model=args.model, placement=model_options(args), resume=resume,
@@ -148,12 +145,7 @@ def dream_and_save(
     """Load `model` (on `placement`: device, dtype), dream `target` with `cfg` (its method's config), print
     the frontier and save the result in `out` (checked by the caller). `examples`: first scan `corpus` so
     (cached), start the dream from the objective's top examples and save that scan as OUT/scan."""
-    from ..analysis.scan import scan
-    from ..dreaming import dream
-    from ..models import load_model
-    from ..results import DreamResult
-
-    net = load_model(model, **(placement or {}))
+    net = models.load_model(model, **(placement or {}))
     found = None
     if examples is not None:
         print(f"The top dataset examples, where the dream starts: a scan of {examples.tokens:,} tokens of "
@@ -175,13 +167,6 @@ def dream_and_save(
 
 def _run_modes(args: argparse.Namespace) -> tuple[HookedTransformer, Modes]:
     """`dream --modes K`: dream the modes, print each one's header and frontier (best first), save them."""
-    from ..dreaming import dream
-    from ..models import decode, load_model
-    from ..modes.result import Modes
-    from ..modes.settings import ModeSettings
-    from ..objectives import objective
-    from ..optim.methods import DEFAULT_METHOD, make_config
-
     method = args.method or DEFAULT_METHOD
     kw = _dream_options(args, method)
     chosen = bool(args.out)
@@ -194,12 +179,10 @@ def _run_modes(args: argparse.Namespace) -> tuple[HookedTransformer, Modes]:
     target = objective(args.objective)
     if not chosen:
         print(f"saving to {args.out} (--out FOLDER to choose)")
-    model = load_model(args.model, **model_options(args))
+    model = models.load_model(args.model, **model_options(args))
     found = None
     tokens = MODE_SCAN_TOKENS if args.mode_scan_tokens is None else args.mode_scan_tokens
     if args.modes > 1 and tokens:
-        from ..analysis.scan import scan
-
         print(f"The top dataset examples, where later modes start: a scan of {tokens:,} tokens of the embedded corpora "
               "(cached after the first run)...")
         found = scan(model, [target], None, config=ScanConfig(tokens=tokens, window=cfg.length))
@@ -237,16 +220,12 @@ def demo_config(model: str | None, budget: int, out: str | None = None) -> Dream
     """The demo's dream: the default method, `DEMO_LENGTH` tokens, seed 0, `budget` token-forwards, on the
     embedded model after its chat template's user turn (no prefix for another `model`, whose template may
     differ); checkpoints in `out`."""
-    from ..optim.methods import DEFAULT_METHOD, make_config
-
     return make_config(DEFAULT_METHOD, None, length=DEMO_LENGTH, seed=0, prefix=DEMO_PREFIX if model is None else "",
                        max_token_forwards=budget, checkpoint_dir=out)
 
 
 def _is_demo_result(out: str | None) -> bool:
     """The demo replaces its own earlier result (`make demo` twice), never anything else."""
-    import json
-
     if out is None:
         return False
     try:
@@ -257,8 +236,6 @@ def _is_demo_result(out: str | None) -> bool:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..objectives import objective
-
     out = args.out or default_out(DEMO_OBJECTIVE)
     check_dream_out(out, force=getattr(args, "force", False) or _is_demo_result(out), resume=False)  # before the model loads
     cfg = demo_config(args.model, args.budget, out)
@@ -277,9 +254,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _print_dataset_side(model: HookedTransformer, result: DreamResult, config: ScanConfig) -> None:
     """The demo's dream next to the objective's top dataset examples (windows as long as the dream,
     scored like dreams): does the frontier reach their fluency, and how high does it go there?"""
-    from ..analysis.metrics import dataset_max, median_top_xe
-    from ..analysis.scan import scan
-
     print(f"\nThe top dataset examples: a scan of {config.tokens:,} tokens of the embedded corpora "
           "(cached after the first run)...")
     found = scan(model, [result.objective], None, config=config)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..neuronpedia.export import KINDS, export_neuronpedia, read_jsonl_gz
+
 
 def cmd_export_neuronpedia(args: argparse.Namespace) -> int:
-    from ..neuronpedia.export import KINDS, export_neuronpedia, read_jsonl_gz
-
     folders = export_neuronpedia(args.source, args.out, model=args.model, scan=args.scan, model_id=args.model_id,
                                  source_id=args.source_id, batch_size=args.batch_size, force=args.force)
     for folder in folders:

@@ -6,19 +6,12 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from .. import install
+from ..install import DATA_WHEELS, DISTRIBUTION, OTHER_PROJECT, install_command, install_embedded, missing_wheels
+
 
 def cmd_install_embedded(args: argparse.Namespace) -> int:
-    from ..install import (
-        DATA_WHEELS,
-        DISTRIBUTION,
-        OTHER_PROJECT,
-        conflicting_distribution,
-        install_command,
-        install_embedded,
-        missing_wheels,
-    )
-
-    other = conflicting_distribution()
+    other = install.conflicting_distribution()  # the module's, looked up here (a test replaces it)
     if other is not None:
         print(f"warning: a distribution named {OTHER_PROJECT!r} is installed here too ({other!r}: PyPI's unrelated "
               f"project, or ours from before its rename to {DISTRIBUTION!r}); it provides the same import name, "

@@ -14,6 +14,9 @@ import typing
 from collections.abc import Iterable
 from typing import Any
 
+from ..errors import DreamError
+from ..optim.config import CONFIGS, DreamConfig
+
 # What each knob does, for its help line (the defaults are appended from the configs). A config field that
 # is neither here nor in SKIPPED fails `tests/test_cli_knobs.py`.
 HELP: dict[str, str] = {
@@ -73,12 +76,11 @@ SKIPPED: dict[str, str] = {
 # str fields with a closed set of values
 CHOICES: dict[str, tuple[str, ...]] = {"init": ("random", "sample")}
 METAVARS: dict[type, str] = {int: "N", float: "X", str: "TEXT"}
+SWEEP_SKIPPED = ("checkpoint_every",)  # config fields a sweep sets itself: no flag (its store is its checkpoint)
 
 
 def config_classes() -> dict[str, type]:
     """Each method's config class, by method name (`optim.config.CONFIGS`: no torch to import for --help)."""
-    from ..optim.config import CONFIGS
-
     return dict(CONFIGS)
 
 
@@ -152,8 +154,6 @@ def _shown(value: Any) -> str:
 def knobs(skip: Iterable[str] = ()) -> list[Knob]:
     """Every config field with a flag (but those in `skip`), in the order of the fields: the shared ones
     first (`DreamConfig`'s), then each method's own."""
-    from ..optim.config import DreamConfig
-
     classes = config_classes()
     skip = set(skip) | set(SKIPPED)
     found: dict[str, Knob] = {}
@@ -191,8 +191,6 @@ def add_knob_flags(parser: argparse.ArgumentParser, skip: Iterable[str] = ()) ->
 def knob_options(args: argparse.Namespace, method: str, skip: Iterable[str] = ()) -> dict[str, Any]:
     """The knobs given on the command line, by field name, for `method`'s config; a knob `method` lacks is a
     `DreamError` naming its flag and the methods that have it."""
-    from ..errors import DreamError
-
     given = [(k, getattr(args, k.name)) for k in knobs(skip) if getattr(args, k.name, None) is not None]
     for k, _ in given:
         if method not in k.defaults:

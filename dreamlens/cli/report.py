@@ -7,6 +7,16 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import models, viz
+from ..analysis.scan import ScanResult
+from ..errors import ModelLoadError, ResultError
+from ..models import smollm2_config
+from ..modes.result import Modes
+from ..sweeps.errors import SweepError
+from ..sweeps.store import load_sweep
+from ..viz.errors import ReportError
+from ..viz.report import write_modes_report, write_report
+from ..viz.sweep_report import write_sweep_report
 from .checks import check_out_file, load_result
 from .dream import model_options
 
@@ -20,28 +30,20 @@ if TYPE_CHECKING:
 
 def _model_for(result: DreamResult, name: str | None, why: str = "token attributions",
                skip: str = "--attributions 0 to skip them", **where: Any) -> HookedTransformer:
-    from ..errors import ModelLoadError
-    from ..models import load_model, smollm2_config
-
     if name is None and result.model_name not in ("", smollm2_config().model_name):
         name = result.model_name
     try:
-        return load_model(name, **where)
+        return models.load_model(name, **where)
     except Exception as e:
         raise ModelLoadError(f"cannot load the model {name or 'embedded'!r} for {why} ({e}); pass --model, or {skip}") from e
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .. import viz
-    from ..viz.report import write_report
-
     if args.out is None:  # the page of a folder lives in it, and is replaced when made again
         args.out, args.force = str(Path(args.result_dir) / DEFAULT_PAGE), True
     if (Path(args.result_dir) / "sweep.json").is_file():
         return _report_sweep(args)
     if args.limit is not None:
-        from ..viz.errors import ReportError
-
         raise ReportError("--limit applies to the report of a sweep folder; drop it (a dream's report shows limits 4, 6 and 8)")
     if (Path(args.result_dir) / "modes.json").is_file():
         return _report_modes(args)
@@ -51,8 +53,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     own = Path(args.result_dir) / "scan"  # `dream --from-examples --out DIR` saves the scan it started from
     where = args.scan or (own if (own / "scan.json").is_file() else None)
     if where:
-        from ..analysis.scan import ScanResult
-
         scan = ScanResult.load(where)
     n_attr = 6 if args.attributions is None else args.attributions
     model = _model_for(result, args.model, **model_options(args)) if n_attr > 0 else None
@@ -70,11 +70,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _report_modes(args: argparse.Namespace) -> int:
     """`report` of a modes folder: the modes side by side, and each mode's frontier PNG beside the page."""
-    from .. import viz
-    from ..errors import ResultError
-    from ..modes.result import Modes
-    from ..viz.report import write_modes_report
-
     try:
         modes = Modes.load(args.result_dir)
     except ResultError as e:
@@ -84,8 +79,6 @@ def _report_modes(args: argparse.Namespace) -> int:
     own = Path(args.result_dir) / "scan"  # `dream --modes --out DIR` saves the scan its modes started from
     where = args.scan or (own if (own / "scan.json").is_file() else None)
     if where:
-        from ..analysis.scan import ScanResult
-
         scan = ScanResult.load(where)
     n_attr = 3 if args.attributions is None else args.attributions
     model = None
@@ -104,10 +97,6 @@ def _report_modes(args: argparse.Namespace) -> int:
 
 def _report_sweep(args: argparse.Namespace) -> int:
     """`report` of a sweep folder: one page, a sortable table of every objective; no model, no plots."""
-    from ..sweeps.errors import SweepError
-    from ..sweeps.store import load_sweep
-    from ..viz.sweep_report import write_sweep_report
-
     for flag, value in (("--scan", args.scan), ("--objective-index", args.objective_index), ("--model", args.model),
                         ("--attributions", args.attributions), ("--device", getattr(args, "device", None)),
                         ("--dtype", getattr(args, "dtype", None))):

@@ -4,40 +4,22 @@ then print the objectives whose dreams beat the dataset by the most."""
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .. import sweeps
 from ..analysis.scan_config import SWEEP_SCAN
+from ..modes.settings import check_needs_modes
+from ..optim.methods import DEFAULT_METHOD
+from ..sweeps.errors import SweepError
+from ..sweeps.store import load_sweep
 from .data import scan_settings
-
-
-def _gpus(text: str) -> float:
-    """An argparse `type=`: GPUs per Ray worker, 0 or more (a fraction shares a GPU)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of GPUs (0, 1, 0.5, ...), got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be 0 or more (0: the workers run on their CPUs), got {text}")
-    return value
-
-
-def add_ray_arguments(p: argparse.ArgumentParser, positive: Any) -> None:
-    """`sweep`'s Ray options: the cluster's address, the workers, and the GPUs each asks for."""
-    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="run on Ray: the cluster at ADDRESS (HOST:PORT, ray://HOST:PORT, auto), else at $RAY_ADDRESS, "
-                   "else a local cluster on 127.0.0.1 (needs dreamlens-tl[ray])")
-    p.add_argument("--workers", type=positive, default=None,
-                   help="Ray workers, one torch thread each (default: as many as the cluster's CPUs and GPUs hold)")
-    p.add_argument("--gpus-per-worker", type=_gpus, default=None, metavar="N",
-                   help="GPUs each Ray worker asks for and loads the model on (default 1 when the cluster has GPUs, "
-                   "else 0; 0.5: two workers share a GPU)")
+from .knobs import SWEEP_SKIPPED, knob_options
 
 
 def _workers_line(result: Any) -> str | None:
     """Where the last run's Ray workers ran (from sweep.json), e.g. 'ray workers (127.0.0.1:6379): 2 on cuda at 10.0.0.2'."""
-    from collections import Counter
-
     run = result.runs[-1] if result.runs else {}
     workers = run.get("workers") if run.get("engine") == "ray" else None
     if not workers:
@@ -45,15 +27,7 @@ def _workers_line(result: Any) -> str | None:
     where = Counter((w.get("device"), w.get("node")) for w in workers)
     return f"ray workers ({run.get('address')}): " + ", ".join(f"{n} on {d} at {node}" for (d, node), n in where.items())
 
-SWEEP_SKIPPED = ("checkpoint_every",)  # config fields a sweep sets itself: no flag (its store is its checkpoint)
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from ..modes.settings import check_needs_modes
-    from ..sweeps import sweep
-    from ..sweeps.errors import SweepError
-    from ..sweeps.store import load_sweep
-
     if args.ray is None and args.workers is not None:
         raise SweepError("--workers is the number of Ray workers: pass --ray [ADDRESS] with it, or drop it")
     gpus = getattr(args, "gpus_per_worker", None)
@@ -61,13 +35,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise SweepError("--gpus-per-worker applies to Ray workers: pass --ray [ADDRESS] with it, or drop it")
     modes = args.modes or 1
     check_needs_modes(modes, {"--mode-limit": args.mode_limit}, modes_name="--modes ", error=SweepError)
-    from ..optim.methods import DEFAULT_METHOD
-    from .knobs import knob_options
-
     options = knob_options(args, args.method or DEFAULT_METHOD, skip=SWEEP_SKIPPED)
     scan = scan_settings(args, SWEEP_SCAN)
     before = load_sweep(args.out).n_done if (Path(args.out) / "sweep.json").is_file() else 0
-    result = sweep(
+    result = sweeps.sweep(
         args.spec, args.out, model=args.model, method=args.method, max_token_forwards=args.budget, corpus=args.corpus,
         scan=scan, chunk_size=args.chunk_size, modes=modes, mode_limit=args.mode_limit,
         engine="local" if args.ray is None else "ray",

@@ -41,8 +41,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import models
 from ..analysis.errors import ScanLookupError
+from ..analysis.scan import ScanResult
 from ..errors import OutputError
+from ..models import bos_token_id, decode, encode, smollm2_config
+from ..modes.result import Modes
+from ..results import DreamResult
+from ..sweeps.chunk import load_model_spec
 from ..sweeps.store import Sweep, load_sweep
 from .errors import NeuronpediaError
 from .ids import Feature, export_feature
@@ -51,10 +57,6 @@ if TYPE_CHECKING:
     import pandas as pd
     from transformer_lens import HookedTransformer
 
-    from ..analysis.scan import ScanResult
-    from ..modes.result import Modes
-    from ..results import DreamResult
-    from ..sweeps.store import Sweep
 
 KINDS = ("features", "activations")
 
@@ -75,8 +77,6 @@ class Texts:
 
 
 def _decode_all(model: HookedTransformer, ids: Sequence[int]) -> list[str]:
-    from ..models import decode
-
     return [decode(model, [int(t)]) for t in ids]
 
 
@@ -112,8 +112,6 @@ def feature_rows(texts: Texts, feature: Feature, model: HookedTransformer, *, cr
                  created_at: str = "") -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The feature row of one objective and its activation rows: its top examples (in rank order), then
     each dream's frontier (most fluent first)."""
-    from ..models import encode
-
     start = [texts.bos] if texts.bos is not None else []
     head = start + (encode(model, texts.prefix) if texts.prefix else [])
     tail = encode(model, texts.suffix) if texts.suffix else []
@@ -237,9 +235,6 @@ def export_neuronpedia(
     saved in their folder, `OUT/scan`; without one, dreams only). `model_id`, `source_id`: Neuronpedia's ids
     for every feature (default: from the SAE's `neuronpedia_id`, else the model's name and the hook).
     `batch_size`: features per batch file. An export already in a source folder is replaced only with `force`."""
-    from ..modes.result import Modes
-    from ..results import DreamResult
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise NeuronpediaError(f"batch_size must be a positive number of features per file, got {batch_size!r}")
     folder, obj = _read(source)
@@ -248,8 +243,6 @@ def export_neuronpedia(
     scan = _scan_of(scan, folder) if not isinstance(obj, Sweep) else None
     loaded = _model_of(model, obj)
     if isinstance(obj, Sweep):
-        from ..models import bos_token_id
-
         texts = list(sweep_texts(obj, bos_token_id(loaded)))
         model_name = ""  # a sweep names a model spec (a factory, a folder): the model's own name instead
     elif isinstance(obj, Modes):
@@ -306,9 +299,6 @@ def export_neuronpedia(
 
 def _read(source: Any) -> tuple[Path | None, Any]:
     """(folder, object) of what `export_neuronpedia` was given."""
-    from ..modes.result import Modes
-    from ..results import DreamResult
-
     if isinstance(source, (Sweep, DreamResult, Modes)):
         return (Path(source.folder) if isinstance(source, Sweep) else None), source
     folder = Path(source)
@@ -323,8 +313,6 @@ def _read(source: Any) -> tuple[Path | None, Any]:
 
 
 def _scan_of(scan: Any, folder: Path | None) -> ScanResult | None:
-    from ..analysis.scan import ScanResult
-
     if isinstance(scan, ScanResult):
         return scan
     if scan is not None:
@@ -335,19 +323,15 @@ def _scan_of(scan: Any, folder: Path | None) -> ScanResult | None:
 
 def _model_of(model: Any, obj: Any) -> HookedTransformer:
     """The model whose tokenizer the rows need: `model` itself, loaded by name, or the dream's own."""
-    from ..models import load_model, smollm2_config
-
     if model is not None and not isinstance(model, (str, os.PathLike)):
         return model
     if model is not None:
-        return load_model(str(model), device="cpu")
+        return models.load_model(str(model), device="cpu")
     if isinstance(obj, Sweep):
         spec = obj.config.get("model")
         if isinstance(spec, str) and spec.startswith("in-memory:"):
             raise NeuronpediaError(f"the sweep's model was given in memory ({spec!r}); pass it as model= (or --model NAME)")
-        from ..sweeps.chunk import load_model_spec
-
         return load_model_spec(spec, device="cpu")
     first = obj.dreams[0] if hasattr(obj, "dreams") and obj.dreams else obj
     name = getattr(first, "model_name", "")
-    return load_model(None if name in ("", smollm2_config().model_name) else name, device="cpu")
+    return models.load_model(None if name in ("", smollm2_config().model_name) else name, device="cpu")

@@ -3,9 +3,12 @@ rows, e.g. "8-res-jb") and index, from the SAE's `neuronpedia_id`, else made up 
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
+from ..objectives.parse import parse_unit
 from ..sae import EMBEDDED_SAE, embedded_sae_dir, sae_neuronpedia_id
 from .errors import NeuronpediaError
 
@@ -40,8 +43,6 @@ def hook_source(hook: str) -> str:
 def neuronpedia_page(objective: str) -> Feature | None:
     """The Neuronpedia page of an SAE latent whose SAE has a `neuronpedia_id` (looked up without loading
     the SAE), else None: what the HTML report links to."""
-    from ..objectives.parse import parse_unit
-
     unit = parse_unit(objective)
     if unit is None or unit.kind == "neuron":
         return None
@@ -61,8 +62,6 @@ def export_feature(objective: str, model_name: str, *, model_id: str | None = No
     hook); `model_id` and `source`, when given, always win. `NeuronpediaError` for an objective that is
     not one neuron or SAE latent read at the last position (Neuronpedia's rows are per token; dreamlens
     keeps the value at the token it reads)."""
-    from ..objectives.parse import parse_unit
-
     unit = parse_unit(objective)
     if unit is None:
         raise NeuronpediaError(f"{objective!r} is not one neuron or SAE latent: a Neuronpedia feature is one unit "
@@ -94,9 +93,6 @@ def export_feature(objective: str, model_name: str, *, model_id: str | None = No
 def _local_sae_source(where: str) -> str | None:
     """LAYER-NAME for the embedded SAE or an SAE folder (its hook from its cfg.json, its name from the
     folder), e.g. '10-embedded'; None for anything else."""
-    import json
-    from pathlib import Path
-
     folder = embedded_sae_dir() if where == EMBEDDED_SAE else Path(where)
     try:
         cfg = json.loads((folder / "cfg.json").read_text())

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
 from ..sae import load_sae
@@ -283,12 +285,8 @@ def load_vector(path: str | Path) -> Tensor:
     if not p.is_file():
         raise ObjectiveError(f"no direction file at {str(p)!r} (expected a .pt, .npy or .safetensors file)")
     if p.suffix == ".npy":
-        import numpy as np
-
         return torch.from_numpy(np.load(p)).float()
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         tensors = load_file(str(p))
         if len(tensors) != 1:
             raise ObjectiveError(

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..errors import DreamError
 from ..models import bos_token_id, decode
@@ -208,8 +209,6 @@ def _call(callback: Callback, method: Method, it: int) -> bool:
 def _progress(enabled: bool, total: int, initial: int, desc: str) -> Any:
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, desc=desc, unit="it", dynamic_ncols=True)
 
 

@@ -32,11 +32,13 @@ if TYPE_CHECKING:
 def kv_classes() -> tuple[Any, Any]:
     """TransformerLens's KV cache and KV cache entry classes (under either version's names)."""
     try:
+        # lazy: transformer_lens takes seconds to load; no module imports it at its top
         from transformer_lens import (
             TransformerLensKeyValueCache,
             TransformerLensKeyValueCacheEntry,
         )
     except ImportError:  # TransformerLens before 3.x
+        # lazy: transformer_lens takes seconds to load; no module imports it at its top
         from transformer_lens.past_key_value_caching import (  # type: ignore[no-redef]  # pyright: ignore[reportMissingImports]
             HookedTransformerKeyValueCache as TransformerLensKeyValueCache,
         )
@@ -118,6 +120,7 @@ class Parents:
 
 def reuse_obstacle(model: HookedTransformer, objectives: Sequence[Objective]) -> str | None:
     """Why prefix reuse cannot apply to these objectives on this model (None: it can)."""
+    # lazy: transformer_lens takes seconds to load; no module imports it at its top
     from transformer_lens import HookedTransformer
 
     cfg = model.cfg

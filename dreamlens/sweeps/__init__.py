@@ -5,14 +5,22 @@ tables in a folder that `load_sweep` reads back; run locally or on a Ray cluster
 from __future__ import annotations
 
 import os
+import uuid
 import warnings
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..analysis.scan_config import SWEEP_SCAN, ScanConfig
+from ..corpus import check_source
+from ..modes.settings import DEFAULT_LIMIT, check_needs_modes
 from ..optim.config import DEFAULT_BUDGET
+from ..optim.methods import DEFAULT_METHOD, make_config
+from .chunk import RESERVED, SweepSettings, load_model_spec, parse_objectives
 from .errors import SweepConfigError, SweepError, SweepSpecError
+from .local import run_local
+from .ray_engine import run_ray
 from .spec import expand
 from .store import Sweep, SweepStore, load_sweep
 
@@ -46,9 +54,6 @@ def _model_spec(model: Any, engine: str) -> tuple[str | None, HookedTransformer 
 
 def _local_run(model: HookedTransformer) -> dict[str, Any]:
     """What a run of the local engine records in sweep.json: where its model is."""
-    import uuid
-    from datetime import UTC, datetime
-
     return {"id": uuid.uuid4().hex[:8], "engine": "local", "started": datetime.now(UTC).isoformat(timespec="seconds"),
             "device": str(model.cfg.device), "dtype": str(model.cfg.dtype).removeprefix("torch.")}
 
@@ -101,10 +106,6 @@ def sweep(
     Resumable and idempotent: run again, the finished chunks are kept and only the rest is computed; a
     folder holding a sweep of another config is refused (`SweepConfigError` names the differing keys).
     Ctrl-C or SIGTERM keeps every finished chunk. Returns `load_sweep(out)`."""
-    from ..modes.settings import DEFAULT_LIMIT, check_needs_modes
-    from ..optim.methods import DEFAULT_METHOD, make_config
-    from .chunk import RESERVED, SweepSettings, load_model_spec, parse_objectives
-
     if engine not in ENGINES:
         raise SweepError(f"unknown engine {engine!r}; choose 'local' (this process) or 'ray' (a Ray cluster)")
     if engine == "local" and (address is not None or workers is not None or gpus_per_worker is not None):
@@ -121,8 +122,6 @@ def sweep(
     if corpus is not None and not isinstance(corpus, (str, os.PathLike)):
         corpus = tuple(str(d) for d in corpus)
     elif corpus is not None:
-        from ..corpus import check_source
-
         corpus = str(corpus)
         check_source(corpus)
     for key in RESERVED:
@@ -140,8 +139,6 @@ def sweep(
         return load_sweep(out)
     try:
         if engine == "local":
-            from .local import run_local
-
             net = loaded if loaded is not None else load_model_spec(spec, device=device, dtype=dtype)
             saes: dict[str, Any] = {}
             for o in parse_objectives(names, saes):
@@ -151,8 +148,6 @@ def sweep(
             store.record_run(_local_run(net))
             run_local(store, settings, net, saes=saes, progress=progress)
         else:
-            from .ray_engine import run_ray
-
             parse_objectives(names)  # every objective readable before any worker starts
             store.create()
             run_ray(todo, settings, store.write_chunk, model=spec, address=address, workers=workers,

@@ -14,20 +14,31 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
+import torch
 
+from .. import models
+from ..analysis.metrics import activation_ratio, beats_dataset, dataset_max, dataset_percentile, median_top_xe
+from ..analysis.scan import ScanResult, example_spans
+from ..analysis.scan import scan as scan_corpus
 from ..analysis.scan_config import SWEEP_SCAN, ScanConfig
+from ..corpus import describe
+from ..devices import resolve_device, resolve_dtype
+from ..dreaming import dream
+from ..errors import DreamError
+from ..io import digest
 from ..modes.budget import check_mode_budget
+from ..modes.result import Modes
 from ..modes.settings import DEFAULT_LIMIT, ModeSettings, check_mode_count, check_mode_limit
+from ..objectives import Objective, objective
 from ..optim.config import DEFAULT_BUDGET, ADAPTConfig, DreamConfig, method_name
+from ..results import DreamResult, best_under
+from ..sae import load_sae
+from ..scoring import make_layout
+from ..scoring.batching import is_oom
 from .errors import SweepError
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
-
-    from ..analysis.scan import ScanResult
-    from ..modes.result import Modes
-    from ..objectives import Objective
-    from ..results import DreamResult
 
 # methods that dream a list of objectives as one run sharing its forward passes (and its token budget)
 SHARED_BUDGET = frozenset({"epo", "gcg"})
@@ -113,8 +124,6 @@ class SweepSettings:
         if isinstance(model, int):
             seq_len = model
         else:
-            from ..scoring import make_layout  # torch: only with a model
-
             seq_len = make_layout(model, config.length, config.prefix, config.suffix).seq_len
         check_mode_budget(self.budget, seq_len, config.length, self.mode_settings(), self.modes, self.scan.top_k,
                           fix="raise the budget, lower top_k, or lower modes to 1", error=SweepError)
@@ -130,9 +139,6 @@ class SweepSettings:
         `budget`; the scan's settings are `tokens`, `window`, `top_k`, `per_document` (sweep.json's names
         since its first format, so stored sweeps resume). `modes` and `mode_limit` only when modes > 1: a
         sweep of one dream per objective has the identity it had before sweeps took modes."""
-        from ..corpus import describe
-        from ..io import digest
-
         opts = self.dream.to_dict()
         if isinstance(self.corpus, tuple):
             corpus = f"texts:{len(self.corpus)}:{digest(repr(self.corpus).encode())}"
@@ -164,12 +170,10 @@ def load_model_spec(spec: str | None, *, device: Any = None, dtype: Any = None) 
     """The model a spec names: None (or "embedded") the embedded model, "package.module:function" a
     factory called with no arguments, anything else a name or folder for `dreamlens.load_model`; on
     `device`, in `dtype` (as `load_model` takes them; a factory's model is moved there when they are given)."""
-    from ..models import load_model
-
     if spec is None or spec == "embedded":
-        return load_model(device=device, dtype=dtype)
+        return models.load_model(device=device, dtype=dtype)
     if not _FACTORY.fullmatch(spec):
-        return load_model(spec, device=device, dtype=dtype)
+        return models.load_model(spec, device=device, dtype=dtype)
     module, func = spec.split(":")
     try:
         factory = getattr(importlib.import_module(module), func)
@@ -180,14 +184,12 @@ def load_model_spec(spec: str | None, *, device: Any = None, dtype: Any = None) 
         ) from e
     except AttributeError:
         raise SweepError(f"the module {module!r} has no {func!r} (the model spec {spec!r}); name its model factory") from None
-    from transformer_lens import HookedTransformer
+    from transformer_lens import HookedTransformer  # lazy: seconds to load; only a factory's model needs it
 
     model = factory()
     if not isinstance(model, HookedTransformer):
         raise SweepError(f"the factory {spec!r} returned a {type(model).__name__}, not a HookedTransformer; return the model")
     if device is not None or dtype is not None:
-        from ..devices import resolve_device, resolve_dtype
-
         if device is not None:
             model.to(resolve_device(device), print_details=False)
         if dtype is not None:
@@ -198,9 +200,6 @@ def load_model_spec(spec: str | None, *, device: Any = None, dtype: Any = None) 
 def parse_objectives(objectives: Sequence[str], saes: dict[str, Any] | None = None) -> list[Objective]:
     """The objectives from their string forms, each SAE loaded once (into `saes`, which may be kept
     between chunks), so latents of one SAE share one encoding in a forward pass."""
-    from ..objectives import objective
-    from ..sae import load_sae
-
     cache: dict[str, Any] = {} if saes is None else saes
 
     def loader(source: str) -> Any:
@@ -215,8 +214,6 @@ def example_starts(scan: ScanResult, i: int, length: int) -> list[tuple[int, tup
     """Where a dream of objective `i` that cannot start from random prompts may start instead: the last
     `length` tokens of its top examples where it fires (activation > 0), best first, at most `N_STARTS`,
     each with its rank."""
-    from ..analysis.scan import example_spans
-
     return example_spans(scan, i, length, N_STARTS)
 
 
@@ -233,10 +230,6 @@ def _dreams(
     goes alone) and is dreamed alone from its `starts` in turn; if none takes, the error's message stands in
     for its dream. A Ctrl-C (or SIGTERM) inside a run (any mode's) ends it early: raised again here, so no
     partial dream is ever stored."""
-    from ..dreaming import dream
-    from ..errors import DreamError
-    from ..modes.result import Modes
-
     def stop_if_interrupted(results: Sequence[DreamResult]) -> None:
         if any(r.stopped == "interrupted" for r in results):
             raise KeyboardInterrupt("the sweep was interrupted during a dream")
@@ -298,16 +291,12 @@ def _dreams(
 
 def out_of_memory(e: BaseException) -> bool:
     """Whether an error is running out of memory (torch's, a RuntimeError saying so, or Python's MemoryError)."""
-    from ..scoring.batching import is_oom
-
     return isinstance(e, MemoryError) or is_oom(e)
 
 
 def memory_error(e: BaseException) -> str:
     """The `error` of an objective whose dream ran out of memory (its passes already halved to one prompt),
     once the memory it held is released."""
-    import torch
-
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     first = (str(e).strip().splitlines() or [""])[0]
@@ -329,8 +318,6 @@ def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
 
 def _best(frontier: pd.DataFrame, limit: float) -> tuple[float, float, str]:
     """The frontier prompt of highest activation at xe <= limit: (activation, xe, text), NaNs if none."""
-    from ..results import best_under
-
     i = best_under(frontier["activation"].to_numpy(float), frontier["xe"].to_numpy(float), limit)
     if i is None:
         return math.nan, math.nan, ""
@@ -340,8 +327,6 @@ def _best(frontier: pd.DataFrame, limit: float) -> tuple[float, float, str]:
 
 def _summary_row(i: int, name: str, scan: ScanResult, dream: DreamResult | str, frontier: pd.DataFrame,
                  settings: SweepSettings, share: int) -> dict[str, Any]:
-    from ..analysis.metrics import activation_ratio, beats_dataset, dataset_max, dataset_percentile, median_top_xe
-
     stats = scan.stats.iloc[i]
     top = scan.top(i)
     best, best_xe, best_text = _best(frontier, math.inf)
@@ -393,10 +378,6 @@ def run_chunk(
     top example a later mode started from, picked as the least like the modes before it), or one row
     (mode 1) with modes == 1 or when it could not be dreamed. The frontiers carry the mode too; the top
     examples are one set per objective."""
-    from ..analysis.scan import example_spans
-    from ..analysis.scan import scan as scan_corpus
-    from ..modes.result import Modes
-
     objs = parse_objectives(objectives, saes)
     settings.check_mode_budget(model)
     if scan is None:

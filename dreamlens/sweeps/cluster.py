@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..install import DISTRIBUTION
 from .errors import RayEngineError, RayMissingError
 
@@ -36,7 +38,7 @@ PASSED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "DREAMLENS_CA
 def import_ray() -> Any:
     """The `ray` module, imported on first use; `RayMissingError` naming the install command if absent."""
     try:
-        import ray
+        import ray  # lazy: ray is optional (the ray extra); imported when a Ray sweep starts
     except ImportError as e:
         raise RayMissingError(
             f"the Ray engine needs ray, which is not installed: {INSTALL_HINT}; or run the sweep with the local "
@@ -264,8 +266,6 @@ def worker_device(device: str | None, gpu_ids: Sequence[str]) -> str:
     chosen = device if device is not None else "cuda" if gpu_ids else "cpu"
     if not chosen.startswith("cuda"):
         return chosen
-    import torch
-
     if not torch.cuda.is_available():
         given = f"was given GPU {', '.join(gpu_ids)} by Ray" if gpu_ids else f"was asked for device {chosen!r}"
         raise RayEngineError(

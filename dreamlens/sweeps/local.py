@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from tqdm.auto import tqdm
+
 from ..optim.loop import sigterm_as_interrupt
 from .chunk import SweepSettings, run_chunk
 
@@ -19,8 +21,6 @@ def run_local(
     progress: bool = True,
 ) -> None:
     """Run and store every unfinished chunk of `store` on `model`; a progress bar counts objectives."""
-    from tqdm.auto import tqdm
-
     todo = store.todo()
     total = len(store.objectives)
     left = sum(len(objs) for _, objs in todo)

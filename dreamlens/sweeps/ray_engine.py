@@ -16,6 +16,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from tqdm.auto import tqdm
+
 from ..analysis.merge import merge_scans
 from ..analysis.scan import scan
 from ..errors import DreamlensError
@@ -76,13 +79,11 @@ class SweepWorker:
 
     @staticmethod
     def gpu_ids() -> list[str]:
-        import ray
+        import ray  # lazy: ray is optional (the ray extra); only a Ray worker runs this
 
         return [str(g) for g in ray.get_gpu_ids()]
 
     def _threads(self) -> None:
-        import torch
-
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
 
@@ -102,8 +103,7 @@ class SweepWorker:
         """This worker's process id, node (address and host name), the GPUs Ray gave it, the device and dtype
         its model is on (None before it loaded), the task it is running (None when idle), its torch threads,
         where it imports dreamlens from, and the error that stopped it loading the model (None if it loaded)."""
-        import ray
-        import torch
+        import ray  # lazy: ray is optional (the ray extra); only a Ray worker runs this
 
         error = repr(self.error) if self.error is not None else None
         cfg = getattr(self.model, "cfg", None)
@@ -272,8 +272,6 @@ def run_ray(
         return
     if workers is not None and workers < 1:
         raise RayEngineError(f"workers must be at least 1, got {workers}; or leave it out to use every CPU of the cluster")
-    from tqdm.auto import tqdm
-
     with cluster(address, workers) as ray:
         n, gpus, warning = plan_workers(ray.cluster_resources(), workers, gpus_per_worker)
         if warning:

@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pandas as pd
+
 from ..errors import OutputError
 from ..io import atomic_write_text, write_parquet
 from .chunk import MODE_DEFAULTS
 from .errors import SweepConfigError, SweepError
 
 if TYPE_CHECKING:
-    import pandas as pd
-
     from .chunk import ChunkFrames
 
 FORMAT, VERSION = "dreamlens.Sweep", 1
@@ -233,8 +233,6 @@ def _with_modes(frame: pd.DataFrame, table: str) -> pd.DataFrame:
 def load_sweep(folder: str | os.PathLike) -> Sweep:
     """The sweep in `folder` (finished chunks only: a running or interrupted sweep reads as far as it got).
     The Parquet files can also be read directly: `pd.read_parquet(folder / "summary")`."""
-    import pandas as pd
-
     path = Path(folder)
     meta = read_meta(path)
     done = sorted(p.name for p in (path / "summary").glob("chunk-*.parquet")) if (path / "summary").is_dir() else []

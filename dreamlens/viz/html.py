@@ -8,13 +8,17 @@ from __future__ import annotations
 import base64
 import functools
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
+
+from ..io import atomic_write_text
 
 
 @functools.cache  # one loader of the package's read-only templates (jinja keeps the compiled ones)
@@ -84,3 +88,10 @@ def png(data: bytes, alt: str) -> Markup:
 
 def note(text: str) -> Markup:
     return parts().note(text)
+
+
+def write_page(path: str | os.PathLike, page: str) -> Path:
+    """Write an HTML page to `path` atomically, creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, page)

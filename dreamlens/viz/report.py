@@ -17,20 +17,22 @@ import pandas as pd
 from markupsafe import Markup
 
 from ..analysis.attribution import Attribution, attribute_frontier
+from ..analysis.compare import compare
+from ..analysis.patterns import nearest_examples
 from ..errors import NotAResultError, ResultError
-from ..io import atomic_write_text
 from ..models import decode
+from ..modes.result import Modes
+from ..neuronpedia.ids import neuronpedia_page
 from ..results import DreamResult
 from . import plots
 from .attribution import token_view
 from .errors import ReportError
-from .html import kv, note, number, parts, png, render, table
+from .html import kv, note, number, parts, png, render, table, write_page
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from ..analysis.scan import ScanResult
-    from ..modes.result import Modes
 
 
 def _img(fig: Any, alt: str) -> Markup:
@@ -58,8 +60,6 @@ def _overview(r: DreamResult) -> Markup:
 def neuronpedia_link(objective: str) -> Markup:
     """A paragraph linking the feature's Neuronpedia page, when the objective is a latent of an SAE that has
     one (the page's only external link: no resource is loaded from it); else ''."""
-    from ..neuronpedia.ids import neuronpedia_page
-
     page = neuronpedia_page(objective)
     if page is None:
         return Markup("")
@@ -90,8 +90,6 @@ def _attribution_section(attrs: Sequence[Attribution]) -> Markup:
 
 
 def _dataset_section(result: DreamResult, scan: ScanResult, objective_index: int | None) -> Markup:
-    from ..analysis.compare import compare
-
     comp = compare(result, scan, objective_index)
     i = scan.index(comp.summary["objective"])
     top = scan.top(i).head(12)
@@ -219,8 +217,6 @@ def build_modes_report(
     frontier table and plot, token attributions (up to `max_attributions` frontier prompts per mode when
     `model` is given, or ready in `attributions`, one list per mode) and, given a `scan` and a `model`,
     the `k_examples` top dataset examples nearest each mode's best prompt (`nearest_examples`)."""
-    from ..modes.result import Modes
-
     if not isinstance(modes, Modes):
         got = type(modes).__name__
         raise NotAResultError(f"build_modes_report needs Modes (from dream(..., modes=K) or Modes.load), got {got}")
@@ -247,8 +243,6 @@ def build_modes_report(
         if model is None:
             intro.append(note("Nearest dataset examples: not computed (they need the model; pass model=)."))
         else:
-            from ..analysis.patterns import nearest_examples
-
             nearest = list(nearest_examples(model, modes, scan, objective_index=objective_index, k=k_examples))
             scan_note = f"No prompt of this mode is at xe <= {modes.limit:g}: nothing to compare."
             intro.append(note("Nearest dataset examples: the scan's top examples whose activation pattern at the "
@@ -268,13 +262,6 @@ def write_modes_report(path: str | os.PathLike, modes: Modes, **kwargs: Any) -> 
 def write_report(path: str | os.PathLike, result: DreamResult, **kwargs: Any) -> Path:
     """Write `build_report(result, **kwargs)` to `path` (atomically)."""
     return write_page(path, build_report(result, **kwargs))
-
-
-def write_page(path: str | os.PathLike, page: str) -> Path:
-    """Write an HTML page to `path` atomically, creating its folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(path, page)
 
 
 def load_result(path: str | os.PathLike) -> DreamResult:

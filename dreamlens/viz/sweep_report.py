@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 from markupsafe import Markup
 
-from .html import Cell, parts, render
+from .html import Cell, parts, render, write_page
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -148,6 +148,5 @@ def build_sweep_report(sweep: Sweep, *, limit: float = 6.0, examples: int = 5, t
 
 def write_sweep_report(path: str | os.PathLike, sweep: Sweep, *, limit: float = 6.0, examples: int = 5) -> Path:
     """Write `build_sweep_report` to `path` (atomically); returns the path."""
-    from .report import write_page
 
     return write_page(path, build_sweep_report(sweep, limit=limit, examples=examples))
