@@ -195,7 +195,8 @@ def inexact_fracs(settings: dict[str, Any]) -> list[float]:
         return []
     if method != "adapt":
         return list(CURVE[:-1])
-    from dreamlens.optim.adapt import ADAPTConfig, beam_sizes
+    from dreamlens.optim.beam import beam_sizes
+    from dreamlens.optim.config import ADAPTConfig
     from dreamlens.scoring import Layout
 
     layout = Layout((0,), (), settings["length"], 1)  # the start token, then the dream: every run here

@@ -7,6 +7,7 @@ from dreamlens import scoring
 from dreamlens.errors import DreamError
 from dreamlens.models import decode, encode
 from dreamlens.optim import adapt as ad
+from dreamlens.optim import beam, sampling
 
 OBJ = "blocks.1.mlp.hook_post[3]"
 SMALL = dict(length=4, beams=2, beam_lm=2, beam_grad=2, children=4, iters=4, patience=1, seed=0)
@@ -34,9 +35,9 @@ def _beam(model, objective=OBJ, length=4, beams=3, k_lm=3, k_grad=4, **banned_kw
     obj = dl.objective(objective)
     ev = scoring.Evaluator(model, [obj], layout)
     banned = scoring.banned_mask(model, **banned_kw)
-    trace = ad.BeamTrace()
+    trace = beam.BeamTrace()
     lams = torch.tensor(np.logspace(-1, 1, beams))
-    pool, f, xe = ad.beam_search(ev, lams, banned, torch.Generator().manual_seed(0), ad.BeamWidths(k_lm, k_grad), trace)
+    pool, f, xe = beam.beam_search(ev, lams, banned, torch.Generator().manual_seed(0), beam.BeamWidths(k_lm, k_grad), trace)
     return trace, pool, f, xe, banned, ev
 
 
@@ -53,7 +54,7 @@ def test_beam_search_keeps_exactly_b_beams_of_allowed_tokens(tiny_model):
     assert pool.shape == (3 * 7, 4) and not banned[pool].any()
     assert torch.isfinite(f).any() and len(ev.history[0]) > 0  # full prompts are scored and recorded
     # the first proposals are the model's own favourite next tokens after the start token
-    logp = ad.next_token_logprobs(tiny_model, torch.zeros((1, 0), dtype=torch.long), scoring.make_layout(tiny_model, 4))
+    logp = sampling.next_token_logprobs(tiny_model, torch.zeros((1, 0), dtype=torch.long), scoring.make_layout(tiny_model, 4))
     logp[0, banned] = float("-inf")
     assert trace.proposals[0][0, :3].tolist() == logp[0].topk(3).indices.tolist()
 
@@ -124,8 +125,8 @@ def test_budget_counts_the_beam_search_and_stops(tiny_model):
     assert r.stopped == "budget" and r.token_forwards >= 400 and r.iterations < 50
     layout = scoring.make_layout(tiny_model, 12)
     cfg = dl.ADAPTConfig(max_token_forwards=8000)
-    k_lm, k_grad = ad.beam_sizes(cfg, layout)
-    assert (k_lm, k_grad) < (cfg.beam_lm, cfg.beam_grad) and ad.beam_cost(cfg.beams, k_lm, k_grad, layout) <= 4000
+    k_lm, k_grad = beam.beam_sizes(cfg, layout)
+    assert (k_lm, k_grad) < (cfg.beam_lm, cfg.beam_grad) and beam.beam_cost(cfg.beams, k_lm, k_grad, layout) <= 4000
 
 
 def test_penalties_are_scale_free(tiny_model, result):
