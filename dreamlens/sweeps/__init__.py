@@ -17,7 +17,7 @@ from ..corpus import check_source
 from ..modes.settings import DEFAULT_LIMIT, check_needs_modes
 from ..optim.config import DEFAULT_BUDGET
 from ..optim.methods import DEFAULT_METHOD, make_config
-from .chunk import RESERVED, SweepSettings, load_model_spec, parse_objectives
+from .chunk import SweepSettings, load_model_spec, parse_objectives
 from .errors import SweepConfigError, SweepError, SweepSpecError
 from .local import run_local
 from .ray_engine import run_ray
@@ -124,9 +124,6 @@ def sweep(
     elif corpus is not None:
         corpus = str(corpus)
         check_source(corpus)
-    for key in RESERVED:
-        if key in options:
-            raise SweepError(f"the option {key!r} is set by the sweep itself; drop it (the sweep's store is its checkpoint)")
     settings = SweepSettings(
         model=spec, dream=make_config(method or DEFAULT_METHOD, None, **options, max_token_forwards=max_token_forwards),
         scan=scan, corpus=corpus, chunk_size=chunk_size, limits=tuple(float(x) for x in limits),

@@ -79,9 +79,7 @@ class SweepWorker:
 
     @staticmethod
     def gpu_ids() -> list[str]:
-        import ray  # lazy: ray is optional (the ray extra); only a Ray worker runs this
-
-        return [str(g) for g in ray.get_gpu_ids()]
+        return [str(g) for g in import_ray().get_gpu_ids()]
 
     def _threads(self) -> None:
         if torch.get_num_threads() != self.threads:
@@ -103,8 +101,7 @@ class SweepWorker:
         """This worker's process id, node (address and host name), the GPUs Ray gave it, the device and dtype
         its model is on (None before it loaded), the task it is running (None when idle), its torch threads,
         where it imports dreamlens from, and the error that stopped it loading the model (None if it loaded)."""
-        import ray  # lazy: ray is optional (the ray extra); only a Ray worker runs this
-
+        ray = import_ray()
         error = repr(self.error) if self.error is not None else None
         cfg = getattr(self.model, "cfg", None)
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "host": socket.gethostname(),
