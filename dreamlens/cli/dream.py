@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import models
 from ..analysis.metrics import dataset_max, median_top_xe
-from ..analysis.scan import scan
+from ..analysis.scan import ScanResult, scan
 from ..analysis.scan_config import ScanConfig
 from ..corpus import check_source
 from ..dreaming import dream
@@ -116,8 +116,8 @@ def cmd_dream(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_dream(args: argparse.Namespace) -> tuple[HookedTransformer, DreamResult]:
-    """Dream as the `dream` arguments say: print the frontier, save the result; (model, result)."""
+def _run_dream(args: argparse.Namespace) -> tuple[HookedTransformer, DreamResult, ScanResult | None]:
+    """Dream as the `dream` arguments say: print the frontier, save the result; (model, result, scan)."""
     method = args.method or DEFAULT_METHOD
     kw = _dream_options(args, method)
     resume = load_result(args.resume, "--resume") if args.resume else None
@@ -141,10 +141,11 @@ def _run_dream(args: argparse.Namespace) -> tuple[HookedTransformer, DreamResult
 def dream_and_save(
     target: Objective, cfg: DreamConfig, out: str, *, model: str | None = None, placement: dict[str, Any] | None = None,
     resume: DreamResult | None = None, corpus: str | None = None, examples: ScanConfig | None = None,
-) -> tuple[HookedTransformer, DreamResult]:
+) -> tuple[HookedTransformer, DreamResult, ScanResult | None]:
     """Load `model` (on `placement`: device, dtype), dream `target` with `cfg` (its method's config), print
     the frontier and save the result in `out` (checked by the caller). `examples`: first scan `corpus` so
-    (cached), start the dream from the objective's top examples and save that scan as OUT/scan."""
+    (cached), start the dream from the objective's top examples and save that scan as OUT/scan.
+    Returns (model, result, that scan or None)."""
     net = models.load_model(model, **(placement or {}))
     found = None
     if examples is not None:
@@ -162,7 +163,7 @@ def dream_and_save(
         shutil.rmtree(own_scan)
     print(f"\nsaved to {out} (result.json, history.parquet{', scan/' if found is not None else ''}); "
           f"a page: dreamlens report {out}")
-    return net, result
+    return net, result, found
 
 
 def _run_modes(args: argparse.Namespace) -> tuple[HookedTransformer, Modes]:
@@ -245,18 +246,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"({args.budget:,} token-forwards: a couple of minutes on a 2-core CPU)...")
     # from the objective's top dataset examples: the scan the comparison reads
     examples = ScanConfig(tokens=args.scan_tokens, window=cfg.length)
-    model, result = dream_and_save(objective(DEMO_OBJECTIVE), cfg, out, model=args.model, placement=model_options(args),
-                                   examples=examples)
-    _print_dataset_side(model, result, examples.replace(window=int(result.ids.shape[1])))
+    _, result, found = dream_and_save(objective(DEMO_OBJECTIVE), cfg, out, model=args.model,
+                                      placement=model_options(args), examples=examples)
+    assert found is not None  # a scan was asked for
+    _print_dataset_side(result, found)
     return 0
 
 
-def _print_dataset_side(model: HookedTransformer, result: DreamResult, config: ScanConfig) -> None:
-    """The demo's dream next to the objective's top dataset examples (windows as long as the dream,
-    scored like dreams): does the frontier reach their fluency, and how high does it go there?"""
-    print(f"\nThe top dataset examples: a scan of {config.tokens:,} tokens of the embedded corpora "
-          "(cached after the first run)...")
-    found = scan(model, [result.objective], None, config=config)
+def _print_dataset_side(result: DreamResult, found: ScanResult) -> None:
+    """The demo's dream next to the objective's top dataset examples (`found`: the scan it started from,
+    windows as long as the dream, scored like dreams): does the frontier reach their fluency, and how high
+    does it go there?"""
+    print(f"\nThe top dataset examples: the scan the dream started from ({found.meta['tokens']:,} tokens of the "
+          "embedded corpora)...")
     top, d_max, x_med = found.top(0), dataset_max(found), median_top_xe(found)
     print(f"top example: {top['text'].iloc[0]!r} (activation {top['activation'].iloc[0]:.3f}, xe {top['xe'].iloc[0]:.2f})")
     print(f"dataset max {d_max:.3f}; median xe of the top {len(top)} examples {x_med:.2f}")
