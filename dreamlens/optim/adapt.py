@@ -186,7 +186,7 @@ class ADAPT(Method):
         cfg, ev, unit = self.cfg, self.ev, self.unit
         prompts = cfg.init_prompts
         share = cfg.self_scan_share()
-        if cfg.self_scan is None and bos_token_id(self.model) is None:
+        if share and cfg.self_scan is None and bos_token_id(self.model) is None:
             share = 0.0  # the default's self-scan samples after the start token; without one, the beam search
         if prompts is None and self.init_span is None and share:
             assert cfg.max_token_forwards is not None  # a share is only set (or allowed) with a budget

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+
 class BatchingKnobs(Protocol):
     """What `Batching.of` reads from a config (a DreamConfig has them)."""
 
